@@ -1,0 +1,202 @@
+//! The ABUSE user-space API: every struct, constant and ioctl number shared by
+//! the kernel driver and its servers.
+//!
+//! This file is the single source of truth. It is `no_std`-clean and free of
+//! dependencies so that the driver can include it with
+//! `#[path = "../../abuse-sys/src/uapi.rs"] mod uapi;`, and the C header
+//! `include/abuse.h` mirrors it (a host test checks the layouts match).
+//!
+//! Growth: every struct carries reserved fields that must be zero; a later
+//! version gives them a meaning where zero keeps the old behaviour.
+
+/// The ioctl type byte, `'A'`, as the original ABUSE registered it.
+pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
+/// Protocol version reported in [`AbuseStatus::version`].
+pub const ABUSE_VERSION: u32 = 1;
+
+// Device flags: [`AbuseStatus::flags`].
+/// Writes are refused by the kernel and never reach a server.
+pub const ABUSE_FLAG_READ_ONLY: u32 = 1 << 0;
+/// SET_STATUS on a configured device: change read-only and queue depth only.
+pub const ABUSE_FLAG_RECONNECT: u32 = 1 << 1;
+/// The server handles FLUSH requests (a volatile write cache).
+pub const ABUSE_FLAG_FLUSH: u32 = 1 << 2;
+/// The server honours FUA on writes.
+pub const ABUSE_FLAG_FUA: u32 = 1 << 3;
+/// The server handles DISCARD requests.
+pub const ABUSE_FLAG_DISCARD: u32 = 1 << 4;
+/// The server handles WRITE_ZEROES requests.
+pub const ABUSE_FLAG_WRITE_ZEROES: u32 = 1 << 5;
+/// Flags SET_STATUS accepts.
+pub const ABUSE_FLAG_SETTABLE: u32 = ABUSE_FLAG_READ_ONLY
+    | ABUSE_FLAG_RECONNECT
+    | ABUSE_FLAG_FLUSH
+    | ABUSE_FLAG_FUA
+    | ABUSE_FLAG_DISCARD
+    | ABUSE_FLAG_WRITE_ZEROES;
+/// Reported by GET_STATUS: the device is configured (SET_STATUS succeeded).
+pub const ABUSE_FLAG_CONFIGURED: u32 = 1 << 16;
+
+// Request commands: [`AbuseBio::cmd`].
+pub const ABUSE_CMD_READ: u16 = 0;
+pub const ABUSE_CMD_WRITE: u16 = 1;
+pub const ABUSE_CMD_FLUSH: u16 = 2;
+pub const ABUSE_CMD_DISCARD: u16 = 3;
+pub const ABUSE_CMD_WRITE_ZEROES: u16 = 4;
+
+// Request flags: [`AbuseBio::flags`].
+/// The write must be durable before it is completed.
+pub const ABUSE_BIO_FUA: u16 = 1 << 0;
+/// The request was fetched before, by a server that died or timed out.
+pub const ABUSE_BIO_REQUEUED: u16 = 1 << 1;
+/// WRITE_ZEROES: the server must not deallocate the range.
+pub const ABUSE_BIO_NOUNMAP: u16 = 1 << 2;
+
+// Request results: [`AbuseBio::result`] in PUT_BIO.
+/// The request succeeded.
+pub const ABUSE_RESULT_OKAY: u32 = 0;
+/// The request failed with an I/O error; the device carries on.
+pub const ABUSE_RESULT_MEDIA_FAILURE: u32 = 1;
+/// The device is broken: every outstanding request fails.
+pub const ABUSE_RESULT_DEVICE_FAILURE: u32 = 2;
+
+// Limits.
+pub const ABUSE_MIN_BLOCK_SIZE: u32 = 512;
+pub const ABUSE_MAX_BLOCK_SIZE: u32 = 4096;
+pub const ABUSE_DEFAULT_QUEUE_DEPTH: u32 = 128;
+pub const ABUSE_MAX_QUEUE_DEPTH: u32 = 1024;
+/// Largest number of requests one GET_BIO or PUT_BIO handles.
+pub const ABUSE_MAX_BATCH: u32 = 256;
+/// Largest data payload of one request.
+pub const ABUSE_MAX_BIO_BYTES: u32 = 1 << 20;
+/// GET_BIO places each payload at an offset of the data buffer aligned to
+/// this, so a server with a page-aligned buffer can use O_DIRECT.
+pub const ABUSE_DATA_ALIGN: u32 = 4096;
+/// The request timeout abusectl uses when none is given (0 means never).
+pub const ABUSE_DEFAULT_TIMEOUT_MS: u32 = 30_000;
+/// Device sectors are always 512 bytes, whatever the block size.
+pub const ABUSE_SECTOR_SHIFT: u32 = 9;
+
+/// GET_STATUS / SET_STATUS argument.
+///
+/// SET_STATUS reads `size`, `block_size`, `queue_depth`, `flags` and
+/// `timeout_ms`, ignores the fields GET_STATUS reports, and requires
+/// `reserved` to be zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbuseStatus {
+    /// Capacity in bytes; a multiple of `block_size`.
+    pub size: u64,
+    /// Logical block size: 512..=4096, a power of two.
+    pub block_size: u32,
+    /// Requests the kernel lets be outstanding at once (blk-mq tag depth).
+    pub queue_depth: u32,
+    /// `ABUSE_FLAG_*`.
+    pub flags: u32,
+    /// A fetched request not completed within this is handed out again; 0 = never.
+    pub timeout_ms: u32,
+    /// Reported: the device index N of /dev/abuseN and /dev/abctlN.
+    pub index: u32,
+    /// Reported: the largest request payload in bytes.
+    pub max_bytes: u32,
+    /// Reported: dev_t of /dev/abuseN (glibc `makedev` encoding).
+    pub dev: u64,
+    /// Reported: the largest `count` of one GET_BIO/PUT_BIO.
+    pub max_batch: u32,
+    /// Reported: [`ABUSE_VERSION`].
+    pub version: u32,
+    /// Reported: requests queued, not yet fetched.
+    pub pending: u32,
+    /// Reported: requests fetched, not yet completed.
+    pub in_flight: u32,
+    /// Reported: requests completed since setup (any result).
+    pub completed: u64,
+    /// Reported: requests completed with an error (failure results, RESET).
+    pub errors: u64,
+    /// Reported: requests handed out again (release of their file or timeout).
+    pub requeues: u64,
+    /// Reported: requeues caused by the timeout.
+    pub timeouts: u64,
+    /// Must be zero.
+    pub reserved: [u64; 8],
+}
+
+/// One request, as GET_BIO hands it out and PUT_BIO completes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbuseBio {
+    /// Opaque id: names this request in this generation only.
+    pub id: u64,
+    /// First sector (512 bytes each).
+    pub sector: u64,
+    /// User address of the payload. GET_BIO sets it inside the data buffer:
+    /// a WRITE's data was copied there, a READ's space is reserved there.
+    /// PUT_BIO copies a READ's data from it.
+    pub addr: u64,
+    /// Length in bytes (0 for FLUSH).
+    pub len: u32,
+    /// `ABUSE_CMD_*`.
+    pub cmd: u16,
+    /// `ABUSE_BIO_*`.
+    pub flags: u16,
+    /// PUT_BIO: `ABUSE_RESULT_*`.
+    pub result: u32,
+    /// Must be zero.
+    pub reserved: u32,
+}
+
+/// GET_BIO / PUT_BIO argument: a batch of requests.
+///
+/// GET_BIO fetches up to `count` pending requests into `bios`, copying WRITE
+/// payloads into `data`; it stops early when the next payload does not fit.
+/// PUT_BIO completes `bios[0..count]` in order and stops at the first entry
+/// that fails. Both write back in `count` how many they handled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbuseXfer {
+    /// User address of an array of [`AbuseBio`].
+    pub bios: u64,
+    /// GET_BIO: user address of the data buffer. PUT_BIO: unused.
+    pub data: u64,
+    /// GET_BIO: size of the data buffer in bytes. PUT_BIO: unused.
+    pub data_len: u64,
+    /// In: entries in `bios`. Out: requests fetched or completed.
+    pub count: u32,
+    /// Must be zero.
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved: [u64; 4],
+}
+
+// The Linux ioctl encoding (asm-generic, as on x86 and arm64).
+const IOC_NONE: u32 = 0;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ABUSE_IOC_TYPE << 8) | nr
+}
+
+/// Read the device's configuration and counters.
+pub const ABUSE_GET_STATUS: u32 = ioc(IOC_READ, 0x20, core::mem::size_of::<AbuseStatus>());
+/// Configure the device.
+pub const ABUSE_SET_STATUS: u32 = ioc(IOC_WRITE, 0x21, core::mem::size_of::<AbuseStatus>());
+/// Fail everything outstanding and unconfigure the device.
+pub const ABUSE_RESET: u32 = ioc(IOC_NONE, 0x23, 0);
+/// Fetch a batch of pending requests (non-blocking; ENOMSG when none).
+pub const ABUSE_GET_BIO: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x24,
+    core::mem::size_of::<AbuseXfer>(),
+);
+/// Complete a batch of fetched requests.
+pub const ABUSE_PUT_BIO: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x25,
+    core::mem::size_of::<AbuseXfer>(),
+);
+
+// Layout is ABI: a change here must be a deliberate version bump.
+const _: () = assert!(core::mem::size_of::<AbuseStatus>() == 152);
+const _: () = assert!(core::mem::size_of::<AbuseBio>() == 40);
+const _: () = assert!(core::mem::size_of::<AbuseXfer>() == 64);

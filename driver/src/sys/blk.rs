@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: GPL-2.0
+//! blk-mq block devices whose requests are handed to the driver as owned
+//! [`Request`]s. 6.12's `kernel::block::mq` cannot change a disk's capacity,
+//! has no timeout callback and no request accessors, hence this module.
+
+use core::{marker::PhantomData, ptr::NonNull};
+use kernel::{
+    bindings,
+    error::{from_err_ptr, to_result},
+    prelude::*,
+    static_lock_class,
+    str::{CStr, CString},
+    sync::Arc,
+    fmt,
+    types::{ForeignOwnable, Opaque},
+};
+
+/// A registered block major number.
+pub struct BlkMajor {
+    major: u32,
+    name: &'static CStr,
+}
+
+impl BlkMajor {
+    /// Registers a dynamic block major called `name`.
+    pub fn register(name: &'static CStr) -> Result<Self> {
+        // SAFETY: `name` is 'static; no probe callback.
+        let major = unsafe { bindings::__register_blkdev(0, name.as_char_ptr(), None) };
+        if major < 0 {
+            return Err(Error::from_errno(major));
+        }
+        Ok(Self { major: major as u32, name })
+    }
+
+    /// The major number.
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+}
+
+impl Drop for BlkMajor {
+    fn drop(&mut self) {
+        // SAFETY: undoes `register`; the disks using it are gone by now
+        // (they are dropped before the major, see the module's field order).
+        unsafe { bindings::unregister_blkdev(self.major, self.name.as_char_ptr()) };
+    }
+}
+
+/// Completion status of a request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Status {
+    Ok,
+    IoErr,
+    NotSupp,
+}
+
+impl Status {
+    fn raw(self) -> bindings::blk_status_t {
+        match self {
+            Status::Ok => bindings::BLK_STS_OK as bindings::blk_status_t,
+            Status::IoErr => bindings::BLK_STS_IOERR,
+            Status::NotSupp => bindings::BLK_STS_NOTSUPP,
+        }
+    }
+}
+
+/// The operation of a request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    Other(u32),
+}
+
+/// A started request the driver owns: it must be ended exactly once.
+/// Dropping it ends it with an I/O error, so none is ever leaked.
+pub struct Request {
+    rq: NonNull<bindings::request>,
+}
+
+// SAFETY: a started request may be completed from any context and thread.
+unsafe impl Send for Request {}
+// SAFETY: the accessors only read fields fixed while the driver owns it.
+unsafe impl Sync for Request {}
+
+impl Request {
+    fn raw(&self) -> &bindings::request {
+        // SAFETY: `rq` is a started request owned by `self` (type invariant),
+        // valid until it is ended.
+        unsafe { self.rq.as_ref() }
+    }
+
+    /// The blk-mq tag: unique among the requests outstanding on the device.
+    pub fn tag(&self) -> u32 {
+        self.raw().tag as u32
+    }
+
+    /// First sector (`blk_rq_pos`).
+    pub fn sector(&self) -> u64 {
+        self.raw().__sector
+    }
+
+    /// Length in bytes (`blk_rq_bytes`).
+    pub fn bytes(&self) -> u32 {
+        self.raw().__data_len
+    }
+
+    /// The operation (`req_op`).
+    pub fn op(&self) -> Op {
+        let op = self.raw().cmd_flags & bindings::REQ_OP_MASK;
+        match op {
+            bindings::req_op_REQ_OP_READ => Op::Read,
+            bindings::req_op_REQ_OP_WRITE => Op::Write,
+            bindings::req_op_REQ_OP_FLUSH => Op::Flush,
+            bindings::req_op_REQ_OP_DISCARD => Op::Discard,
+            bindings::req_op_REQ_OP_WRITE_ZEROES => Op::WriteZeroes,
+            other => Op::Other(other),
+        }
+    }
+
+    /// Forced unit access.
+    pub fn is_fua(&self) -> bool {
+        self.raw().cmd_flags & bindings::REQ_FUA != 0
+    }
+
+    /// WRITE_ZEROES that must not deallocate.
+    pub fn is_nounmap(&self) -> bool {
+        self.raw().cmd_flags & bindings::REQ_NOUNMAP != 0
+    }
+
+    /// Completes the request.
+    pub fn end(self, status: Status) {
+        let rq = self.rq.as_ptr();
+        core::mem::forget(self);
+        // SAFETY: `rq` is a started request we own; forgetting `self` makes
+        // this its only completion.
+        unsafe { bindings::blk_mq_end_request(rq, status.raw()) };
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        // SAFETY: as in `end`: dropping is the owner's last use.
+        unsafe { bindings::blk_mq_end_request(self.rq.as_ptr(), Status::IoErr.raw()) };
+    }
+}
+
+/// What the driver does with its requests.
+pub trait QueueOps: Send + Sync + Sized + 'static {
+    /// Takes a new request; must not sleep (atomic context).
+    fn queue_rq(&self, rq: Request);
+    /// blk-mq's timer fired for the request with `tag`; the request stays
+    /// the driver's and its timer is re-armed.
+    fn timeout(&self, tag: u32);
+}
+
+struct OpsTable<T>(PhantomData<T>);
+
+impl<T: QueueOps> OpsTable<T> {
+    const OPS: bindings::blk_mq_ops = bindings::blk_mq_ops {
+        queue_rq: Some(Self::queue_rq),
+        timeout: Some(Self::timeout),
+        // SAFETY: all-zero is "no callback" for the remaining members.
+        ..unsafe { core::mem::zeroed() }
+    };
+
+    /// # Safety
+    /// Called by blk-mq with a live hardware context and queue data.
+    unsafe extern "C" fn queue_rq(
+        hctx: *mut bindings::blk_mq_hw_ctx,
+        bd: *const bindings::blk_mq_queue_data,
+    ) -> bindings::blk_status_t {
+        // SAFETY: `hctx` and its queue are live during the call; `queuedata`
+        // is the `T` that `BlockDevice::new` stored, alive until the disk is
+        // deleted, which waits for all dispatch to finish.
+        let data = unsafe { &*(*(*hctx).queue).queuedata.cast::<T>() };
+        // SAFETY: `bd->rq` is a request handed to us for dispatch.
+        let rq = unsafe { (*bd).rq };
+        // SAFETY: `rq` is valid; starting it makes it ours to end.
+        unsafe { bindings::blk_mq_start_request(rq) };
+        // INVARIANT: the request is started and owned by the new handle.
+        data.queue_rq(Request {
+            // SAFETY: blk-mq never passes a null request.
+            rq: unsafe { NonNull::new_unchecked(rq) },
+        });
+        bindings::BLK_STS_OK as bindings::blk_status_t
+    }
+
+    /// # Safety
+    /// Called by blk-mq's timeout work with a started request of this queue.
+    unsafe extern "C" fn timeout(rq: *mut bindings::request) -> bindings::blk_eh_timer_return {
+        // SAFETY: `rq` and its queue are live while the handler runs.
+        let (data, tag) = unsafe { (&*(*(*rq).q).queuedata.cast::<T>(), (*rq).tag as u32) };
+        data.timeout(tag);
+        bindings::blk_eh_timer_return_BLK_EH_RESET_TIMER
+    }
+}
+
+/// Block-device operations: only `owner`, so an open disk pins the module.
+const DISK_OPS: bindings::block_device_operations = bindings::block_device_operations {
+    owner: &raw mut bindings::__this_module,
+    // SAFETY: all-zero is "no callback" for the remaining members.
+    ..unsafe { core::mem::zeroed() }
+};
+
+/// How a [`BlockDevice`] is laid out.
+pub struct DiskConfig {
+    pub major: u32,
+    /// 1 disables partitions.
+    pub minors: u32,
+    pub queue_depth: u32,
+    pub max_bytes: u32,
+}
+
+/// A gendisk on its own tag set, with queue data `T` (kept alive by an
+/// `Arc` the disk holds). Dropping it deletes the disk.
+pub struct BlockDevice<T: QueueOps> {
+    disk: NonNull<bindings::gendisk>,
+    tag_set: KBox<Opaque<bindings::blk_mq_tag_set>>,
+    data: *const T,
+}
+
+// SAFETY: the gendisk and tag set are used through functions that lock
+// internally; `T` is Send + Sync.
+unsafe impl<T: QueueOps> Send for BlockDevice<T> {}
+// SAFETY: as above.
+unsafe impl<T: QueueOps> Sync for BlockDevice<T> {}
+
+impl<T: QueueOps> BlockDevice<T> {
+    /// Allocates a tag set and a disk named `<prefix><index>`, with
+    /// capacity 0, and adds it.
+    pub fn new(cfg: &DiskConfig, prefix: &str, index: u32, data: Arc<T>) -> Result<Self> {
+        let name = CString::try_from_fmt(fmt!("{prefix}{index}"))?;
+        if name.as_bytes_with_nul().len() > bindings::DISK_NAME_LEN as usize {
+            return Err(EINVAL);
+        }
+        let tag_set = KBox::new(Opaque::<bindings::blk_mq_tag_set>::uninit(), GFP_KERNEL)?;
+        let set = tag_set.get();
+        // SAFETY: `set` is ours, not yet shared; zero is a valid start for
+        // every field, as in C's `memset(set, 0, ...)`.
+        unsafe {
+            set.write(core::mem::zeroed());
+            (*set).ops = &OpsTable::<T>::OPS;
+            (*set).nr_hw_queues = 1;
+            (*set).nr_maps = 1;
+            (*set).queue_depth = cfg.queue_depth;
+            (*set).numa_node = bindings::NUMA_NO_NODE;
+            (*set).flags = bindings::BLK_MQ_F_SHOULD_MERGE;
+        }
+        // SAFETY: `set` is initialised above and lives in a box that does
+        // not move until `Drop` frees the tag set.
+        to_result(unsafe { bindings::blk_mq_alloc_tag_set(set) })?;
+        let free_set = kernel::types::ScopeGuard::new(|| {
+            // SAFETY: allocated just above and not used by any queue.
+            unsafe { bindings::blk_mq_free_tag_set(set) }
+        });
+
+        // SAFETY: all-zero queue limits mean "defaults".
+        let mut lim: bindings::queue_limits = unsafe { core::mem::zeroed() };
+        lim.logical_block_size = 512;
+        lim.physical_block_size = 512;
+        lim.max_hw_sectors = cfg.max_bytes >> 9;
+        let data = data.into_foreign() as *const T;
+        // SAFETY: the tag set is allocated; `lim` is a valid limits struct;
+        // `data` stays valid until `from_foreign` in `Drop` (or below).
+        let disk = from_err_ptr(unsafe {
+            bindings::__blk_mq_alloc_disk(set, &mut lim, data as *mut _, super::lock_class_ptr(static_lock_class!()))
+        });
+        let disk = match disk {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: `data` came from `into_foreign` above, unused.
+                drop(unsafe { Arc::<T>::from_foreign(data as *const _) });
+                return Err(e);
+            }
+        };
+        // SAFETY: the disk is allocated and not yet visible, so we may fill it.
+        let res = unsafe {
+            (*disk).major = cfg.major as i32;
+            (*disk).first_minor = (index * cfg.minors) as i32;
+            (*disk).minors = cfg.minors as i32;
+            (*disk).fops = &DISK_OPS;
+            if cfg.minors == 1 {
+                (*disk).flags |= bindings::GENHD_FL_NO_PART as core::ffi::c_int;
+            }
+            let dst = &mut (*disk).disk_name;
+            for (d, s) in dst.iter_mut().zip(name.as_bytes_with_nul()) {
+                *d = *s as _;
+            }
+            bindings::set_capacity(disk, 0);
+            bindings::device_add_disk(core::ptr::null_mut(), disk, core::ptr::null_mut())
+        };
+        if let Err(e) = to_result(res) {
+            // SAFETY: not added: put_disk releases it (and its queue).
+            unsafe { bindings::put_disk(disk) };
+            // SAFETY: the queue is gone, so is every user of `data`.
+            drop(unsafe { Arc::<T>::from_foreign(data as *const _) });
+            return Err(e);
+        }
+        free_set.dismiss();
+        Ok(Self {
+            // SAFETY: `from_err_ptr` succeeded, so `disk` is non-null.
+            disk: unsafe { NonNull::new_unchecked(disk) },
+            tag_set,
+            data,
+        })
+    }
+
+    /// dev_t of the whole disk (kernel encoding).
+    pub fn devt(&self) -> u32 {
+        // SAFETY: the disk is live (type invariant); `major`/`first_minor`
+        // never change after it is added.
+        let d = unsafe { self.disk.as_ref() };
+        super::chrdev::mkdev(d.major as u32, d.first_minor as u32)
+    }
+
+    /// Sets the capacity in 512-byte sectors and tells user space.
+    pub fn set_capacity(&self, sectors: u64) {
+        // SAFETY: the disk is live; the function locks internally.
+        unsafe { bindings::set_capacity_and_notify(self.disk.as_ptr(), sectors) };
+    }
+}
+
+impl<T: QueueOps> Drop for BlockDevice<T> {
+    fn drop(&mut self) {
+        // SAFETY: the disk was added in `new`; deleting it drains and stops
+        // the queue (no more `queue_rq` or timeouts), then the last reference
+        // is put, which releases the queue.
+        unsafe {
+            bindings::del_gendisk(self.disk.as_ptr());
+            bindings::put_disk(self.disk.as_ptr());
+            bindings::blk_mq_free_tag_set(self.tag_set.get());
+        }
+        // SAFETY: `data` came from `into_foreign` in `new`; the queue that
+        // used it is gone.
+        drop(unsafe { Arc::<T>::from_foreign(self.data as *const _) });
+    }
+}

@@ -1,0 +1,157 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Safe wrappers over the kernel's C API that 6.12's `rust/kernel` lacks.
+//!
+//! Every `unsafe` block and raw `bindings::` call of the driver lives under
+//! this module, the way the kernel's own abstractions are written; the rest
+//! of the driver is safe Rust.
+
+pub mod blk;
+pub mod chrdev;
+pub mod param;
+pub mod wait;
+
+use kernel::bindings;
+
+/// `capable(CAP_SYS_ADMIN)` for the current task.
+pub fn capable_sys_admin() -> bool {
+    // SAFETY: `capable` only inspects the current task's credentials.
+    unsafe { bindings::capable(bindings::CAP_SYS_ADMIN as i32) }
+}
+
+/// A reference on this module: while one exists, rmmod fails with EBUSY.
+pub struct ModuleRef(());
+
+impl ModuleRef {
+    /// Takes a reference; `None` if the module is being unloaded.
+    pub fn get() -> Option<Self> {
+        // SAFETY: `__this_module` is this module's own descriptor, valid for
+        // as long as its code runs.
+        unsafe { bindings::try_module_get(&raw mut bindings::__this_module) }.then_some(Self(()))
+    }
+}
+
+impl Drop for ModuleRef {
+    fn drop(&mut self) {
+        // SAFETY: `self` owns one reference taken by `try_module_get`. The
+        // caller of drop is module code that a file or device still pins, so
+        // it cannot be unloaded under us.
+        unsafe { bindings::module_put(&raw mut bindings::__this_module) };
+    }
+}
+
+/// The C `lock_class_key` behind a lockdep class.
+pub fn lock_class_ptr(key: &'static kernel::sync::LockClassKey) -> *mut bindings::lock_class_key {
+    // `LockClassKey` is `#[repr(transparent)]` over `Opaque<lock_class_key>`,
+    // which is itself transparent, so the addresses coincide (its own
+    // `as_ptr` is crate-private).
+    (key as *const kernel::sync::LockClassKey).cast_mut().cast()
+}
+
+// SAFETY: the uapi structs are `#[repr(C)]` with only integer fields and no
+// padding (uapi.rs asserts their sizes, the host test every offset), so every
+// byte is initialised and every bit pattern is valid.
+unsafe impl kernel::types::AsBytes for crate::uapi::AbuseStatus {}
+// SAFETY: as above.
+unsafe impl kernel::types::FromBytes for crate::uapi::AbuseStatus {}
+// SAFETY: as above.
+unsafe impl kernel::types::AsBytes for crate::uapi::AbuseBio {}
+// SAFETY: as above.
+unsafe impl kernel::types::FromBytes for crate::uapi::AbuseBio {}
+// SAFETY: as above.
+unsafe impl kernel::types::AsBytes for crate::uapi::AbuseXfer {}
+// SAFETY: as above.
+unsafe impl kernel::types::FromBytes for crate::uapi::AbuseXfer {}
+
+/// The current value of `jiffies`.
+pub fn jiffies() -> u64 {
+    // SAFETY: `jiffies` is a word-sized counter the timer interrupt updates;
+    // a volatile read of it is how C's `READ_ONCE(jiffies)` reads it too.
+    unsafe { core::ptr::read_volatile(&raw const bindings::jiffies) as u64 }
+}
+
+/// Milliseconds to jiffies, rounded up.
+pub fn msecs_to_jiffies(ms: u32) -> u64 {
+    // SAFETY: a pure conversion.
+    unsafe { bindings::__msecs_to_jiffies(ms) as u64 }
+}
+
+/// The `poll_table` a `poll()` call passes (possibly none).
+pub struct PollTable {
+    file: *mut bindings::file,
+    table: *mut bindings::poll_table_struct,
+}
+
+impl PollTable {
+    /// `poll_wait()`: adds the polling task to the wait queue at `head`.
+    fn wait_on(&self, head: *mut bindings::wait_queue_head) {
+        if self.table.is_null() {
+            return;
+        }
+        // SAFETY: `table` is the non-null poll table of the ongoing `poll()`
+        // call (see `PollTable` construction in `chrdev`).
+        let qproc = unsafe { (*self.table)._qproc };
+        if let Some(qproc) = qproc {
+            // SAFETY: `file` is the file being polled, `head` a live wait
+            // queue that outlives the file (the file pins its device), and
+            // `table` the caller's table: the arguments `poll_wait` passes.
+            unsafe { qproc(self.file, head, self.table) };
+        }
+    }
+}
+
+/// The `poll()` event bits the control node reports.
+pub mod poll_events {
+    use kernel::bindings;
+    pub const IN: u32 = bindings::EPOLLIN;
+    pub const RDNORM: u32 = bindings::EPOLLRDNORM;
+    pub const MSG: u32 = bindings::EPOLLMSG;
+}
+
+/// A value published by module init for the module's file operations to
+/// find (the VFS gives `open` only an inode).
+pub struct ModuleGlobal<T>(core::sync::atomic::AtomicPtr<T>);
+
+impl<T: Send + Sync + 'static> ModuleGlobal<T> {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        Self(core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()))
+    }
+
+    /// Publishes `value` until the returned guard is dropped (module exit).
+    pub fn publish(&'static self, value: kernel::sync::Arc<T>) -> Published<T> {
+        use kernel::types::ForeignOwnable;
+        let ptr = value.into_foreign() as *mut T;
+        self.0.store(ptr, core::sync::atomic::Ordering::Release);
+        Published(self)
+    }
+
+    /// The published value. Call only from a file operation of this module:
+    /// the VFS pins the module (`fops.owner`) for those, so module exit, and
+    /// with it the guard's drop, cannot run concurrently.
+    pub fn get(&self) -> Option<kernel::sync::Arc<T>> {
+        use kernel::types::ForeignOwnable;
+        let ptr = self.0.load(core::sync::atomic::Ordering::Acquire);
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: `ptr` came from `into_foreign` in `publish` and is released
+        // only by `Published::drop`, which cannot run now (see above).
+        let borrowed = unsafe { kernel::sync::Arc::<T>::borrow(ptr as *const _) };
+        Some(borrowed.into())
+    }
+}
+
+/// Keeps a [`ModuleGlobal`] published.
+pub struct Published<T: Send + Sync + 'static>(&'static ModuleGlobal<T>);
+
+impl<T: Send + Sync + 'static> Drop for Published<T> {
+    fn drop(&mut self) {
+        use kernel::types::ForeignOwnable;
+        let ptr = self.0 .0.swap(core::ptr::null_mut(), core::sync::atomic::Ordering::AcqRel);
+        if !ptr.is_null() {
+            // SAFETY: `ptr` came from `into_foreign` in `publish`; it is now
+            // unpublished and no file operation can hold a borrow of it.
+            drop(unsafe { kernel::sync::Arc::<T>::from_foreign(ptr as *const _) });
+        }
+    }
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Boots the test kernel under QEMU (TCG) with the module, our static
+# binaries and the real clients in an initramfs, runs the guest scenarios
+# and scans the guest's dmesg for kernel bug reports.
+#
+#   run.sh [--flavor test|bench] [--scenario a,b] [--script guest.sh] [--timeout SECS]
+#
+# Prints one line per scenario, then `N passed, N failed` (the dmesg scan
+# counts as one), and exits non-zero on any failure. Parallel-safe: every
+# run works in its own temporary directory.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+flavor=test scenario="" script="" timeout=${ABUSE_VM_TIMEOUT:-1800}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --flavor) flavor=$2; shift 2 ;;
+    --scenario) scenario=$2; shift 2 ;;
+    --script) script=$2; shift 2 ;;
+    --timeout) timeout=$2; shift 2 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+kdir=$("$root/scripts/kernel.sh" dir "$flavor")
+[ -f "$kdir/.abuse-built" ] || "$root/scripts/kernel.sh" build "$flavor"
+ko=$("$root/tests/vm/build-module.sh" "$flavor")
+
+echo "vm: building static guest binaries"
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+  --manifest-path "$root/Cargo.toml" --target x86_64-unknown-linux-gnu \
+  --target-dir "$root/target/guest" -p abusectl -p abuse-tests
+bins="$root/target/guest/x86_64-unknown-linux-gnu/release"
+
+work=$(mktemp -d /tmp/abuse-vm.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+rootfs=$work/rootfs
+mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,lib/abuse,proc,sys,dev,tmp,run,mnt,etc,root}
+
+# Dynamic tools with the libraries they need.
+copy_tool() {
+  local tool=$1 lib
+  install -D "$tool" "$rootfs$tool"
+  for lib in $(ldd "$tool" 2>/dev/null | grep -o '/[^ ]*'); do
+    [ -e "$rootfs$lib" ] || install -D "$lib" "$rootfs$lib"
+  done
+}
+for tool in /sbin/mke2fs /sbin/e2fsck /sbin/sfdisk /sbin/blkdiscard /usr/bin/fio \
+  /usr/bin/setpriv /sbin/losetup /usr/bin/qemu-img; do
+  [ -x "$tool" ] && copy_tool "$tool"
+done
+ln -sf mke2fs "$rootfs/sbin/mkfs.ext4"
+cp /bin/busybox "$rootfs/bin/busybox"
+cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
+cp "$ko" "$rootfs/lib/abuse/abuse.ko"
+cp "$root/tests/vm/init" "$rootfs/init"
+echo 'root:x:0:0:root:/root:/bin/sh' >"$rootfs/etc/passwd"
+echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>"$rootfs/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+append="console=ttyS0 panic=-1 loglevel=4"
+[ -n "$scenario" ] && append+=" ABUSE_SCENARIO=$scenario"
+if [ -n "$script" ]; then
+  cp "$script" "$rootfs/guest.sh"
+  append+=" ABUSE_CMD=/guest.sh"
+fi
+append+=" ABUSE_GUEST_TIMEOUT=$((timeout - 60))"
+(cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.cpio.gz"
+
+echo "vm: booting $flavor kernel ($(basename "$kdir"))"
+log=$work/console.log
+set +e
+timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2G -smp 2 \
+  -kernel "$kdir/arch/x86/boot/bzImage" -initrd "$work/initramfs.cpio.gz" \
+  -append "$append" -nographic -no-reboot -monitor none </dev/null |
+  tr -d '\r' | tee "$log" | grep --line-buffered -E '^(PASS|FAIL|abuse-vm:|vm:|demo:|bench:)|passed, [0-9]+ failed'
+qemu_rc=${PIPESTATUS[0]}
+set -e
+[ -n "${ABUSE_VM_LOG:-}" ] && cp "$log" "$ABUSE_VM_LOG"
+
+[ -n "$script" ] && { grep -q '^abuse-vm: exit 0$' "$log"; exit $?; }
+
+passed=$(grep -c '^PASS ' "$log" || true)
+failed=$(grep -c '^FAIL ' "$log" || true)
+if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$log"; then
+  echo "FAIL vm_completed: the guest did not finish (qemu exit $qemu_rc; timeout ${timeout}s); last lines:"
+  grep -v '^\s*$' "$log" | tail -n 30 | sed 's/^/    /'
+  failed=$((failed + 1))
+fi
+# Any kernel bug report in the guest fails the run.
+bugs=$(sed -n '/^==== abuse-vm dmesg ====$/,/^==== abuse-vm end ====$/p' "$log" |
+  grep -E 'BUG|WARNING|Oops|lockdep|possible (circular|recursive) locking|sleeping function called|INFO: task .* blocked|general protection|Call Trace|UBSAN|KASAN|list_(add|del) corruption|rcu_sched detected|soft lockup|hard LOCKUP' || true)
+if ! grep -q '^==== abuse-vm end ====$' "$log"; then
+  echo "FAIL dmesg_clean: no dmesg dump from the guest"
+  failed=$((failed + 1))
+elif [ -n "$bugs" ]; then
+  echo "FAIL dmesg_clean: kernel reported:"
+  echo "$bugs" | head -n 40 | sed 's/^/    /'
+  failed=$((failed + 1))
+else
+  echo "PASS dmesg_clean"
+  passed=$((passed + 1))
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
