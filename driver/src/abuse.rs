@@ -9,8 +9,10 @@ use kernel::{c_str, prelude::*, sync::Arc};
 
 mod control;
 mod device;
+mod queue;
 mod sys;
-#[allow(dead_code)]
+mod transfer;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../abuse-sys/src/uapi.rs"]
 mod uapi;
 

@@ -3,16 +3,23 @@
 
 use crate::device::Device;
 use crate::sys::{capable_sys_admin, chrdev::FileOps, PollTable};
+use crate::transfer;
 use crate::uapi::*;
 use crate::DEVICES;
+use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{prelude::*, sync::Arc, uaccess::UserSlice};
 
-/// An open control file. Carries no session: only which device it names.
-pub struct OpenControl {
+/// Names each open file, so that what it fetched can be handed out again
+/// when it is released.
+static NEXT_OPENER: AtomicU64 = AtomicU64::new(1);
+
+/// An open control file: which device, and an identity. No session.
+pub(crate) struct OpenControl {
     device: Arc<Device>,
+    opener: u64,
 }
 
-pub struct Control;
+pub(crate) struct Control;
 
 impl FileOps for Control {
     type Data = OpenControl;
@@ -23,22 +30,37 @@ impl FileOps for Control {
         }
         let devices = DEVICES.get().ok_or(ENODEV)?;
         let device = devices.get(minor as usize).ok_or(ENXIO)?.clone();
-        Ok(KBox::new(OpenControl { device }, GFP_KERNEL)?)
+        let opener = NEXT_OPENER.fetch_add(1, Ordering::Relaxed);
+        Ok(KBox::new(OpenControl { device, opener }, GFP_KERNEL)?)
     }
 
-    fn release(_data: KBox<OpenControl>) {}
+    fn release(data: KBox<OpenControl>) {
+        // A crashed or exiting server's fetched requests go to the next one.
+        data.device.queue().release(data.opener);
+    }
 
     fn ioctl(data: &OpenControl, cmd: u32, arg: usize) -> Result<isize> {
         if !capable_sys_admin() {
             return Err(EPERM);
         }
+        let dev = &data.device;
         match cmd {
             ABUSE_GET_STATUS => {
-                let status = data.device.status();
-                let mut out = UserSlice::new(arg as _, core::mem::size_of::<AbuseStatus>()).writer();
-                out.write(&status)?;
+                let mut out = UserSlice::new(arg, core::mem::size_of::<AbuseStatus>()).writer();
+                out.write(&dev.status())?;
                 Ok(0)
             }
+            ABUSE_SET_STATUS => {
+                let st: AbuseStatus = UserSlice::new(arg, core::mem::size_of::<AbuseStatus>()).reader().read()?;
+                dev.set_status(&st)?;
+                Ok(0)
+            }
+            ABUSE_RESET => {
+                dev.reset()?;
+                Ok(0)
+            }
+            ABUSE_GET_BIO => transfer::get_bio(dev.queue(), data.opener, arg),
+            ABUSE_PUT_BIO => transfer::put_bio(dev.queue(), arg),
             _ => Err(ENOTTY),
         }
     }

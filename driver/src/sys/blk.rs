@@ -10,20 +10,21 @@ use kernel::{
     prelude::*,
     static_lock_class,
     str::{CStr, CString},
+    uaccess::{UserSliceReader, UserSliceWriter},
     sync::Arc,
     fmt,
     types::{ForeignOwnable, Opaque},
 };
 
 /// A registered block major number.
-pub struct BlkMajor {
+pub(crate) struct BlkMajor {
     major: u32,
     name: &'static CStr,
 }
 
 impl BlkMajor {
     /// Registers a dynamic block major called `name`.
-    pub fn register(name: &'static CStr) -> Result<Self> {
+    pub(crate) fn register(name: &'static CStr) -> Result<Self> {
         // SAFETY: `name` is 'static; no probe callback.
         let major = unsafe { bindings::__register_blkdev(0, name.as_char_ptr(), None) };
         if major < 0 {
@@ -33,7 +34,7 @@ impl BlkMajor {
     }
 
     /// The major number.
-    pub fn major(&self) -> u32 {
+    pub(crate) fn major(&self) -> u32 {
         self.major
     }
 }
@@ -48,7 +49,7 @@ impl Drop for BlkMajor {
 
 /// Completion status of a request.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     IoErr,
     NotSupp,
@@ -66,7 +67,7 @@ impl Status {
 
 /// The operation of a request.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Op {
+pub(crate) enum Op {
     Read,
     Write,
     Flush,
@@ -77,7 +78,7 @@ pub enum Op {
 
 /// A started request the driver owns: it must be ended exactly once.
 /// Dropping it ends it with an I/O error, so none is ever leaked.
-pub struct Request {
+pub(crate) struct Request {
     rq: NonNull<bindings::request>,
 }
 
@@ -94,22 +95,22 @@ impl Request {
     }
 
     /// The blk-mq tag: unique among the requests outstanding on the device.
-    pub fn tag(&self) -> u32 {
+    pub(crate) fn tag(&self) -> u32 {
         self.raw().tag as u32
     }
 
     /// First sector (`blk_rq_pos`).
-    pub fn sector(&self) -> u64 {
+    pub(crate) fn sector(&self) -> u64 {
         self.raw().__sector
     }
 
     /// Length in bytes (`blk_rq_bytes`).
-    pub fn bytes(&self) -> u32 {
+    pub(crate) fn bytes(&self) -> u32 {
         self.raw().__data_len
     }
 
     /// The operation (`req_op`).
-    pub fn op(&self) -> Op {
+    pub(crate) fn op(&self) -> Op {
         let op = self.raw().cmd_flags & bindings::REQ_OP_MASK;
         match op {
             bindings::req_op_REQ_OP_READ => Op::Read,
@@ -122,17 +123,78 @@ impl Request {
     }
 
     /// Forced unit access.
-    pub fn is_fua(&self) -> bool {
+    pub(crate) fn is_fua(&self) -> bool {
         self.raw().cmd_flags & bindings::REQ_FUA != 0
     }
 
     /// WRITE_ZEROES that must not deallocate.
-    pub fn is_nounmap(&self) -> bool {
+    pub(crate) fn is_nounmap(&self) -> bool {
         self.raw().cmd_flags & bindings::REQ_NOUNMAP != 0
     }
 
+    /// Copies the request's data (a WRITE's payload) to user memory.
+    pub(crate) fn copy_to_user(&self, dst: &mut UserSliceWriter) -> Result {
+        self.for_each_chunk(|chunk, len| {
+            // SAFETY: `for_each_chunk` passes a mapped range of `len` bytes
+            // of the request's pages; nothing else writes them while the
+            // driver owns the request.
+            dst.write_slice(unsafe { core::slice::from_raw_parts(chunk, len) })
+        })
+    }
+
+    /// Fills the request's data (a READ's result) from user memory.
+    pub(crate) fn copy_from_user(&self, src: &mut UserSliceReader) -> Result {
+        self.for_each_chunk(|chunk, len| {
+            // SAFETY: as in `copy_to_user`; the pages are the request's own
+            // until it is ended, and no one else accesses them meanwhile.
+            src.read_slice(unsafe { core::slice::from_raw_parts_mut(chunk, len) })
+        })
+    }
+
+    /// Calls `f` on every piece of the request's data, one page at a time
+    /// (`rq_for_each_segment`, split to pages for `kmap_local_page`).
+    fn for_each_chunk(&self, mut f: impl FnMut(*mut u8, usize) -> Result) -> Result {
+        const PAGE: u32 = bindings::PAGE_SIZE as u32;
+        let mut bio = self.raw().bio;
+        while !bio.is_null() {
+            // SAFETY: the bios of a request the driver owns are live and
+            // not modified until it is ended.
+            let b = unsafe { &*bio };
+            let (mut idx, mut done, mut left) = (b.bi_iter.bi_idx, b.bi_iter.bi_bvec_done, b.bi_iter.bi_size);
+            while left > 0 {
+                // SAFETY: `bi_iter` describes `bi_size` bytes of `bi_io_vec`,
+                // so `idx` stays within the vector while bytes are left.
+                let bv = unsafe { &*b.bi_io_vec.add(idx as usize) };
+                let seg = (bv.bv_len - done).min(left);
+                let (mut off, mut rem) = (bv.bv_offset + done, seg);
+                while rem > 0 {
+                    // Multi-page bvecs: `bv_page + n` is the n-th page
+                    // (`nth_page` with SPARSEMEM_VMEMMAP, as x86_64 has).
+                    // SAFETY: `off` lies within the bvec, whose pages are
+                    // physically contiguous.
+                    let page = unsafe { bv.bv_page.add((off / PAGE) as usize) };
+                    let (poff, n) = (off % PAGE, rem.min(PAGE - off % PAGE));
+                    // SAFETY: `page` is a valid page of the request.
+                    let addr = unsafe { bindings::kmap_local_page(page) }.cast::<u8>();
+                    // SAFETY: `poff + n <= PAGE_SIZE`: within the mapping.
+                    let res = f(unsafe { addr.add(poff as usize) }, n as usize);
+                    // SAFETY: unmaps what was mapped just above, in order.
+                    unsafe { bindings::kunmap_local(addr.cast()) };
+                    res?;
+                    off += n;
+                    rem -= n;
+                }
+                left -= seg;
+                done = 0;
+                idx += 1;
+            }
+            bio = b.bi_next;
+        }
+        Ok(())
+    }
+
     /// Completes the request.
-    pub fn end(self, status: Status) {
+    pub(crate) fn end(self, status: Status) {
         let rq = self.rq.as_ptr();
         core::mem::forget(self);
         // SAFETY: `rq` is a started request we own; forgetting `self` makes
@@ -149,7 +211,7 @@ impl Drop for Request {
 }
 
 /// What the driver does with its requests.
-pub trait QueueOps: Send + Sync + Sized + 'static {
+pub(crate) trait QueueOps: Send + Sync + Sized + 'static {
     /// Takes a new request; must not sleep (atomic context).
     fn queue_rq(&self, rq: Request);
     /// blk-mq's timer fired for the request with `tag`; the request stays
@@ -206,18 +268,28 @@ const DISK_OPS: bindings::block_device_operations = bindings::block_device_opera
     ..unsafe { core::mem::zeroed() }
 };
 
+/// What a configured device advertises to the block layer.
+pub(crate) struct Limits {
+    pub(crate) block_size: u32,
+    pub(crate) max_bytes: u32,
+    pub(crate) write_cache: bool,
+    pub(crate) fua: bool,
+    pub(crate) discard: bool,
+    pub(crate) write_zeroes: bool,
+}
+
 /// How a [`BlockDevice`] is laid out.
-pub struct DiskConfig {
-    pub major: u32,
+pub(crate) struct DiskConfig {
+    pub(crate) major: u32,
     /// 1 disables partitions.
-    pub minors: u32,
-    pub queue_depth: u32,
-    pub max_bytes: u32,
+    pub(crate) minors: u32,
+    pub(crate) queue_depth: u32,
+    pub(crate) max_bytes: u32,
 }
 
 /// A gendisk on its own tag set, with queue data `T` (kept alive by an
 /// `Arc` the disk holds). Dropping it deletes the disk.
-pub struct BlockDevice<T: QueueOps> {
+pub(crate) struct BlockDevice<T: QueueOps> {
     disk: NonNull<bindings::gendisk>,
     tag_set: KBox<Opaque<bindings::blk_mq_tag_set>>,
     data: *const T,
@@ -232,7 +304,7 @@ unsafe impl<T: QueueOps> Sync for BlockDevice<T> {}
 impl<T: QueueOps> BlockDevice<T> {
     /// Allocates a tag set and a disk named `<prefix><index>`, with
     /// capacity 0, and adds it.
-    pub fn new(cfg: &DiskConfig, prefix: &str, index: u32, data: Arc<T>) -> Result<Self> {
+    pub(crate) fn new(cfg: &DiskConfig, prefix: &str, index: u32, data: Arc<T>) -> Result<Self> {
         let name = CString::try_from_fmt(fmt!("{prefix}{index}"))?;
         if name.as_bytes_with_nul().len() > bindings::DISK_NAME_LEN as usize {
             return Err(EINVAL);
@@ -310,15 +382,115 @@ impl<T: QueueOps> BlockDevice<T> {
     }
 
     /// dev_t of the whole disk (kernel encoding).
-    pub fn devt(&self) -> u32 {
+    pub(crate) fn devt(&self) -> u32 {
         // SAFETY: the disk is live (type invariant); `major`/`first_minor`
         // never change after it is added.
         let d = unsafe { self.disk.as_ref() };
         super::chrdev::mkdev(d.major as u32, d.first_minor as u32)
     }
 
+    fn queue(&self) -> *mut bindings::request_queue {
+        // SAFETY: the disk is live and its queue is set for its lifetime.
+        unsafe { self.disk.as_ref().queue }
+    }
+
+    /// Applies block size and the features the server advertised.
+    pub(crate) fn set_limits(&self, l: &Limits) -> Result {
+        let q = self.queue();
+        // SAFETY: `queue_limits_start_update` (inline in C): the limits are
+        // read under `limits_lock`, which `queue_limits_commit_update` drops.
+        let mut lim = unsafe {
+            bindings::mutex_lock(&raw mut (*q).limits_lock);
+            (*q).limits
+        };
+        lim.logical_block_size = l.block_size;
+        lim.physical_block_size = l.block_size;
+        lim.io_min = l.block_size;
+        lim.features &= !(bindings::BLK_FEAT_WRITE_CACHE | bindings::BLK_FEAT_FUA);
+        if l.write_cache {
+            lim.features |= bindings::BLK_FEAT_WRITE_CACHE;
+            if l.fua {
+                lim.features |= bindings::BLK_FEAT_FUA;
+            }
+        }
+        let max = l.max_bytes >> 9;
+        lim.max_hw_discard_sectors = if l.discard { max } else { 0 };
+        lim.discard_granularity = if l.discard { l.block_size } else { 0 };
+        lim.max_write_zeroes_sectors = if l.write_zeroes { max } else { 0 };
+        // SAFETY: `lim_lock` is held (taken above); commit validates, applies
+        // and unlocks.
+        to_result(unsafe { bindings::queue_limits_commit_update(q, &mut lim) })
+    }
+
+    /// Sets how long blk-mq waits before calling `QueueOps::timeout`.
+    pub(crate) fn set_timeout(&self, jiffies: u32) {
+        // SAFETY: a plain store into the live queue.
+        unsafe { bindings::blk_queue_rq_timeout(self.queue(), jiffies.max(1)) };
+    }
+
+    /// Sets the tag depth (`blk_mq_update_nr_requests` for a queue without a
+    /// scheduler, which is not exported): freezes the queue, resizes every
+    /// hardware queue's tag bitmap and unfreezes. Fails with EBUSY if
+    /// requests stay in flight for `wait_jiffies`, changing nothing.
+    pub(crate) fn set_depth(&self, depth: u32, wait_jiffies: u64) -> Result {
+        let q = self.queue();
+        // SAFETY: the tag set lives as long as `self`.
+        let max = unsafe { (*self.tag_set.get()).queue_depth };
+        if depth == 0 || depth > max {
+            return Err(EINVAL);
+        }
+        // SAFETY: the queue is live; freeze/unfreeze are balanced below.
+        unsafe { bindings::blk_freeze_queue_start(q) };
+        // SAFETY: as above.
+        let frozen = unsafe { bindings::blk_mq_freeze_queue_wait_timeout(q, wait_jiffies as _) } > 0;
+        if frozen {
+            // SAFETY: the queue is frozen: no tag is allocated or freed, so
+            // the bitmaps may be resized (what blk_mq_tag_update_depth does).
+            // Each hardware queue uses its tag set's `tags[i]` (unshared).
+            unsafe {
+                let set = self.tag_set.get();
+                for i in 0..(*set).nr_hw_queues as usize {
+                    let tags = *(*set).tags.add(i);
+                    bindings::sbitmap_queue_resize(&raw mut (*tags).bitmap_tags, depth);
+                }
+                (*q).nr_requests = depth as _;
+            }
+        }
+        // SAFETY: balances `blk_freeze_queue_start`.
+        unsafe { bindings::blk_mq_unfreeze_queue(q) };
+        if frozen { Ok(()) } else { Err(EBUSY) }
+    }
+
+    /// Marks the disk read-only or writable.
+    pub(crate) fn set_read_only(&self, ro: bool) {
+        // SAFETY: the disk is live.
+        unsafe { bindings::set_disk_ro(self.disk.as_ptr(), ro) };
+    }
+
+    /// Has the partition table read at the next open of the disk.
+    pub(crate) fn request_partition_scan(&self) {
+        // SAFETY: `state` is the disk's atomic flag word; an atomic OR is
+        // what C's `set_bit(GD_NEED_PART_SCAN, &disk->state)` does.
+        let state = unsafe { core::sync::atomic::AtomicUsize::from_ptr((&raw mut (*self.disk.as_ptr()).state).cast()) };
+        state.fetch_or(1 << bindings::GD_NEED_PART_SCAN, core::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Re-reads the partition table now (drops partitions at capacity 0).
+    pub(crate) fn rescan_partitions(&self) -> Result {
+        let disk = self.disk.as_ptr();
+        // SAFETY: `bdev_disk_changed` requires `open_mutex` held, which is
+        // taken and released around it.
+        let res = unsafe {
+            bindings::mutex_lock(&raw mut (*disk).open_mutex);
+            let r = bindings::bdev_disk_changed(disk, false);
+            bindings::mutex_unlock(&raw mut (*disk).open_mutex);
+            r
+        };
+        to_result(res)
+    }
+
     /// Sets the capacity in 512-byte sectors and tells user space.
-    pub fn set_capacity(&self, sectors: u64) {
+    pub(crate) fn set_capacity(&self, sectors: u64) {
         // SAFETY: the disk is live; the function locks internally.
         unsafe { bindings::set_capacity_and_notify(self.disk.as_ptr(), sectors) };
     }

@@ -7,7 +7,7 @@ use core::marker::PhantomData;
 use kernel::{bindings, error::from_err_ptr, prelude::*, str::CStr};
 
 /// What a file of the region does. One `Data` per open file.
-pub trait FileOps: 'static {
+pub(crate) trait FileOps: 'static {
     /// Per-open state, kept in `file->private_data`.
     type Data: Send + Sync;
     /// Opens minor `minor`.
@@ -23,12 +23,12 @@ pub trait FileOps: 'static {
 const MINORBITS: u32 = 20;
 
 /// `MKDEV(major, minor)`.
-pub const fn mkdev(major: u32, minor: u32) -> u32 {
+pub(crate) const fn mkdev(major: u32, minor: u32) -> u32 {
     (major << MINORBITS) | minor
 }
 
 /// `new_encode_dev`: dev_t as user space (glibc `makedev`) encodes it.
-pub const fn encode_dev(dev: u32) -> u64 {
+pub(crate) const fn encode_dev(dev: u32) -> u64 {
     let (major, minor) = (dev >> MINORBITS, dev & ((1 << MINORBITS) - 1));
     ((minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)) as u64
 }
@@ -93,7 +93,7 @@ impl<T: FileOps> VTable<T> {
 }
 
 /// A registered range of character device numbers, their class and nodes.
-pub struct Chrdev<T: FileOps> {
+pub(crate) struct Chrdev<T: FileOps> {
     major: u32,
     count: u32,
     name: &'static CStr,
@@ -109,7 +109,7 @@ unsafe impl<T: FileOps> Sync for Chrdev<T> {}
 
 impl<T: FileOps> Chrdev<T> {
     /// Registers `count` minors under a dynamic major, and a class `name`.
-    pub fn register(name: &'static CStr, count: u32) -> Result<Self> {
+    pub(crate) fn register(name: &'static CStr, count: u32) -> Result<Self> {
         // SAFETY: `name` and the vtable are 'static; a dynamic major is asked.
         let major = unsafe {
             bindings::__register_chrdev(0, 0, count, name.as_char_ptr(), &VTable::<T>::FOPS)
@@ -132,7 +132,7 @@ impl<T: FileOps> Chrdev<T> {
     }
 
     /// Creates the node `/dev/<prefix><minor>` for `minor` (mode 0600).
-    pub fn create_node(&self, minor: u32, prefix: &'static CStr) -> Result {
+    pub(crate) fn create_node(&self, minor: u32, prefix: &'static CStr) -> Result {
         if minor >= self.count {
             return Err(EINVAL);
         }
@@ -151,11 +151,6 @@ impl<T: FileOps> Chrdev<T> {
         })?;
         let _ = dev;
         Ok(())
-    }
-
-    /// The major number.
-    pub fn major(&self) -> u32 {
-        self.major
     }
 }
 

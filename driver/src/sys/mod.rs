@@ -5,25 +5,37 @@
 //! this module, the way the kernel's own abstractions are written; the rest
 //! of the driver is safe Rust.
 
-pub mod blk;
-pub mod chrdev;
-pub mod param;
-pub mod wait;
+pub(crate) mod blk;
+pub(crate) mod chrdev;
+pub(crate) mod param;
+pub(crate) mod wait;
 
 use kernel::bindings;
 
+/// ENOMSG: no request pending (not in `kernel::error::code` in 6.12).
+#[allow(non_snake_case)]
+pub(crate) fn ENOMSG() -> kernel::error::Error {
+    kernel::error::Error::from_errno(-(bindings::ENOMSG as i32))
+}
+
+/// ESTALE: a request id from another generation.
+#[allow(non_snake_case)]
+pub(crate) fn ESTALE() -> kernel::error::Error {
+    kernel::error::Error::from_errno(-(bindings::ESTALE as i32))
+}
+
 /// `capable(CAP_SYS_ADMIN)` for the current task.
-pub fn capable_sys_admin() -> bool {
+pub(crate) fn capable_sys_admin() -> bool {
     // SAFETY: `capable` only inspects the current task's credentials.
     unsafe { bindings::capable(bindings::CAP_SYS_ADMIN as i32) }
 }
 
 /// A reference on this module: while one exists, rmmod fails with EBUSY.
-pub struct ModuleRef(());
+pub(crate) struct ModuleRef(());
 
 impl ModuleRef {
     /// Takes a reference; `None` if the module is being unloaded.
-    pub fn get() -> Option<Self> {
+    pub(crate) fn get() -> Option<Self> {
         // SAFETY: `__this_module` is this module's own descriptor, valid for
         // as long as its code runs.
         unsafe { bindings::try_module_get(&raw mut bindings::__this_module) }.then_some(Self(()))
@@ -40,7 +52,7 @@ impl Drop for ModuleRef {
 }
 
 /// The C `lock_class_key` behind a lockdep class.
-pub fn lock_class_ptr(key: &'static kernel::sync::LockClassKey) -> *mut bindings::lock_class_key {
+pub(crate) fn lock_class_ptr(key: &'static kernel::sync::LockClassKey) -> *mut bindings::lock_class_key {
     // `LockClassKey` is `#[repr(transparent)]` over `Opaque<lock_class_key>`,
     // which is itself transparent, so the addresses coincide (its own
     // `as_ptr` is crate-private).
@@ -63,20 +75,20 @@ unsafe impl kernel::types::AsBytes for crate::uapi::AbuseXfer {}
 unsafe impl kernel::types::FromBytes for crate::uapi::AbuseXfer {}
 
 /// The current value of `jiffies`.
-pub fn jiffies() -> u64 {
+pub(crate) fn jiffies() -> u64 {
     // SAFETY: `jiffies` is a word-sized counter the timer interrupt updates;
     // a volatile read of it is how C's `READ_ONCE(jiffies)` reads it too.
     unsafe { core::ptr::read_volatile(&raw const bindings::jiffies) as u64 }
 }
 
 /// Milliseconds to jiffies, rounded up.
-pub fn msecs_to_jiffies(ms: u32) -> u64 {
+pub(crate) fn msecs_to_jiffies(ms: u32) -> u64 {
     // SAFETY: a pure conversion.
     unsafe { bindings::__msecs_to_jiffies(ms) as u64 }
 }
 
 /// The `poll_table` a `poll()` call passes (possibly none).
-pub struct PollTable {
+pub(crate) struct PollTable {
     file: *mut bindings::file,
     table: *mut bindings::poll_table_struct,
 }
@@ -100,25 +112,25 @@ impl PollTable {
 }
 
 /// The `poll()` event bits the control node reports.
-pub mod poll_events {
+pub(crate) mod poll_events {
     use kernel::bindings;
-    pub const IN: u32 = bindings::EPOLLIN;
-    pub const RDNORM: u32 = bindings::EPOLLRDNORM;
-    pub const MSG: u32 = bindings::EPOLLMSG;
+    pub(crate) const IN: u32 = bindings::EPOLLIN;
+    pub(crate) const RDNORM: u32 = bindings::EPOLLRDNORM;
+    pub(crate) const MSG: u32 = bindings::EPOLLMSG;
 }
 
 /// A value published by module init for the module's file operations to
 /// find (the VFS gives `open` only an inode).
-pub struct ModuleGlobal<T>(core::sync::atomic::AtomicPtr<T>);
+pub(crate) struct ModuleGlobal<T>(core::sync::atomic::AtomicPtr<T>);
 
 impl<T: Send + Sync + 'static> ModuleGlobal<T> {
     /// An empty slot.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self(core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()))
     }
 
     /// Publishes `value` until the returned guard is dropped (module exit).
-    pub fn publish(&'static self, value: kernel::sync::Arc<T>) -> Published<T> {
+    pub(crate) fn publish(&'static self, value: kernel::sync::Arc<T>) -> Published<T> {
         use kernel::types::ForeignOwnable;
         let ptr = value.into_foreign() as *mut T;
         self.0.store(ptr, core::sync::atomic::Ordering::Release);
@@ -128,7 +140,7 @@ impl<T: Send + Sync + 'static> ModuleGlobal<T> {
     /// The published value. Call only from a file operation of this module:
     /// the VFS pins the module (`fops.owner`) for those, so module exit, and
     /// with it the guard's drop, cannot run concurrently.
-    pub fn get(&self) -> Option<kernel::sync::Arc<T>> {
+    pub(crate) fn get(&self) -> Option<kernel::sync::Arc<T>> {
         use kernel::types::ForeignOwnable;
         let ptr = self.0.load(core::sync::atomic::Ordering::Acquire);
         if ptr.is_null() {
@@ -142,7 +154,7 @@ impl<T: Send + Sync + 'static> ModuleGlobal<T> {
 }
 
 /// Keeps a [`ModuleGlobal`] published.
-pub struct Published<T: Send + Sync + 'static>(&'static ModuleGlobal<T>);
+pub(crate) struct Published<T: Send + Sync + 'static>(&'static ModuleGlobal<T>);
 
 impl<T: Send + Sync + 'static> Drop for Published<T> {
     fn drop(&mut self) {

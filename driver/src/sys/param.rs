@@ -6,7 +6,7 @@ use core::cell::UnsafeCell;
 use kernel::bindings;
 
 /// A read-only (0444) `uint` module parameter.
-pub struct UintParam(UnsafeCell<u32>);
+pub(crate) struct UintParam(UnsafeCell<u32>);
 
 // SAFETY: the kernel writes the value only while parsing parameters at load,
 // before `init` runs; the permissions are 0444, so sysfs never writes it.
@@ -15,12 +15,12 @@ unsafe impl Sync for UintParam {}
 
 impl UintParam {
     /// A parameter with its default value.
-    pub const fn new(default: u32) -> Self {
+    pub(crate) const fn new(default: u32) -> Self {
         Self(UnsafeCell::new(default))
     }
 
     /// The value given at load (or the default).
-    pub fn get(&self) -> u32 {
+    pub(crate) fn get(&self) -> u32 {
         // SAFETY: see `impl Sync`: no writer runs once the module is live.
         unsafe { core::ptr::read_volatile(self.0.get()) }
     }
@@ -28,7 +28,7 @@ impl UintParam {
 
 /// One `struct kernel_param` entry of the `__param` section.
 #[repr(transparent)]
-pub struct KernelParam(bindings::kernel_param);
+pub(crate) struct KernelParam(bindings::kernel_param);
 
 // SAFETY: the entry is immutable; the kernel only reads it (and writes the
 // value it points at, which `UintParam` accounts for).
@@ -36,7 +36,7 @@ unsafe impl Sync for KernelParam {}
 
 impl KernelParam {
     /// The entry for `param`, named by the NUL-terminated `name`.
-    pub const fn uint(name: &'static [u8], param: &'static UintParam) -> Self {
+    pub(crate) const fn uint(name: &'static [u8], param: &'static UintParam) -> Self {
         assert!(!name.is_empty() && name[name.len() - 1] == 0);
         Self(bindings::kernel_param {
             name: name.as_ptr().cast(),
@@ -53,7 +53,7 @@ impl KernelParam {
 }
 
 /// Copies a string into a fixed-size array (for `.modinfo` entries).
-pub const fn modinfo<const N: usize>(s: &str) -> [u8; N] {
+pub(crate) const fn modinfo<const N: usize>(s: &str) -> [u8; N] {
     let bytes = s.as_bytes();
     let mut out = [0u8; N];
     let mut i = 0;
@@ -72,16 +72,16 @@ macro_rules! module_param_uint {
         static $static: $crate::sys::param::UintParam = $crate::sys::param::UintParam::new($default);
         const _: () = {
             #[link_section = "__param"]
-            #[used]
+            #[used(compiler)]
             static PARAM: $crate::sys::param::KernelParam =
                 $crate::sys::param::KernelParam::uint(concat!($name, "\0").as_bytes(), &$static);
             const TYPE: &str = concat!("parmtype=", $name, ":uint\0");
             const DESC: &str = concat!("parm=", $name, ":", $desc, "\0");
             #[link_section = ".modinfo"]
-            #[used]
+            #[used(compiler)]
             static MODINFO_TYPE: [u8; TYPE.len()] = $crate::sys::param::modinfo(TYPE);
             #[link_section = ".modinfo"]
-            #[used]
+            #[used(compiler)]
             static MODINFO_DESC: [u8; DESC.len()] = $crate::sys::param::modinfo(DESC);
         };
     };

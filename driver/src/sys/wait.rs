@@ -7,7 +7,7 @@ use kernel::{bindings, prelude::*, sync::LockClassKey, types::Opaque};
 
 /// A `wait_queue_head_t`.
 #[pin_data]
-pub struct WaitQueue {
+pub(crate) struct WaitQueue {
     #[pin]
     head: Opaque<bindings::wait_queue_head>,
 }
@@ -20,7 +20,7 @@ unsafe impl Sync for WaitQueue {}
 
 impl WaitQueue {
     /// Initialises a wait queue in place.
-    pub fn new(name: &'static kernel::str::CStr, key: &'static LockClassKey) -> impl PinInit<Self> {
+    pub(crate) fn new(name: &'static kernel::str::CStr, key: &'static LockClassKey) -> impl PinInit<Self> {
         pin_init!(Self {
             // SAFETY: `__init_waitqueue_head` initialises the head at `slot`,
             // which is pinned, so it may hold pointers to itself.
@@ -33,7 +33,7 @@ impl WaitQueue {
     }
 
     /// Wakes every interruptible waiter (pollers and sleepers).
-    pub fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         // SAFETY: `head` was initialised by `new` and lives as long as `self`.
         unsafe {
             bindings::__wake_up(self.head.get(), bindings::TASK_INTERRUPTIBLE, 0, core::ptr::null_mut())
@@ -41,7 +41,7 @@ impl WaitQueue {
     }
 
     /// `poll_wait()`: registers the polling task on this queue.
-    pub fn register(&self, table: &PollTable) {
+    pub(crate) fn register(&self, table: &PollTable) {
         table.wait_on(self.head.get());
     }
 }

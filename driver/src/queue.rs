@@ -1,0 +1,485 @@
+// SPDX-License-Identifier: GPL-2.0
+//! A device's requests: a FIFO of pending ones and a table, indexed by tag,
+//! of every request the driver holds, with its generation and who fetched it.
+//!
+//! Every request is in exactly one place: in its slot (pending or fetched),
+//! or out of it in the hands of one GET/PUT that is copying its data
+//! (`Busy`). Whoever takes a request out puts it back or ends it; a RESET or
+//! DEVICE_FAILURE meanwhile only marks the slot `abort`, and the holder then
+//! fails it. So no request is lost or completed twice, and no path waits on
+//! user space while holding the lock.
+
+use crate::sys::blk::{Op, QueueOps, Request, Status};
+use crate::sys::{jiffies, wait::WaitQueue, PollTable};
+use crate::uapi::*;
+use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
+
+/// Where a slot's request is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Free,
+    Pending,
+    /// Fetched through the open file `opener` at `since` (jiffies).
+    Fetched { opener: u64, since: u64 },
+    /// Out of the slot, held by a GET or PUT copying its data.
+    Busy,
+}
+
+struct Slot {
+    rq: Option<Request>,
+    at: Where,
+    gen: u32,
+    /// The request as GET_BIO describes it (id and addr aside).
+    sector: u64,
+    len: u32,
+    cmd: u16,
+    flags: u16,
+    /// RESET or DEVICE_FAILURE failed it while it was `Busy`.
+    abort: bool,
+}
+
+impl Slot {
+    fn id(&self, tag: u32) -> u64 {
+        ((self.gen as u64) << 32) | tag as u64
+    }
+}
+
+/// The configuration the data path needs.
+#[derive(Clone, Copy)]
+pub(crate) struct Live {
+    pub(crate) flags: u32,
+    /// 0: fetched requests never time out.
+    pub(crate) timeout_jiffies: u64,
+}
+
+/// Counters reported by GET_STATUS.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Counters {
+    pub(crate) completed: u64,
+    pub(crate) errors: u64,
+    pub(crate) requeues: u64,
+    pub(crate) timeouts: u64,
+}
+
+struct State {
+    live: Option<Live>,
+    slots: KVec<Slot>,
+    /// FIFO of pending tags: a ring of `slots.len()` entries.
+    ring: KVec<u32>,
+    head: usize,
+    pending: usize,
+    counters: Counters,
+}
+
+impl State {
+    fn push_back(&mut self, tag: u32) {
+        let n = self.ring.len();
+        let i = (self.head + self.pending) % n;
+        self.ring[i] = tag;
+        self.pending += 1;
+    }
+
+    fn push_front(&mut self, tag: u32) {
+        let n = self.ring.len();
+        self.head = (self.head + n - 1) % n;
+        self.ring[self.head] = tag;
+        self.pending += 1;
+    }
+
+    /// Reverses the order of the first `k` pending tags.
+    fn reverse_front(&mut self, k: usize) {
+        let n = self.ring.len();
+        let (mut i, mut j) = (0, k);
+        while i + 1 < j {
+            j -= 1;
+            self.ring.swap((self.head + i) % n, (self.head + j) % n);
+            i += 1;
+        }
+    }
+
+    fn front(&self) -> Option<u32> {
+        (self.pending > 0).then(|| self.ring[self.head])
+    }
+
+    fn pop_front(&mut self) {
+        self.head = (self.head + 1) % self.ring.len();
+        self.pending -= 1;
+    }
+
+    /// Hands a fetched request out again (new generation, REQUEUED).
+    fn requeue(&mut self, tag: u32) {
+        let slot = &mut self.slots[tag as usize];
+        slot.at = Where::Pending;
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.flags |= ABUSE_BIO_REQUEUED;
+        self.counters.requeues += 1;
+        self.push_front(tag);
+    }
+}
+
+/// A request taken out of its slot by a GET or PUT.
+pub(crate) struct Taken {
+    pub(crate) tag: u32,
+    pub(crate) rq: Request,
+    /// The descriptor GET_BIO reports (`addr` filled in by the caller).
+    pub(crate) bio: AbuseBio,
+    /// Where it was (to put it back).
+    was: Where,
+}
+
+/// Requests a GET holds while copying, with room to fail them.
+pub(crate) struct Batch {
+    items: KVec<Taken>,
+    failed: KVec<Request>,
+}
+
+impl Batch {
+    /// Room for `n` requests.
+    pub(crate) fn new(n: usize) -> Result<Self> {
+        Ok(Self { items: KVec::with_capacity(n, GFP_KERNEL)?, failed: KVec::with_capacity(n, GFP_KERNEL)? })
+    }
+
+    pub(crate) fn items(&self) -> &[Taken] {
+        &self.items
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Why a PUT entry was refused.
+pub(crate) enum PutError {
+    /// No such request in this generation: completed, requeued or reset.
+    Stale,
+    /// The request exists but the entry does not describe it.
+    Mismatch,
+}
+
+/// The requests of one device: blk-mq's queue data.
+#[pin_data]
+pub(crate) struct Queue {
+    #[pin]
+    state: SpinLock<State>,
+    #[pin]
+    waiters: WaitQueue,
+}
+
+fn cmd_of(op: Op) -> Option<u16> {
+    Some(match op {
+        Op::Read => ABUSE_CMD_READ,
+        Op::Write => ABUSE_CMD_WRITE,
+        Op::Flush => ABUSE_CMD_FLUSH,
+        Op::Discard => ABUSE_CMD_DISCARD,
+        Op::WriteZeroes => ABUSE_CMD_WRITE_ZEROES,
+        Op::Other(_) => return None,
+    })
+}
+
+/// Whether a configured device accepts `cmd` (defence in depth: the block
+/// layer already keeps away what the limits don't advertise).
+fn accepts(live: &Live, cmd: u16) -> bool {
+    let ro = live.flags & ABUSE_FLAG_READ_ONLY != 0;
+    match cmd {
+        ABUSE_CMD_READ => true,
+        ABUSE_CMD_WRITE => !ro,
+        ABUSE_CMD_FLUSH => live.flags & ABUSE_FLAG_FLUSH != 0,
+        ABUSE_CMD_DISCARD => !ro && live.flags & ABUSE_FLAG_DISCARD != 0,
+        ABUSE_CMD_WRITE_ZEROES => !ro && live.flags & ABUSE_FLAG_WRITE_ZEROES != 0,
+        _ => false,
+    }
+}
+
+impl Queue {
+    /// A queue with room for `depth` tags.
+    pub(crate) fn new(depth: u32) -> Result<impl PinInit<Self, Error>> {
+        let mut slots = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
+        let mut ring = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
+        for _ in 0..depth {
+            let slot = Slot { rq: None, at: Where::Free, gen: 1, sector: 0, len: 0, cmd: 0, flags: 0, abort: false };
+            slots.push(slot, GFP_KERNEL)?;
+            ring.push(0, GFP_KERNEL)?;
+        }
+        let state = State { live: None, slots, ring, head: 0, pending: 0, counters: Counters::default() };
+        Ok(try_pin_init!(Self {
+            state <- new_spinlock!(state, "abuse_queue"),
+            waiters <- WaitQueue::new(c_str!("abuse_waiters"), kernel::static_lock_class!()),
+        }))
+    }
+
+    /// Starts accepting requests (SET_STATUS) or changes what is accepted.
+    pub(crate) fn set_live(&self, live: Option<Live>) {
+        self.state.lock().live = live;
+        self.waiters.wake_all();
+    }
+
+    /// (pending, in flight) and the counters.
+    pub(crate) fn snapshot(&self) -> (u32, u32, Counters) {
+        let st = self.state.lock();
+        let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched { .. } | Where::Busy)).count();
+        (st.pending as u32, in_flight as u32, st.counters)
+    }
+
+    /// Takes pending requests, oldest first, into `batch` (up to its
+    /// capacity) whose payloads fit one after the other, each aligned to
+    /// ABUSE_DATA_ALIGN, in `data_len` bytes. Each `bio.addr` is the
+    /// payload's offset into that buffer.
+    ///
+    /// Returns true if it stopped because the next payload did not fit.
+    pub(crate) fn take_pending(&self, data_len: u64, batch: &mut Batch) -> bool {
+        let mut st = self.state.lock();
+        let mut used = 0u64;
+        // `len < capacity` makes every push below infallible.
+        while batch.items.len() < batch.items.capacity() {
+            let Some(tag) = st.front() else { break };
+            let slot = &mut st.slots[tag as usize];
+            let need = if matches!(slot.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) { slot.len as u64 } else { 0 };
+            let off = used.next_multiple_of(ABUSE_DATA_ALIGN as u64);
+            if need > 0 && off + need > data_len {
+                return true;
+            }
+            let Some(rq) = slot.rq.take() else { break };
+            slot.at = Where::Busy;
+            let bio = AbuseBio {
+                id: slot.id(tag),
+                sector: slot.sector,
+                addr: if need > 0 { off } else { 0 },
+                len: slot.len,
+                cmd: slot.cmd,
+                flags: slot.flags,
+                result: 0,
+                reserved: 0,
+            };
+            if need > 0 {
+                used = off + need;
+            }
+            st.pop_front();
+            let _ = batch.items.push(Taken { tag, rq, bio, was: Where::Pending }, GFP_ATOMIC);
+        }
+        false
+    }
+
+    /// Whether any request is pending.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.state.lock().pending > 0
+    }
+
+    /// A GET's copies succeeded: the requests are now fetched by `opener`.
+    pub(crate) fn fetched(&self, batch: Batch, opener: u64) {
+        let now = jiffies();
+        self.put_back(batch, Some(Where::Fetched { opener, since: now }));
+    }
+
+    /// A GET failed: its requests are pending again, first in line, in a new
+    /// generation (user space may have seen their ids).
+    pub(crate) fn unfetch(&self, batch: Batch) {
+        self.put_back(batch, None);
+        self.waiters.wake_all();
+    }
+
+    /// Returns taken requests to their slots: to `to`, or (None) pending
+    /// again in a new generation. Those a RESET aborted meanwhile are failed.
+    fn put_back(&self, batch: Batch, to: Option<Where>) {
+        let Batch { items, mut failed } = batch;
+        let mut st = self.state.lock();
+        let mut requeued = 0;
+        for t in items.into_iter() {
+            let slot = &mut st.slots[t.tag as usize];
+            if core::mem::replace(&mut slot.abort, false) {
+                slot.at = Where::Free;
+                // `failed` has the batch's capacity: cannot fail.
+                let _ = failed.push(t.rq, GFP_ATOMIC);
+                continue;
+            }
+            slot.rq = Some(t.rq);
+            match to {
+                Some(at) => slot.at = at,
+                None => {
+                    slot.at = Where::Pending;
+                    slot.gen = slot.gen.wrapping_add(1);
+                    st.push_front(t.tag);
+                    requeued += 1;
+                }
+            }
+        }
+        // They went to the front one by one: restore their order.
+        st.reverse_front(requeued);
+        drop(st);
+        for rq in failed {
+            rq.end(Status::IoErr);
+        }
+    }
+
+    /// Takes the fetched request `bio` names for a PUT.
+    pub(crate) fn take_fetched(&self, bio: &AbuseBio) -> Result<Taken, PutError> {
+        let tag = (bio.id & 0xffff_ffff) as u32;
+        let gen = (bio.id >> 32) as u32;
+        let mut st = self.state.lock();
+        let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
+        if slot.gen != gen || !matches!(slot.at, Where::Fetched { .. }) {
+            return Err(PutError::Stale);
+        }
+        if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
+            return Err(PutError::Mismatch);
+        }
+        let rq = slot.rq.take().ok_or(PutError::Stale)?;
+        let was = core::mem::replace(&mut slot.at, Where::Busy);
+        Ok(Taken { tag, rq, bio: *bio, was })
+    }
+
+    /// A PUT could not copy a READ's data: the request stays fetched.
+    pub(crate) fn untake(&self, t: Taken) {
+        let mut st = self.state.lock();
+        let slot = &mut st.slots[t.tag as usize];
+        if core::mem::replace(&mut slot.abort, false) {
+            slot.at = Where::Free;
+            drop(st);
+            t.rq.end(Status::IoErr);
+            return;
+        }
+        slot.rq = Some(t.rq);
+        slot.at = t.was;
+    }
+
+    /// Completes a request taken by `take_fetched`.
+    pub(crate) fn complete(&self, t: Taken, status: Status) {
+        let mut st = self.state.lock();
+        let slot = &mut st.slots[t.tag as usize];
+        let aborted = core::mem::replace(&mut slot.abort, false);
+        slot.at = Where::Free;
+        slot.gen = slot.gen.wrapping_add(1);
+        if !aborted {
+            st.counters.completed += 1;
+            if status != Status::Ok {
+                st.counters.errors += 1;
+            }
+        }
+        drop(st);
+        t.rq.end(if aborted { Status::IoErr } else { status });
+    }
+
+    /// Fails every pending and fetched request (RESET, DEVICE_FAILURE);
+    /// requests held by a GET/PUT are failed by their holder.
+    pub(crate) fn fail_all(&self) -> Result {
+        let slots = self.state.lock().slots.len();
+        let mut failed = KVec::with_capacity(slots, GFP_KERNEL)?;
+        let mut st = self.state.lock();
+        let mut n = 0u64;
+        for slot in st.slots.iter_mut() {
+            match slot.at {
+                Where::Free => continue,
+                Where::Busy => slot.abort = true,
+                Where::Pending | Where::Fetched { .. } => {
+                    slot.at = Where::Free;
+                    if let Some(rq) = slot.rq.take() {
+                        // `failed` has a place for every slot: cannot fail.
+                        let _ = failed.push(rq, GFP_ATOMIC);
+                    }
+                }
+            }
+            slot.gen = slot.gen.wrapping_add(1);
+            n += 1;
+        }
+        st.head = 0;
+        st.pending = 0;
+        st.counters.completed += n;
+        st.counters.errors += n;
+        drop(st);
+        for rq in failed {
+            rq.end(Status::IoErr);
+        }
+        self.waiters.wake_all();
+        Ok(())
+    }
+
+    /// The open file `opener` is gone: what it fetched goes to the next server.
+    pub(crate) fn release(&self, opener: u64) {
+        let mut st = self.state.lock();
+        let mut any = false;
+        for tag in 0..st.slots.len() as u32 {
+            if matches!(st.slots[tag as usize].at, Where::Fetched { opener: o, .. } if o == opener) {
+                st.requeue(tag);
+                any = true;
+            }
+        }
+        drop(st);
+        if any {
+            self.waiters.wake_all();
+        }
+    }
+
+    /// `poll()`: readable while requests are pending.
+    pub(crate) fn poll(&self, table: &PollTable) -> u32 {
+        use crate::sys::poll_events::*;
+        self.waiters.register(table);
+        if self.has_pending() { IN | RDNORM | MSG } else { 0 }
+    }
+}
+
+impl QueueOps for Queue {
+    fn queue_rq(&self, rq: Request) {
+        let cmd = cmd_of(rq.op());
+        let mut st = self.state.lock();
+        // Unconfigured (a race with RESET) or a write to a read-only
+        // device: I/O error. An operation the server did not advertise:
+        // not supported.
+        let refuse = match (&st.live, cmd) {
+            (None, _) => Some(Status::IoErr),
+            (Some(_), None) => Some(Status::NotSupp),
+            (Some(live), Some(cmd)) if !accepts(live, cmd) => {
+                let ro = live.flags & ABUSE_FLAG_READ_ONLY != 0;
+                Some(if ro && cmd != ABUSE_CMD_FLUSH { Status::IoErr } else { Status::NotSupp })
+            }
+            _ => None,
+        };
+        if let Some(status) = refuse {
+            st.counters.completed += 1;
+            st.counters.errors += 1;
+            drop(st);
+            rq.end(status);
+            return;
+        }
+        let tag = rq.tag();
+        let mut flags = 0;
+        if rq.is_fua() {
+            flags |= ABUSE_BIO_FUA;
+        }
+        if rq.is_nounmap() {
+            flags |= ABUSE_BIO_NOUNMAP;
+        }
+        let (sector, len) = (rq.sector(), rq.bytes());
+        let Some(slot) = st.slots.get_mut(tag as usize) else {
+            drop(st);
+            rq.end(Status::IoErr);
+            return;
+        };
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.at = Where::Pending;
+        slot.sector = sector;
+        slot.len = if cmd == Some(ABUSE_CMD_FLUSH) { 0 } else { len };
+        slot.cmd = cmd.unwrap_or(0);
+        slot.flags = flags;
+        slot.abort = false;
+        slot.rq = Some(rq);
+        st.push_back(tag);
+        drop(st);
+        self.waiters.wake_all();
+    }
+
+    fn timeout(&self, tag: u32) {
+        let mut st = self.state.lock();
+        let Some(live) = st.live else { return };
+        if live.timeout_jiffies == 0 {
+            return;
+        }
+        let now = jiffies();
+        let expired = matches!(st.slots.get(tag as usize).map(|s| s.at),
+            Some(Where::Fetched { since, .. }) if now.wrapping_sub(since) >= live.timeout_jiffies);
+        if expired {
+            st.requeue(tag);
+            st.counters.timeouts += 1;
+            drop(st);
+            self.waiters.wake_all();
+        }
+    }
+}
