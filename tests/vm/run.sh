@@ -88,7 +88,7 @@ if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$log"; then
 fi
 # Any kernel bug report in the guest fails the run.
 bugs=$(sed -n '/^==== abuse-vm dmesg ====$/,/^==== abuse-vm end ====$/p' "$log" |
-  grep -E 'BUG[: ]|WARNING:|Oops|kernel BUG|possible (circular|recursive) locking|inconsistent lock state|suspicious RCU usage|bad unlock balance|DEBUG_LOCKS_WARN_ON|held lock freed|lock held when returning|INFO: (lockdep|task .* blocked)|sleeping function called|general protection|Call Trace|UBSAN|KASAN|list_(add|del) corruption|soft lockup|hard LOCKUP|rcu_sched detected' || true)
+  grep -E -f "$root/tests/vm/kernel-bugs.regex" || true)
 if ! grep -q '^==== abuse-vm end ====$' "$log"; then
   echo "FAIL dmesg_clean: no dmesg dump from the guest"
   failed=$((failed + 1))
