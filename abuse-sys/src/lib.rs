@@ -102,6 +102,14 @@ impl Control {
         Ok(Control { file, path })
     }
 
+    /// Wraps an already open control node (e.g. one inherited from a parent).
+    pub fn from_fd(fd: std::os::fd::OwnedFd, path: impl AsRef<Path>) -> Self {
+        Control {
+            file: File::from(fd),
+            path: path.as_ref().to_path_buf(),
+        }
+    }
+
     /// The path this handle was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -192,6 +200,12 @@ impl Control {
             Ok(_) => Ok(fds[0].revents().unwrap_or(PollFlags::empty())),
             Err(e) => Err(self.err("poll", e, 0)),
         }
+    }
+}
+
+impl std::os::fd::AsRawFd for Control {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
     }
 }
 

@@ -14,6 +14,14 @@ pub struct Scenario {
     pub run: fn() -> Outcome,
 }
 
+// The real tools, by absolute path: busybox's shell runs its own applets
+// (without -z, --reuid, ...) ahead of PATH.
+pub const MKFS_EXT4: &str = "/sbin/mke2fs -t ext4";
+pub const E2FSCK: &str = "/sbin/e2fsck";
+pub const BLKDISCARD: &str = "/sbin/blkdiscard";
+pub const SFDISK: &str = "/sbin/sfdisk";
+pub const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// Where /init puts the module.
 pub const MODULE: &str = "/lib/abuse/abuse.ko";
 
@@ -62,10 +70,234 @@ pub fn loaded() -> bool {
         .is_ok_and(|m| m.lines().any(|l| l.starts_with("abuse ")))
 }
 
-/// Unloads the module if a scenario left it loaded (so the next starts clean).
+/// Unloads the module if a scenario left it loaded (so the next starts
+/// clean): kills leftover servers, resets every device, then rmmod.
 pub fn ensure_unloaded() {
+    let _ = Command::new("/bin/sh")
+        .args(["-c", "umount /mnt 2>/dev/null; true"])
+        .status();
+    kill_servers();
     if loaded() {
+        reset_all();
         let _ = rmmod();
+    }
+}
+
+/// SIGKILLs every `abuse-guest serve` process a scenario left behind, and
+/// waits until they are gone (their control files closed).
+pub fn kill_servers() {
+    while signal_servers() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGKILL to the live servers; false if there were none.
+fn signal_servers() -> bool {
+    let mut any = false;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.filter_map(|e| e.ok()) {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let mut args = cmdline.split(|&b| b == 0);
+        let exe = args.next().unwrap_or_default();
+        // Zombies have an empty cmdline: they have closed their files.
+        if exe.ends_with(b"abuse-guest") && args.next() == Some(b"serve") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            any = true;
+        }
+    }
+    any
+}
+
+/// Ends a scenario: stops its servers, RESETs every device, unloads.
+pub fn teardown() -> Outcome {
+    kill_servers();
+    reset_all();
+    rmmod()
+}
+
+/// RESETs every device.
+pub fn reset_all() {
+    for n in dev_nodes("abctl") {
+        if let Ok(c) = abuse_sys::Control::open(format!("/dev/{n}")) {
+            let _ = c.reset();
+        }
+    }
+}
+
+/// Opens a control node, with the error as a message.
+pub fn control(path: &str) -> Result<abuse_sys::Control, String> {
+    abuse_sys::Control::open(path).map_err(|e| e.to_string())
+}
+
+/// A SET_STATUS argument.
+pub fn config(
+    size: u64,
+    block_size: u32,
+    queue_depth: u32,
+    flags: u32,
+    timeout_ms: u32,
+) -> abuse_sys::AbuseStatus {
+    abuse_sys::AbuseStatus {
+        size,
+        block_size,
+        queue_depth,
+        flags,
+        timeout_ms,
+        ..Default::default()
+    }
+}
+
+/// Configures `ctl`.
+pub fn setup(ctl: &str, st: &abuse_sys::AbuseStatus) -> Outcome {
+    control(ctl)?.set_status(st).map_err(|e| e.to_string())
+}
+
+/// A sparse backing file of `size` bytes (in the guest's tmpfs).
+pub fn backing(path: &str, size: u64) -> Outcome {
+    let f = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+    f.set_len(size).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Deterministic test data: `len` bytes that differ by `seed` and offset.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A test server process (`abuse-guest serve`); killed when dropped.
+pub struct Server {
+    child: std::process::Child,
+    stats: String,
+}
+
+impl Server {
+    /// Starts `abuse-guest serve --ctl CTL --backing FILE --stats ... ARGS`.
+    pub fn start(ctl: &str, file: &str, args: &[&str]) -> Result<Server, String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let stats = format!(
+            "/tmp/stats-{}.json",
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let _ = std::fs::remove_file(&stats);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["serve", "--ctl", ctl, "--backing", file, "--stats", &stats])
+            .args(args)
+            .spawn()
+            .map_err(|e| format!("starting a server: {e}"))?;
+        let s = Server { child, stats };
+        if !wait_for(Duration::from_secs(10), || Path::new(&s.stats).exists()) {
+            return Err("the test server did not start".into());
+        }
+        Ok(s)
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends `sig`.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Outcome {
+        nix::sys::signal::kill(self.pid(), sig).map_err(|e| e.to_string())
+    }
+
+    /// What the server saw so far.
+    pub fn stats(&self) -> serde_json::Value {
+        std::fs::read_to_string(&self.stats)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A counter from the stats.
+    pub fn stat(&self, key: &str) -> u64 {
+        self.stats()[key].as_u64().unwrap_or(0)
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    /// Waits for it to exit by itself.
+    pub fn wait(mut self, timeout: Duration) -> Outcome {
+        let ok = wait_for(timeout, || matches!(self.child.try_wait(), Ok(Some(_))));
+        self.stop();
+        if ok {
+            Ok(())
+        } else {
+            Err("server did not exit".into())
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens a block device for direct I/O.
+pub fn open_direct(path: &str, write: bool) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// A buffer of `len` bytes aligned to 4096 (for O_DIRECT).
+pub struct Aligned {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    pub fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + 4096];
+        let off = raw.as_ptr().align_offset(4096);
+        Aligned { raw, off, len }
+    }
+
+    pub fn from(data: &[u8]) -> Self {
+        let mut a = Self::new(data.len());
+        a.as_mut().copy_from_slice(data);
+        a
+    }
+}
+
+impl AsRef<[u8]> for Aligned {
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.off..self.off + self.len]
+    }
+}
+
+impl AsMut<[u8]> for Aligned {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
     }
 }
 

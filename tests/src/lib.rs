@@ -3,3 +3,4 @@
 
 pub mod guest;
 pub mod scenarios;
+pub mod server;

@@ -14,9 +14,17 @@ fn matching(text: &str) -> Vec<String> {
         .stdout(Stdio::piped())
         .spawn()
         .expect("grep");
-    grep.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    grep.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = grep.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 #[test]
@@ -44,9 +52,19 @@ fn catches_kernel_bug_reports() {
 
 #[test]
 fn clean_debug_boot_passes() {
-    let clean = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/vm/testdata/clean-dmesg.txt")).unwrap();
-    assert!(clean.lines().count() > 100, "the sample boot log is too short to mean anything");
-    assert!(clean.contains("lockdep"), "the sample must come from the lockdep-enabled test kernel");
+    let clean = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/vm/testdata/clean-dmesg.txt"
+    ))
+    .unwrap();
+    assert!(
+        clean.lines().count() > 100,
+        "the sample boot log is too short to mean anything"
+    );
+    assert!(
+        clean.contains("lockdep"),
+        "the sample must come from the lockdep-enabled test kernel"
+    );
     let hits = matching(&clean);
     assert!(hits.is_empty(), "false positives in a clean boot: {hits:?}");
 }

@@ -72,7 +72,7 @@ set +e
 timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2G -smp 2 \
   -kernel "$kdir/arch/x86/boot/bzImage" -initrd "$work/initramfs.cpio.gz" \
   -append "$append" -nographic -no-reboot -monitor none </dev/null |
-  tr -d '\r' | tee "$log" | grep --line-buffered -E '^(PASS|FAIL|abuse-vm:|vm:|demo:|bench:)|passed, [0-9]+ failed'
+  stdbuf -oL tr -d '\r' | tee "$log" | grep --line-buffered -E '^(PASS|FAIL|abuse-vm:|vm:|demo:|bench:)|passed, [0-9]+ failed'
 qemu_rc=${PIPESTATUS[0]}
 set -e
 [ -n "${ABUSE_VM_LOG:-}" ] && cp "$log" "$ABUSE_VM_LOG"

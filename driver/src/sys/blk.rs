@@ -13,7 +13,7 @@ use kernel::{
     uaccess::{UserSliceReader, UserSliceWriter},
     sync::Arc,
     fmt,
-    types::{ForeignOwnable, Opaque},
+    types::Opaque,
 };
 
 /// A registered block major number.
@@ -335,17 +335,17 @@ impl<T: QueueOps> BlockDevice<T> {
         lim.logical_block_size = 512;
         lim.physical_block_size = 512;
         lim.max_hw_sectors = cfg.max_bytes >> 9;
-        let data = data.into_foreign() as *const T;
+        let data = Arc::into_raw(data);
         // SAFETY: the tag set is allocated; `lim` is a valid limits struct;
-        // `data` stays valid until `from_foreign` in `Drop` (or below).
+        // `data` stays valid until `from_raw` in `Drop` (or below).
         let disk = from_err_ptr(unsafe {
             bindings::__blk_mq_alloc_disk(set, &mut lim, data as *mut _, super::lock_class_ptr(static_lock_class!()))
         });
         let disk = match disk {
             Ok(d) => d,
             Err(e) => {
-                // SAFETY: `data` came from `into_foreign` above, unused.
-                drop(unsafe { Arc::<T>::from_foreign(data as *const _) });
+                // SAFETY: `data` came from `into_raw` above, unused.
+                drop(unsafe { Arc::<T>::from_raw(data) });
                 return Err(e);
             }
         };
@@ -369,7 +369,7 @@ impl<T: QueueOps> BlockDevice<T> {
             // SAFETY: not added: put_disk releases it (and its queue).
             unsafe { bindings::put_disk(disk) };
             // SAFETY: the queue is gone, so is every user of `data`.
-            drop(unsafe { Arc::<T>::from_foreign(data as *const _) });
+            drop(unsafe { Arc::<T>::from_raw(data) });
             return Err(e);
         }
         free_set.dismiss();
@@ -506,8 +506,8 @@ impl<T: QueueOps> Drop for BlockDevice<T> {
             bindings::put_disk(self.disk.as_ptr());
             bindings::blk_mq_free_tag_set(self.tag_set.get());
         }
-        // SAFETY: `data` came from `into_foreign` in `new`; the queue that
+        // SAFETY: `data` came from `into_raw` in `new`; the queue that
         // used it is gone.
-        drop(unsafe { Arc::<T>::from_foreign(self.data as *const _) });
+        drop(unsafe { Arc::<T>::from_raw(self.data) });
     }
 }

@@ -13,7 +13,21 @@ use abuse_tests::scenarios::ALL;
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn main() {
-    let mut wanted: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("serve") {
+        let result =
+            abuse_tests::server::Opts::parse(&args[1..]).and_then(abuse_tests::server::serve);
+        if let Err(e) = result {
+            eprintln!("abuse-guest serve: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("ioctl-fd3") {
+        // For non_root_refused: every ioctl on the inherited fd 3 must be EPERM.
+        std::process::exit(abuse_tests::scenarios::ioctls_on_fd3());
+    }
+    let mut wanted = args;
     if wanted.is_empty() {
         if let Ok(s) = std::env::var("ABUSE_SCENARIO") {
             wanted = s
@@ -42,7 +56,13 @@ fn main() {
         .collect();
 
     let (mut passed, mut failed) = (0, 0);
+    let mut hung: Option<&str> = None;
     for s in selected {
+        if let Some(h) = hung {
+            failed += 1;
+            println!("FAIL {}: not run: {h} hung", s.name);
+            continue;
+        }
         ensure_unloaded();
         let start = Instant::now();
         let (tx, rx) = mpsc::channel();
@@ -50,9 +70,12 @@ fn main() {
         std::thread::spawn(move || {
             let _ = tx.send(run());
         });
-        let outcome = rx
-            .recv_timeout(SCENARIO_TIMEOUT)
-            .unwrap_or_else(|_| Err("timed out".into()));
+        let outcome = rx.recv_timeout(SCENARIO_TIMEOUT).unwrap_or_else(|_| {
+            // Its thread is stuck, probably in the kernel: the rest would
+            // only wait on the same thing.
+            hung = Some(s.name);
+            Err("timed out".into())
+        });
         let secs = start.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {

@@ -1,37 +1,48 @@
 //! Every VM scenario, by name. Each proves one rule of the design.
 
+mod data;
 mod module;
+mod recovery;
+mod requests;
+mod setup;
+
+pub use requests::ioctls_on_fd3;
 
 use crate::guest::Scenario;
 
-/// All scenarios, in the order the suite runs them.
-pub const ALL: &[Scenario] = &[
-    Scenario {
-        name: "load_creates_pairs",
-        run: module::load_creates_pairs,
-    },
-    Scenario {
-        name: "default_is_8_devices",
-        run: module::default_is_8_devices,
-    },
-    Scenario {
-        name: "bad_params_refused",
-        run: module::bad_params_refused,
-    },
-    Scenario {
-        name: "info_reports_status",
-        run: module::info_reports_status,
-    },
-    Scenario {
-        name: "unknown_ioctl_enotty",
-        run: module::unknown_ioctl_enotty,
-    },
-    Scenario {
-        name: "rmmod_removes_nodes",
-        run: module::rmmod_removes_nodes,
-    },
-    Scenario {
-        name: "load_unload_10x",
-        run: module::load_unload_10x,
-    },
+macro_rules! scenarios {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        /// All scenarios, in the order the suite runs them.
+        pub const ALL: &[Scenario] = &[$(Scenario { name: stringify!($name), run: $module::$name }),*];
+    };
+}
+
+scenarios![
+    // Loading the module.
+    module::load_creates_pairs,
+    module::default_is_8_devices,
+    module::bad_params_refused,
+    module::info_reports_status,
+    module::unknown_ioctl_enotty,
+    module::rmmod_removes_nodes,
+    module::load_unload_10x,
+    // The protocol, rule by rule.
+    setup::setup_rules,
+    data::dd_patterns,
+    data::ext4_roundtrip,
+    data::batching,
+    requests::flush_fua_discard,
+    data::read_only,
+    requests::bad_input,
+    recovery::requeue_on_release,
+    recovery::requeue_on_timeout,
+    recovery::no_server_waits,
+    data::back_pressure,
+    setup::reset_fails_outstanding,
+    recovery::device_failure,
+    setup::non_root_refused,
+    data::partitions,
+    setup::rmmod_while_configured,
+    requests::poll_readiness,
+    requests::fuzz_ioctls,
 ];
