@@ -25,6 +25,7 @@ pub struct Stats {
     pub max_get: AtomicU64,
     pub max_put: AtomicU64,
     pub completed: AtomicU64,
+    pub stale: AtomicU64,
     pub late_put: Mutex<Option<String>>,
 }
 
@@ -39,6 +40,7 @@ impl Stats {
             "max_get": self.max_get.load(Ordering::Relaxed),
             "max_put": self.max_put.load(Ordering::Relaxed),
             "completed": self.completed.load(Ordering::Relaxed),
+            "stale": self.stale.load(Ordering::Relaxed),
             "late_put": *self.late_put.lock().unwrap(),
         })
     }
@@ -192,7 +194,28 @@ pub fn serve(o: Opts) -> Result<(), String> {
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
-                let done = ctl.put_bios(&bios[..n]).map_err(|e| e.to_string())?;
+                // A PUT stops at the first stale entry (requeued by the
+                // timeout and served by someone else): skip it, go on.
+                let mut rest = &bios[..n];
+                let mut done = 0;
+                while !rest.is_empty() {
+                    match ctl.put_bios(rest) {
+                        Ok(k) => {
+                            done += k;
+                            break;
+                        }
+                        Err(e) if e.errno() == nix::errno::Errno::ESTALE => {
+                            let k = match e {
+                                abuse_sys::Error::Ioctl { done, .. } => done,
+                                _ => 0,
+                            };
+                            done += k;
+                            stats.stale.fetch_add(1, Ordering::Relaxed);
+                            rest = &rest[k + 1..];
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
                 stats.max_put.fetch_max(done as u64, Ordering::Relaxed);
                 stats.completed.fetch_add(done as u64, Ordering::Relaxed);
                 stats.save(&stats_path);

@@ -494,6 +494,9 @@ pub fn fuzz_ioctls() -> Outcome {
     let io = std::thread::spawn(|| -> Outcome {
         let f = open_direct(DEV, true)?;
         for round in 0..40u64 {
+            if round % 10 == 0 {
+                eprintln!("fuzz: background I/O round {round}");
+            }
             for blk in 0..16u64 {
                 let buf = Aligned::from(&pattern(round * 16 + blk, 4096));
                 f.write_all_at(buf.as_ref(), blk * 4096)
@@ -512,7 +515,7 @@ pub fn fuzz_ioctls() -> Outcome {
         Ok(())
     });
     const THREADS: u64 = 4;
-    const PER_THREAD: u64 = 25_000;
+    const PER_THREAD: u64 = 50_000;
     let fuzzers: Vec<_> = (0..THREADS)
         .map(|t| {
             std::thread::spawn(move || -> Result<u64, String> {
@@ -545,6 +548,10 @@ pub fn fuzz_ioctls() -> Outcome {
                     if req == ABUSE_RESET || req == ABUSE_SET_STATUS {
                         continue;
                     }
+                    // Pointers are random (the kernel must catch them) or
+                    // our own buffers with honest lengths: the kernel may
+                    // legitimately write that much, and must not write more.
+                    let ours = (r >> 3) % 5 >= 2;
                     let mut x = AbuseXfer {
                         bios: match r % 5 {
                             0 => next(),
@@ -556,9 +563,10 @@ pub fn fuzz_ioctls() -> Outcome {
                             1 => 0,
                             _ => data.as_mut_ptr() as u64,
                         },
-                        data_len: match (r >> 6) % 4 {
-                            0 => next(),
-                            1 => 0,
+                        data_len: match ((r >> 6) % 4, ours) {
+                            (0, false) => next(),
+                            (0, true) => next() % (data.len() as u64 + 1),
+                            (1, _) => 0,
                             _ => data.len() as u64,
                         },
                         count: match (r >> 9) % 4 {
@@ -573,6 +581,9 @@ pub fn fuzz_ioctls() -> Outcome {
                             [0; 4]
                         },
                     };
+                    if x.bios == bios.as_ptr() as u64 && (9..=ABUSE_MAX_BATCH).contains(&x.count) {
+                        x.count = 8;
+                    }
                     // Random ids, sectors and results for PUT: never a
                     // real fetched request's (those belong to the server).
                     for b in bios.iter_mut() {
@@ -587,16 +598,24 @@ pub fn fuzz_ioctls() -> Outcome {
                             reserved: 0,
                         };
                     }
+                    // The header sits in a page-sized scratch area: whatever
+                    // struct the (possibly real) ioctl number names fits.
+                    let mut scratch = [0u64; 512];
+                    // SAFETY: AbuseXfer is plain old data, smaller than scratch.
+                    unsafe { std::ptr::write(scratch.as_mut_ptr().cast::<AbuseXfer>(), x) };
                     let arg = match (r >> 13) % 8 {
                         0 => next() as usize,
                         1 => 0,
-                        _ => &mut x as *mut AbuseXfer as usize,
+                        _ => scratch.as_mut_ptr() as usize,
                     };
                     // SAFETY: the point of the test: the kernel must check
                     // every pointer. Valid pointers here point at buffers
                     // this thread owns and may be written.
                     let ret = unsafe { nix::libc::ioctl(ctl.as_raw_fd(), req as _, arg) };
                     calls += 1;
+                    if calls % 10_000 == 0 {
+                        eprintln!("fuzz: thread {t}: {calls} ioctls");
+                    }
                     // A GET that succeeded took real requests: closing the
                     // file hands them to the real server (requeue on release).
                     if req == ABUSE_GET_BIO && ret == 0 {
@@ -612,7 +631,7 @@ pub fn fuzz_ioctls() -> Outcome {
         total += f.join().map_err(|_| "fuzzer panicked")??;
     }
     let io_result = io.join().map_err(|_| "I/O thread panicked")?;
-    ensure!(total >= 100_000, "only {total} ioctls");
+    ensure!(total >= THREADS * PER_THREAD, "only {total} ioctls");
     // Requests a fuzzer fetched went back to the server when it closed its
     // file: the background I/O saw no error.
     io_result.map_err(|e| format!("I/O during fuzzing: {e}"))?;

@@ -218,7 +218,10 @@ pub fn reset_fails_outstanding() -> Outcome {
             .collect();
         ensure!(
             wait_for(Duration::from_secs(10), || holder.stat("max_get") == 1
-                && ctl.status().map(|s| s.pending >= 1).unwrap_or(false)),
+                && ctl
+                    .status()
+                    .map(|s| s.pending == 3 && s.in_flight == 1)
+                    .unwrap_or(false)),
             "round {round}: no fetched and pending requests to reset: {:?}",
             ctl.status()
         );
