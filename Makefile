@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps kernel kernel-bench driver host-test vm-test test lint clean
+.PHONY: all deps kernel kernel-bench driver host-test vm-test test demo bench lint clean
 
 all: driver
 	cargo build --workspace --release
@@ -35,6 +35,14 @@ vm-test: kernel
 test: deps
 	$(MAKE) host-test
 	$(MAKE) vm-test
+
+## Run it: boot the VM, serve a 1 GiB file-backed device, use it, measure it.
+demo: deps kernel
+	tests/vm/run.sh --flavor test --script tests/vm/demo.sh --timeout 900
+
+## fio on ABUSE next to loop and null_blk, on the benchmark kernel.
+bench: deps kernel-bench
+	tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1200
 
 lint:
 	cargo fmt --all --check

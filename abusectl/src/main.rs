@@ -1,5 +1,8 @@
 //! abusectl: the user's tool for ABUSE devices.
 
+mod debug;
+mod opts;
+mod server;
 mod status;
 
 use std::path::PathBuf;
@@ -12,7 +15,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "abusectl",
     version,
-    about = "Set up, inspect and serve ABUSE block devices (/dev/abuseN via /dev/abctlN)"
+    about = "Set up, inspect and serve ABUSE block devices (/dev/abuseN via /dev/abctlN)",
+    after_help = "Example:\n  abusectl setup /dev/abctl0 size=1G\n  abusectl server /dev/abctl0 file disk.img --threads 4 &\n  mkfs.ext4 /dev/abuse0 && mount /dev/abuse0 /mnt"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,6 +25,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Configure a device: size, block size, queue depth, flags.
+    #[command(
+        after_help = "Options (comma- or space-separated; sizes take K/M/G/T):\n  \
+        size=N       capacity (required), a multiple of bs\n  \
+        bs=N         block size: 512, 1024, 2048 or 4096 (default 4096)\n  \
+        qs=N         queue depth, 1-1024 (default 128)\n  \
+        timeout=S    seconds before a fetched request is handed out again (default 30, 0 = never)\n  \
+        ro | rw      read-only or read-write (default rw)\n  \
+        reconnect    on a configured device: change only ro/rw and qs\n  \
+        flush fua discard write_zeroes   what the server handles\n\n\
+        Examples:\n  abusectl setup /dev/abctl0 size=1G\n  abusectl setup /dev/abctl0 size=64M,bs=512,qs=32,flush,fua\n  abusectl setup /dev/abctl0 reconnect qs=64 ro"
+    )]
+    Setup {
+        /// The control node, e.g. /dev/abctl0.
+        ctl: PathBuf,
+        /// Options: size=1G,bs=4096,qs=128,ro,timeout=30,flush,...
+        #[arg(required = true)]
+        opts: Vec<String>,
+    },
     /// Show a device's configuration and counters.
     #[command(
         after_help = "Examples:\n  abusectl info /dev/abctl0\n  abusectl info --json /dev/abctl0"
@@ -39,14 +62,85 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fail everything outstanding and unconfigure the device.
+    #[command(after_help = "Example:\n  abusectl reset /dev/abctl0")]
+    Reset {
+        /// The control node, e.g. /dev/abctl0.
+        ctl: PathBuf,
+    },
+    /// Serve a device with a backend, in the foreground (SIGINT/SIGTERM stop it).
+    #[command(after_help = "Backends:\n  \
+        null [SIZE]   reads return zeroes, writes are dropped\n  \
+        file PATH     a regular file or block device (size: the file's)\n\n\
+        Examples:\n  abusectl server /dev/abctl0 file disk.img --threads 4\n  \
+        abusectl server /dev/abctl0 file disk.img --setup qs=64\n  \
+        abusectl server /dev/abctl1 null 1G --setup ''")]
+    Server(server::ServerArgs),
+    /// Debugging: fetch pending requests, print them, and give them back.
+    #[command(
+        after_help = "The requests go back to the queue (flagged REQUEUED) when abusectl exits.\n\nExample:\n  abusectl get /dev/abctl0 --count 4"
+    )]
+    Get {
+        ctl: PathBuf,
+        /// Most requests to fetch.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Debugging: fetch pending requests and complete them by hand.
+    #[command(
+        after_help = "READs are answered with zeroes (or --data), WRITEs are dropped.\n\nExamples:\n  abusectl put /dev/abctl0\n  abusectl put /dev/abctl0 --count 8 --result media"
+    )]
+    Put {
+        ctl: PathBuf,
+        /// Most requests to complete.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// ok, media (that request fails) or device (everything fails).
+        #[arg(long, default_value = "ok")]
+        result: debug::ResultArg,
+        /// A file whose first bytes answer READs.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Debugging: wait until requests are pending.
+    #[command(
+        after_help = "Exits 0 when requests are pending, 1 after --timeout.\n\nExample:\n  abusectl poll /dev/abctl0 --timeout 5"
+    )]
+    Poll {
+        ctl: PathBuf,
+        /// Seconds to wait (default: forever).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+}
+
+fn open(ctl: &PathBuf) -> Result<Control, String> {
+    Control::open(ctl).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Setup { ctl, opts } => {
+            let o = opts::SetupOpts::parse(&opts)?;
+            let reconnect = o.flags & abuse_sys::ABUSE_FLAG_RECONNECT != 0;
+            let size = match (o.size, reconnect) {
+                (Some(s), _) => s,
+                (None, true) => 0,
+                (None, false) => return Err("setup needs size=N (e.g. size=1G)".into()),
+            };
+            let mut st = o.to_status(size);
+            if reconnect && o.size.is_none() {
+                // RECONNECT changes only ro and qs: leave the rest as it is.
+                let cur = open(&ctl)?.status().map_err(|e| e.to_string())?;
+                st.block_size = 0;
+                st.timeout_ms = 0;
+                st.flags |= cur.flags
+                    & !(abuse_sys::ABUSE_FLAG_READ_ONLY | abuse_sys::ABUSE_FLAG_CONFIGURED);
+            }
+            open(&ctl)?.set_status(&st).map_err(|e| e.to_string())
+        }
         Command::Info { ctl, json } => {
-            let st = Control::open(&ctl)
-                .and_then(|c| c.status())
-                .map_err(|e| e.to_string())?;
+            let st = open(&ctl)?.status().map_err(|e| e.to_string())?;
             let info = status::Info::new(&ctl, &st);
             if json {
                 println!(
@@ -70,6 +164,16 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Reset { ctl } => open(&ctl)?.reset().map_err(|e| e.to_string()),
+        Command::Server(args) => server::run(args),
+        Command::Get { ctl, count } => debug::get(&open(&ctl)?, count),
+        Command::Put {
+            ctl,
+            count,
+            result,
+            data,
+        } => debug::put(&open(&ctl)?, count, result, data.as_deref()),
+        Command::Poll { ctl, timeout } => debug::poll(&open(&ctl)?, timeout),
     }
 }
 

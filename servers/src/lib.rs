@@ -1,2 +1,13 @@
-//! ABUSE's server engine and backends (null, file, cow). The engine lands
-//! with the server issue; this crate holds the workspace's place for it.
+//! ABUSE's server engine and its backends.
+//!
+//! [`engine`] runs worker threads that fetch batches of requests from a
+//! control node, execute them on a [`Backend`], and complete them. Any
+//! number of engines, in any number of processes, may serve one device.
+
+pub mod backend;
+pub mod engine;
+pub mod file;
+pub mod null;
+
+pub use backend::Backend;
+pub use engine::{serve, EngineConfig, Stats};

@@ -83,7 +83,8 @@ pub fn ensure_unloaded() {
     }
 }
 
-/// SIGKILLs every `abuse-guest serve` process a scenario left behind, and
+/// SIGKILLs every server process (`abuse-guest serve`, `abusectl server`)
+/// a scenario left behind, and
 /// waits until they are gone (their control files closed).
 pub fn kill_servers() {
     while signal_servers() {
@@ -105,7 +106,10 @@ fn signal_servers() -> bool {
         let mut args = cmdline.split(|&b| b == 0);
         let exe = args.next().unwrap_or_default();
         // Zombies have an empty cmdline: they have closed their files.
-        if exe.ends_with(b"abuse-guest") && args.next() == Some(b"serve") {
+        let verb = args.next();
+        let test_server = exe.ends_with(b"abuse-guest") && verb == Some(b"serve");
+        let real_server = exe.ends_with(b"abusectl") && verb == Some(b"server");
+        if test_server || real_server {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -188,21 +192,43 @@ pub struct Server {
 impl Server {
     /// Starts `abuse-guest serve --ctl CTL --backing FILE --stats ... ARGS`.
     pub fn start(ctl: &str, file: &str, args: &[&str]) -> Result<Server, String> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let stats = format!(
-            "/tmp/stats-{}.json",
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let _ = std::fs::remove_file(&stats);
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
-            .args(["serve", "--ctl", ctl, "--backing", file, "--stats", &stats])
+        let stats = Self::stats_path();
+        let head = ["serve", "--ctl", ctl, "--backing", file, "--stats", &stats];
+        Self::spawn(
+            exe.to_str().unwrap_or("abuse-guest"),
+            &head,
+            args,
+            stats.clone(),
+        )
+    }
+
+    /// Starts `abusectl server CTL ARGS --stats-file ...`: the real engine.
+    pub fn abusectl(ctl: &str, args: &[&str]) -> Result<Server, String> {
+        let stats = Self::stats_path();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--stats-file", &stats]);
+        Self::spawn("/bin/abusectl", &["server", ctl], &all, stats.clone())
+    }
+
+    fn stats_path() -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stats = format!("/tmp/stats-{}-{n}.json", std::process::id());
+        let _ = std::fs::remove_file(&stats);
+        stats
+    }
+
+    /// Runs `program HEAD ARGS`; it is up once it has written `stats`.
+    fn spawn(program: &str, head: &[&str], args: &[&str], stats: String) -> Result<Server, String> {
+        let child = Command::new(program)
+            .args(head)
             .args(args)
             .spawn()
-            .map_err(|e| format!("starting a server: {e}"))?;
+            .map_err(|e| format!("starting {program}: {e}"))?;
         let s = Server { child, stats };
         if !wait_for(Duration::from_secs(10), || Path::new(&s.stats).exists()) {
-            return Err("the test server did not start".into());
+            return Err(format!("{program} {} did not start", head.join(" ")));
         }
         Ok(s)
     }
@@ -227,6 +253,21 @@ impl Server {
     /// A counter from the stats.
     pub fn stat(&self, key: &str) -> u64 {
         self.stats()[key].as_u64().unwrap_or(0)
+    }
+
+    /// Sends `sig` and waits for it to exit; returns its exit status.
+    pub fn stop_with(
+        mut self,
+        sig: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus, String> {
+        self.signal(sig)?;
+        let mut status = None;
+        wait_for(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.ok_or_else(|| format!("server did not exit within {timeout:?} of {sig}"))
     }
 
     /// Kills it (SIGKILL) and reaps it.

@@ -4,6 +4,7 @@ mod data;
 mod module;
 mod recovery;
 mod requests;
+mod servers;
 mod setup;
 
 pub use requests::ioctls_on_fd3;
@@ -45,4 +46,12 @@ scenarios![
     setup::rmmod_while_configured,
     requests::poll_readiness,
     requests::fuzz_ioctls,
+    // The real servers.
+    servers::file_server_ext4,
+    servers::fio_threads_and_processes,
+    servers::kill_server_during_fio,
+    servers::fsync_reaches_server,
+    servers::discard_punches_holes,
+    servers::null_server,
+    servers::abusectl_errors,
 ];

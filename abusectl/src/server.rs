@@ -1,0 +1,143 @@
+//! `abusectl server`: run the engine on a backend in the foreground.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use abuse_servers::file::{FileBackend, FileOptions};
+use abuse_servers::null::Null;
+use abuse_servers::{Backend, EngineConfig, Stats};
+use abuse_sys::uapi::*;
+use abuse_sys::Control;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::opts::{parse_size, SetupOpts};
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The control node, e.g. /dev/abctl0.
+    ctl: PathBuf,
+    /// The backend: `null [SIZE]` or `file PATH`.
+    backend: String,
+    /// The backend's arguments.
+    args: Vec<String>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Requests per fetch and per completion.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Configure the device first (setup options; size defaults to the backend's).
+    #[arg(long, value_name = "OPTS")]
+    setup: Option<String>,
+    /// file: open read-only (the device is set up read-only).
+    #[arg(long)]
+    ro: bool,
+    /// file: O_DIRECT.
+    #[arg(long)]
+    direct: bool,
+    /// Write this server's counters here as JSON (every second and at exit).
+    #[arg(long, value_name = "PATH")]
+    stats_file: Option<PathBuf>,
+}
+
+fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
+    match (a.backend.as_str(), a.args.as_slice()) {
+        ("null", []) => Ok(Arc::new(Null::new(1 << 30))),
+        ("null", [size]) => Ok(Arc::new(Null::new(parse_size(size)?))),
+        ("file", [path]) => {
+            let b = FileBackend::open(
+                path.as_ref(),
+                FileOptions {
+                    read_only: a.ro,
+                    direct: a.direct,
+                },
+            )
+            .map_err(|e| format!("{path}: {e}"))?;
+            Ok(Arc::new(b))
+        }
+        ("null", _) => Err("usage: abusectl server CTL null [SIZE]".into()),
+        ("file", _) => Err("usage: abusectl server CTL file PATH".into()),
+        (other, _) => Err(format!("unknown backend '{other}' (null, file)")),
+    }
+}
+
+fn stats_json(s: &Stats) -> serde_json::Value {
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    serde_json::json!({
+        "pid": std::process::id(),
+        "requests": s.requests(),
+        "reads": g(&s.reads), "writes": g(&s.writes), "flushes": g(&s.flushes), "fua": g(&s.fua),
+        "discards": g(&s.discards), "write_zeroes": g(&s.write_zeroes),
+        "bytes_read": g(&s.bytes_read), "bytes_written": g(&s.bytes_written),
+        "errors": g(&s.errors), "requeued": g(&s.requeued), "stale": g(&s.stale), "batches": g(&s.batches),
+    })
+}
+
+fn save(path: &Option<PathBuf>, s: &Stats) {
+    if let Some(p) = path {
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, stats_json(s).to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+}
+
+pub fn run(a: ServerArgs) -> Result<(), String> {
+    let backend = backend(&a)?;
+    if let Some(opts) = &a.setup {
+        let o = SetupOpts::parse(&[opts])?;
+        let size = o.size.unwrap_or(backend.size());
+        if size > backend.size() {
+            return Err(format!(
+                "size={size} is larger than the backend ({} bytes)",
+                backend.size()
+            ));
+        }
+        let size = size - size % o.block_size as u64;
+        let mut st = o.to_status(size);
+        // Advertise exactly what the backend handles.
+        st.flags = (st.flags & (ABUSE_FLAG_READ_ONLY | ABUSE_FLAG_RECONNECT)) | backend.features();
+        if backend.read_only() {
+            st.flags |= ABUSE_FLAG_READ_ONLY;
+        }
+        Control::open(&a.ctl)
+            .and_then(|c| c.set_status(&st))
+            .map_err(|e| e.to_string())?;
+    }
+    // SIGINT/SIGTERM go to one thread that asks the workers to stop; they
+    // complete what they fetched and return.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = sigs.wait();
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    if a.stats_file.is_some() {
+        let (stop, stats, path) = (stop.clone(), stats.clone(), a.stats_file.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                save(&path, &stats);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+    }
+    let cfg = EngineConfig {
+        ctl: a.ctl.clone(),
+        threads: a.threads,
+        batch: a.batch,
+    };
+    let result = abuse_servers::serve(&cfg, backend, stop, stats.clone());
+    save(&a.stats_file, &stats);
+    eprintln!("abusectl server: {}", stats_json(&stats));
+    result.map_err(|e| e.to_string())
+}

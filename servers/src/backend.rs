@@ -1,0 +1,32 @@
+//! What a storage backend implements. The engine calls it from several
+//! threads at once, for requests that may overlap.
+
+use std::io;
+
+/// A backend's storage.
+pub trait Backend: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes must be refused (the device is set up read-only).
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// The `ABUSE_FLAG_*` features it handles (FLUSH, FUA, DISCARD,
+    /// WRITE_ZEROES); the device advertises exactly these.
+    fn features(&self) -> u32;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `buf` at `offset`; with `fua`, durably before returning.
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// The range's contents may be forgotten.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The range reads as zeroes; `unmap`: it may be deallocated.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// An error for an operation a backend does not advertise.
+pub fn unsupported() -> io::Error {
+    io::Error::from(io::ErrorKind::Unsupported)
+}

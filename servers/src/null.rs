@@ -1,0 +1,49 @@
+//! The null backend: reads return zeroes, writes are dropped.
+
+use std::io;
+
+use abuse_sys::uapi::*;
+
+use crate::backend::Backend;
+
+/// Zeroes in, nothing out, at any size.
+pub struct Null {
+    size: u64,
+}
+
+impl Null {
+    pub fn new(size: u64) -> Self {
+        Null { size }
+    }
+}
+
+impl Backend for Null {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn features(&self) -> u32 {
+        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+    }
+
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write(&self, _offset: u64, _buf: &[u8], _fua: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,42 @@
+#!/bin/sh
+# make bench: runs inside the VM. fio on ABUSE (file and null servers) next
+# to the kernel's own loop (same backing file) and null_blk, in one run.
+set -e
+FIO=/usr/bin/fio
+RUNTIME=${BENCH_RUNTIME:-10}
+
+# fio_run NAME DEVICE RW: one line "bench: NAME RW iops=N bw=N KiB/s".
+fio_run() {
+  out=$($FIO --name=b --filename="$2" --rw="$3" --bs=4k --ioengine=libaio --direct=1 \
+    --iodepth=32 --numjobs=2 --size=256M --time_based --runtime="$RUNTIME" \
+    --group_reporting --output-format=terse --terse-version=3)
+  # terse v3: field 8 read iops, 7 read bw KiB/s; 49 write iops, 48 write bw.
+  echo "$out" | awk -F';' -v n="$1" -v rw="$3" \
+    '{ printf "bench: %-14s %-10s read %8d IOPS %8d KiB/s   write %8d IOPS %8d KiB/s\n", n, rw, $8, $7, $49, $48 }'
+}
+
+insmod /lib/abuse/abuse.ko max_abuse=2
+truncate -s 512M /tmp/bench.img
+dd if=/dev/zero of=/tmp/bench.img bs=1M count=512 conv=notrunc 2>/dev/null
+
+abusectl server /dev/abctl0 file /tmp/bench.img --threads 4 --setup qs=128 &
+fs=$!
+abusectl server /dev/abctl1 null 512M --threads 4 --setup qs=128 &
+ns=$!
+sleep 1
+loop=$(/sbin/losetup -f --show --direct-io=on /tmp/bench.img)
+modprobe null_blk 2>/dev/null || insmod "$(find /lib/modules -name null_blk.ko | head -1)" gb=1 bs=4096 queue_mode=2 irqmode=0 2>/dev/null || true
+
+for rw in randread randwrite; do
+  fio_run abuse-file /dev/abuse0 $rw
+  fio_run loop "$loop" $rw
+  fio_run abuse-null /dev/abuse1 $rw
+  [ -b /dev/nullb0 ] && fio_run null_blk /dev/nullb0 $rw
+done
+
+kill -TERM $fs $ns
+wait $fs $ns || true
+/sbin/losetup -d "$loop"
+abusectl reset /dev/abctl0
+abusectl reset /dev/abctl1
+echo "bench: done"
