@@ -76,7 +76,9 @@ timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2G -smp 2 \
   -append "$append" -nographic -no-reboot -monitor none </dev/null |
   stdbuf -oL tr -d '\r' | tee "$log" |
   # Show the guest's own output (not the kernel's, nor the dmesg dump).
-  awk '/^==== abuse-vm dmesg/ { skip = 1 } /^==== abuse-vm end/ { skip = 0; next } !skip && !/^\[ *[0-9]+\.[0-9]+\]/ && !/^\s*$/ { print; fflush() }'
+  awk '/abuse-vm: kernel/ { up = 1; sub(/.*abuse-vm:/, "abuse-vm:") }
+       /^==== abuse-vm dmesg/ { skip = 1 } /^==== abuse-vm end/ { skip = 0; next }
+       up && !skip && !/^\[ *[0-9]+\.[0-9]+\]/ && !/^\s*$/ { print; fflush() }'
 qemu_rc=${PIPESTATUS[0]}
 set -e
 [ -n "${ABUSE_VM_LOG:-}" ] && cp "$log" "$ABUSE_VM_LOG"
