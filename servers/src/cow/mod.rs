@@ -1,0 +1,4 @@
+//! The cow backend: copy-on-write over a read-only base (docs/cow-format.md).
+
+pub mod format;
+pub mod storage;
