@@ -48,21 +48,44 @@ pub struct Header {
 
 impl Header {
     /// A header for a delta of `virtual_size` bytes in blocks of `block_size`.
-    pub fn new(block_size: u32, virtual_size: u64, base_size: u64, base_digest: [u8; 32], base_path: &str) -> Result<Self, FormatError> {
+    pub fn new(
+        block_size: u32,
+        virtual_size: u64,
+        base_size: u64,
+        base_digest: [u8; 32],
+        base_path: &str,
+    ) -> Result<Self, FormatError> {
         if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-            return Err(FormatError::Inconsistent(format!("block size {block_size} is not a power of two from 4 KiB to 1 MiB")));
+            return Err(FormatError::Inconsistent(format!(
+                "block size {block_size} is not a power of two from 4 KiB to 1 MiB"
+            )));
         }
-        if virtual_size == 0 || virtual_size % block_size as u64 != 0 {
-            return Err(FormatError::Inconsistent(format!("size {virtual_size} is not a positive multiple of the block size {block_size}")));
+        if virtual_size == 0 || !virtual_size.is_multiple_of(block_size as u64) {
+            return Err(FormatError::Inconsistent(format!(
+                "size {virtual_size} is not a positive multiple of the block size {block_size}"
+            )));
         }
         let nblocks = virtual_size / block_size as u64;
         let table_pages = nblocks.div_ceil(ENTRIES_PER_PAGE as u64);
-        let table_pages: u32 = table_pages.try_into().map_err(|_| FormatError::Inconsistent("too many blocks".into()))?;
-        let data_offset = (PAGE as u64 + 2 * PAGE as u64 * table_pages as u64).next_multiple_of(block_size as u64);
+        let table_pages: u32 = table_pages
+            .try_into()
+            .map_err(|_| FormatError::Inconsistent("too many blocks".into()))?;
+        let data_offset = (PAGE as u64 + 2 * PAGE as u64 * table_pages as u64)
+            .next_multiple_of(block_size as u64);
         if base_path.len() > 255 {
-            return Err(FormatError::Inconsistent("base path longer than 255 bytes".into()));
+            return Err(FormatError::Inconsistent(
+                "base path longer than 255 bytes".into(),
+            ));
         }
-        Ok(Header { block_size, virtual_size, base_size, base_digest, data_offset, table_pages, base_path: base_path.into() })
+        Ok(Header {
+            block_size,
+            virtual_size,
+            base_size,
+            base_digest,
+            data_offset,
+            table_pages,
+            base_path: base_path.into(),
+        })
     }
 
     pub fn nblocks(&self) -> u64 {
@@ -108,11 +131,22 @@ impl Header {
             return Err(FormatError::Version(u32_at(8)));
         }
         let path_bytes = &b[76..332];
-        let end = path_bytes.iter().position(|&c| c == 0).unwrap_or(path_bytes.len());
+        let end = path_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(path_bytes.len());
         let path = String::from_utf8_lossy(&path_bytes[..end]).into_owned();
-        let h = Header::new(u32_at(12), u64_at(16), u64_at(24), b[32..64].try_into().unwrap(), &path)?;
+        let h = Header::new(
+            u32_at(12),
+            u64_at(16),
+            u64_at(24),
+            b[32..64].try_into().unwrap(),
+            &path,
+        )?;
         if h.data_offset != u64_at(64) || h.table_pages != u32_at(72) {
-            return Err(FormatError::Inconsistent("table geometry does not match the sizes".into()));
+            return Err(FormatError::Inconsistent(
+                "table geometry does not match the sizes".into(),
+            ));
         }
         Ok(h)
     }
@@ -152,7 +186,10 @@ pub fn decode_page(b: &[u8; PAGE], index: u32) -> Option<(u64, [u64; ENTRIES_PER
 
 /// The base's identity: SHA-256 over the SHA-256s of its 1 MiB chunks,
 /// which are hashed in parallel.
-pub fn digest(read_chunk: impl Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync, size: u64) -> std::io::Result<[u8; 32]> {
+pub fn digest(
+    read_chunk: impl Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync,
+    size: u64,
+) -> std::io::Result<[u8; 32]> {
     const CHUNK: u64 = 1 << 20;
     let chunks = size.div_ceil(CHUNK);
     let hashes: Vec<[u8; 32]> = (0..chunks)
@@ -199,7 +236,11 @@ mod tests {
         for at in [9, 13, 20, 40, 70, 100, 331] {
             let mut bad = b;
             bad[at] ^= 1;
-            assert_eq!(Header::decode(&bad), Err(FormatError::HeaderChecksum), "flip at {at}");
+            assert_eq!(
+                Header::decode(&bad),
+                Err(FormatError::HeaderChecksum),
+                "flip at {at}"
+            );
         }
     }
 
@@ -222,7 +263,10 @@ mod tests {
         let mut torn = b;
         torn[2000..].fill(0);
         assert!(decode_page(&torn, 2).is_none(), "a torn slot");
-        assert!(decode_page(&[0u8; PAGE], 0).is_none(), "a never-written slot");
+        assert!(
+            decode_page(&[0u8; PAGE], 0).is_none(),
+            "a never-written slot"
+        );
     }
 
     #[test]
