@@ -1,0 +1,354 @@
+//! Crash consistency of the cow delta: the write stream to the delta is cut
+//! at every write point; the unsynced tail is dropped (or kept); the delta
+//! reopened from what is left must hold every write acknowledged before the
+//! last completed flush, map no block to unwritten space, and leave the
+//! base untouched.
+
+use std::io;
+use std::sync::{Arc, Barrier, Mutex};
+
+use abuse_servers::cow::delta::{Delta, DeltaError};
+use abuse_servers::cow::storage::Storage;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Sync,
+}
+
+/// An in-memory file that logs every write and sync.
+#[derive(Clone, Default)]
+struct MemStore {
+    inner: Arc<Mutex<(Vec<u8>, Vec<Op>)>>,
+}
+
+impl MemStore {
+    fn with(data: Vec<u8>) -> Self {
+        MemStore {
+            inner: Arc::new(Mutex::new((data, Vec::new()))),
+        }
+    }
+    fn log(&self) -> Vec<Op> {
+        self.inner.lock().unwrap().1.clone()
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.inner.lock().unwrap().0.clone()
+    }
+}
+
+impl Storage for MemStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let g = self.inner.lock().unwrap();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = *g.0.get(offset as usize + i).unwrap_or(&0);
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        let end = offset as usize + buf.len();
+        if g.0.len() < end {
+            g.0.resize(end, 0);
+        }
+        g.0[offset as usize..end].copy_from_slice(buf);
+        g.1.push(Op::Write(offset, buf.to_vec()));
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.lock().unwrap().1.push(Op::Sync);
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.inner.lock().unwrap().0.len() as u64)
+    }
+}
+
+/// The delta as a crash after `cut` ops may leave it: every synced write
+/// applied, and of the unsynced tail the writes `keep` selects (a disk may
+/// persist any of them, in any order).
+fn crash_image(start: &[u8], log: &[Op], cut: usize, keep: impl Fn(usize) -> bool) -> Vec<u8> {
+    let last_sync = log[..cut]
+        .iter()
+        .rposition(|o| matches!(o, Op::Sync))
+        .map_or(0, |i| i + 1);
+    let mut img = start.to_vec();
+    for (i, op) in log[..cut].iter().enumerate() {
+        if let Op::Write(off, data) = op {
+            if i >= last_sync && !keep(i - last_sync) {
+                continue;
+            }
+            let end = *off as usize + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            img[*off as usize..end].copy_from_slice(data);
+        }
+    }
+    img
+}
+
+/// The ways the unsynced tail of `n` writes may land: none, all, each one
+/// alone, all but each one.
+fn tail_variants(n: usize) -> Vec<(String, Box<dyn Fn(usize) -> bool>)> {
+    let mut v: Vec<(String, Box<dyn Fn(usize) -> bool>)> = vec![
+        ("none".into(), Box::new(|_| false)),
+        ("all".into(), Box::new(|_| true)),
+    ];
+    for k in 0..n {
+        v.push((format!("only #{k}"), Box::new(move |i| i == k)));
+        v.push((format!("all but #{k}"), Box::new(move |i| i != k)));
+    }
+    v
+}
+
+const BS: usize = 4096;
+const BLOCKS: usize = 24;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1 // never zero: unwritten space reads as zero
+        })
+        .collect()
+}
+
+/// One step of the workload.
+enum Step {
+    Write(u64, Vec<u8>),
+    Flush,
+}
+
+fn workload() -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut seed = 1;
+    for round in 0..6u64 {
+        for i in 0..5u64 {
+            let block = (round * 7 + i * 5) % BLOCKS as u64;
+            // Whole blocks, partial blocks, and writes across two blocks.
+            let (off, len) = match i % 3 {
+                0 => (block * BS as u64, BS),
+                1 => (block * BS as u64 + 512, 1024),
+                _ => (
+                    block * BS as u64 + BS as u64 - 512,
+                    1536.min(
+                        (BLOCKS as u64 * BS as u64 - block * BS as u64 - BS as u64 + 512) as usize,
+                    ),
+                ),
+            };
+            seed += 1;
+            steps.push(Step::Write(off, pattern(seed, len)));
+        }
+        if round % 2 == 1 {
+            steps.push(Step::Flush);
+        }
+    }
+    steps
+}
+
+#[test]
+fn every_crash_point_is_consistent() {
+    let base_bytes = pattern(999, BLOCKS * BS);
+    let base = MemStore::with(base_bytes.clone());
+    let store = MemStore::default();
+    let delta = Delta::create(store.clone(), base.clone(), BS as u32, "/base").unwrap();
+    let start = store.bytes();
+    let created_ops = store.log().len();
+
+    // Run the workload, remembering the device's contents after each step
+    // and the log position at which each flush completed.
+    let mut model = base_bytes.clone();
+    let mut versions = vec![model.clone()];
+    let mut flushed: Vec<(usize, usize)> = Vec::new(); // (log len after flush, version index)
+    for step in workload() {
+        match step {
+            Step::Write(off, data) => {
+                delta.write(off, &data, false).unwrap();
+                model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                versions.push(model.clone());
+            }
+            Step::Flush => {
+                delta.flush().unwrap();
+                flushed.push((store.log().len(), versions.len() - 1));
+            }
+        }
+    }
+    let log = store.log()[created_ops..].to_vec();
+    assert!(
+        flushed.len() >= 3 && log.len() > 40,
+        "the workload is too small to mean anything"
+    );
+
+    let mut images = 0;
+    for cut in 0..=log.len() {
+        let last_sync = log[..cut]
+            .iter()
+            .rposition(|o| matches!(o, Op::Sync))
+            .map_or(0, |i| i + 1);
+        for (how, keep) in tail_variants(cut - last_sync) {
+            let img = crash_image(&start, &log, cut, keep);
+            images += 1;
+            let reopened = Delta::open(MemStore::with(img), base.clone())
+                .unwrap_or_else(|e| panic!("cut {cut} (unsynced kept: {how}): reopen failed: {e}"));
+            // The last flush that completed before the cut.
+            let must = flushed
+                .iter()
+                .rev()
+                .find(|(at, _)| at - created_ops <= cut)
+                .map_or(0, |&(_, v)| v);
+            let mut got = vec![0u8; BLOCKS * BS];
+            reopened.read(0, &mut got).unwrap();
+            for b in 0..BLOCKS {
+                let r = b * BS..(b + 1) * BS;
+                // Each block holds a version at least as new as the flushed
+                // one: never unwritten space (zeroes), never a lost flush.
+                let ok = versions[must..]
+                    .iter()
+                    .any(|v| v[r.clone()] == got[r.clone()]);
+                assert!(ok, "cut {cut} (unsynced kept: {how}): block {b} holds data no write at or after the last flush left there");
+            }
+        }
+    }
+    assert!(images > 500, "only {images} crash images");
+    assert_eq!(base.bytes(), base_bytes, "the base was modified");
+    assert!(base.log().is_empty(), "the base was written to");
+}
+
+#[test]
+fn concurrent_first_writes_to_one_block_all_survive() {
+    for round in 0..20u64 {
+        let base = MemStore::with(vec![0x55; BLOCKS * BS]);
+        let delta = Arc::new(Delta::create(MemStore::default(), base, BS as u32, "").unwrap());
+        let threads = 8;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (delta, barrier) = (delta.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    // Each thread writes its own 512-byte slice of every block.
+                    for b in 0..BLOCKS as u64 {
+                        delta
+                            .write(
+                                b * BS as u64 + t as u64 * 512,
+                                &[t as u8 + 1 + round as u8; 512],
+                                false,
+                            )
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for b in 0..BLOCKS as u64 {
+            let mut buf = vec![0u8; BS];
+            delta.read(b * BS as u64, &mut buf).unwrap();
+            for t in 0..threads {
+                assert!(
+                    buf[t * 512..(t + 1) * 512]
+                        .iter()
+                        .all(|&x| x == t as u8 + 1 + round as u8),
+                    "round {round}: block {b} lost thread {t}'s write"
+                );
+            }
+        }
+        assert_eq!(delta.mapped_blocks(), BLOCKS as u64);
+    }
+}
+
+#[test]
+fn reads_racing_first_writes_see_old_or_new_never_a_mix() {
+    let base = MemStore::with(vec![0xAA; BLOCKS * BS]);
+    let delta = Arc::new(Delta::create(MemStore::default(), base, BS as u32, "").unwrap());
+    let writer = {
+        let delta = delta.clone();
+        std::thread::spawn(move || {
+            for b in 0..BLOCKS as u64 {
+                delta.write(b * BS as u64, &[0xBB; BS], false).unwrap();
+            }
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let delta = delta.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    for b in 0..BLOCKS as u64 {
+                        let mut buf = vec![0u8; BS];
+                        delta.read(b * BS as u64, &mut buf).unwrap();
+                        let all = |v| buf.iter().all(|&x| x == v);
+                        assert!(
+                            all(0xAA) || all(0xBB),
+                            "block {b} read a mix of old and new"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+}
+
+#[test]
+fn wrong_base_corrupt_and_truncated_deltas_are_refused() {
+    let base = MemStore::with(pattern(5, BLOCKS * BS));
+    let store = MemStore::default();
+    let delta = Delta::create(store.clone(), base.clone(), BS as u32, "/b").unwrap();
+    delta.write(0, &[9; BS], true).unwrap();
+    let good = store.bytes();
+
+    // A different base of the same size, a base that changed, one of another size.
+    let other = MemStore::with(pattern(6, BLOCKS * BS));
+    assert!(matches!(
+        Delta::open(MemStore::with(good.clone()), other),
+        Err(DeltaError::BaseDigest)
+    ));
+    let mut changed = pattern(5, BLOCKS * BS);
+    changed[1234] ^= 1;
+    assert!(matches!(
+        Delta::open(MemStore::with(good.clone()), MemStore::with(changed)),
+        Err(DeltaError::BaseDigest)
+    ));
+    assert!(matches!(
+        Delta::open(MemStore::with(good.clone()), MemStore::with(vec![0; BS])),
+        Err(DeltaError::BaseSize { .. })
+    ));
+    // A corrupt header, a truncated table, a table pointing past the end.
+    let mut bad = good.clone();
+    bad[20] ^= 0xff;
+    let e = Delta::open(MemStore::with(bad), base.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("corrupt"), "{e}");
+    let e = Delta::open(MemStore::with(good[..6000].to_vec()), base.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("truncated"), "{e}");
+    let e = Delta::open(
+        MemStore::with(good[..good.len() - 1].to_vec()),
+        base.clone(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("past the end"), "{e}");
+    let e = Delta::open(MemStore::with(vec![0; 100]), base.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("truncated"), "{e}");
+    // Opening never writes: the delta and the base are as they were.
+    let store2 = MemStore::with(good.clone());
+    Delta::open(store2.clone(), base.clone()).unwrap();
+    assert!(store2.log().is_empty() && base.log().is_empty());
+}
