@@ -87,10 +87,13 @@ fn crash_image(start: &[u8], log: &[Op], cut: usize, keep: impl Fn(usize) -> boo
     img
 }
 
+/// Which writes of the unsynced tail (by position) a crash persisted.
+type Keep = Box<dyn Fn(usize) -> bool>;
+
 /// The ways the unsynced tail of `n` writes may land: none, all, each one
 /// alone, all but each one.
-fn tail_variants(n: usize) -> Vec<(String, Box<dyn Fn(usize) -> bool>)> {
-    let mut v: Vec<(String, Box<dyn Fn(usize) -> bool>)> = vec![
+fn tail_variants(n: usize) -> Vec<(String, Keep)> {
+    let mut v: Vec<(String, Keep)> = vec![
         ("none".into(), Box::new(|_| false)),
         ("all".into(), Box::new(|_| true)),
     ];
