@@ -1,5 +1,6 @@
 //! abusectl: the user's tool for ABUSE devices.
 
+mod cow;
 mod debug;
 mod opts;
 mod server;
@@ -71,11 +72,15 @@ enum Command {
     /// Serve a device with a backend, in the foreground (SIGINT/SIGTERM stop it).
     #[command(after_help = "Backends:\n  \
         null [SIZE]   reads return zeroes, writes are dropped\n  \
-        file PATH     a regular file or block device (size: the file's)\n\n\
+        file PATH     a regular file or block device (size: the file's)\n  \
+        cow DELTA [BASE]  copy-on-write over a read-only base (abusectl cow create)\n\n\
         Examples:\n  abusectl server /dev/abctl0 file disk.img --threads 4\n  \
         abusectl server /dev/abctl0 file disk.img --setup qs=64\n  \
         abusectl server /dev/abctl1 null 1G --setup ''")]
     Server(server::ServerArgs),
+    /// Copy-on-write deltas over a read-only base: create, info, merge.
+    #[command(subcommand)]
+    Cow(cow::CowCmd),
     /// Debugging: fetch pending requests, print them, and give them back.
     #[command(
         after_help = "The requests go back to the queue (flagged REQUEUED) when abusectl exits.\n\nExample:\n  abusectl get /dev/abctl0 --count 4"
@@ -166,6 +171,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Reset { ctl } => open(&ctl)?.reset().map_err(|e| e.to_string()),
         Command::Server(args) => server::run(args),
+        Command::Cow(cmd) => cow::run(cmd),
         Command::Get { ctl, count } => debug::get(&open(&ctl)?, count),
         Command::Put {
             ctl,

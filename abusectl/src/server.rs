@@ -18,7 +18,7 @@ use crate::opts::{parse_size, SetupOpts};
 pub struct ServerArgs {
     /// The control node, e.g. /dev/abctl0.
     ctl: PathBuf,
-    /// The backend: `null [SIZE]` or `file PATH`.
+    /// The backend: `null [SIZE]`, `file PATH` or `cow DELTA [BASE]`.
     backend: String,
     /// The backend's arguments.
     args: Vec<String>,
@@ -57,9 +57,16 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
             .map_err(|e| format!("{path}: {e}"))?;
             Ok(Arc::new(b))
         }
+        ("cow", [delta]) | ("cow", [delta, _]) => {
+            let base = a.args.get(1).map(std::path::Path::new);
+            let cow =
+                abuse_servers::cow::Cow::open(delta.as_ref(), base).map_err(|e| e.to_string())?;
+            Ok(Arc::new(cow))
+        }
+        ("cow", _) => Err("usage: abusectl server CTL cow DELTA [BASE]".into()),
         ("null", _) => Err("usage: abusectl server CTL null [SIZE]".into()),
         ("file", _) => Err("usage: abusectl server CTL file PATH".into()),
-        (other, _) => Err(format!("unknown backend '{other}' (null, file)")),
+        (other, _) => Err(format!("unknown backend '{other}' (null, file, cow)")),
     }
 }
 

@@ -121,6 +121,11 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         &self.header
     }
 
+    /// Whether virtual block `b` is in the delta.
+    pub fn is_mapped(&self, b: u64) -> bool {
+        self.table[b as usize].load(Ordering::Acquire) != 0
+    }
+
     /// Blocks the working table maps.
     pub fn mapped_blocks(&self) -> u64 {
         self.table
@@ -216,7 +221,11 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         let d = self.next_free.fetch_add(1, Ordering::Relaxed);
         self.store.write_at(&full, self.header.block_offset(d))?;
         entry.store(d + 1, Ordering::Release);
-        Ok(())
+        // The mapping lives only in this process until a flush writes it
+        // out: make it durable now, so that a server killed after
+        // acknowledging the write loses nothing (in-place rewrites are in
+        // the page cache and survive the process).
+        self.flush()
     }
 
     /// Makes every completed write durable, table included.

@@ -1,5 +1,239 @@
 //! The cow backend: copy-on-write over a read-only base (docs/cow-format.md).
+//!
+//! A serving process holds an exclusive lock on the delta: one server
+//! process per cow device (with any number of threads), and `merge` refuses
+//! while a server has it open.
 
 pub mod delta;
 pub mod format;
 pub mod storage;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use abuse_sys::uapi::*;
+use nix::fcntl::{Flock, FlockArg};
+use rayon::prelude::*;
+
+use crate::backend::Backend;
+use delta::{Delta, DeltaError};
+
+/// Why a cow operation failed, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    #[error("{0}: {1}")]
+    Delta(PathBuf, DeltaError),
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+    #[error("{0}: in use by a running cow server (stop it first)")]
+    Busy(PathBuf),
+    #[error("{0}: already exists (remove it, or pick another name)")]
+    Exists(PathBuf),
+}
+
+fn io_err(p: &Path) -> impl FnOnce(io::Error) -> CowError + '_ {
+    move |e| CowError::Io(p.to_path_buf(), e)
+}
+
+/// Takes the delta's lock without waiting.
+fn lock(file: File, path: &Path) -> Result<Flock<File>, CowError> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| CowError::Busy(path.to_path_buf()))
+}
+
+/// What `Cow::inspect` found.
+pub struct Inspection {
+    pub header: format::Header,
+    pub mapped: u64,
+    pub base_path: PathBuf,
+    pub in_use: bool,
+}
+
+/// An open cow device.
+pub struct Cow {
+    delta: Delta<Flock<File>, File>,
+    pub base_path: PathBuf,
+}
+
+impl storage::Storage for Flock<File> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        storage::Storage::read_at(&**self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        storage::Storage::write_at(&**self, buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        storage::Storage::sync(&**self)
+    }
+    fn size(&self) -> io::Result<u64> {
+        storage::Storage::size(&**self)
+    }
+}
+
+impl Cow {
+    /// Creates an empty delta `delta` over `base` with `block_size` blocks.
+    pub fn create(base: &Path, delta: &Path, block_size: u32) -> Result<Cow, CowError> {
+        let base_file = File::open(base).map_err(io_err(base))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(delta)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    CowError::Exists(delta.to_path_buf())
+                } else {
+                    CowError::Io(delta.to_path_buf(), e)
+                }
+            })?;
+        let store = lock(file, delta)?;
+        let abs = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        match Delta::create(store, base_file, block_size, &abs.to_string_lossy()) {
+            Ok(d) => Ok(Cow {
+                delta: d,
+                base_path: abs,
+            }),
+            Err(e) => {
+                // Nothing half-made is left behind.
+                let _ = std::fs::remove_file(delta);
+                Err(CowError::Delta(delta.to_path_buf(), e))
+            }
+        }
+    }
+
+    /// Opens a delta; the base is the one its header names unless given.
+    pub fn open(delta: &Path, base: Option<&Path>) -> Result<Cow, CowError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(delta)
+            .map_err(io_err(delta))?;
+        let store = lock(file, delta)?;
+        let base_path = match base {
+            Some(b) => b.to_path_buf(),
+            None => PathBuf::from(
+                Self::peek_base(&store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
+            ),
+        };
+        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let d =
+            Delta::open(store, base_file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        Ok(Cow {
+            delta: d,
+            base_path,
+        })
+    }
+
+    fn peek_base(store: &impl storage::Storage) -> Result<String, DeltaError> {
+        let mut hb = [0u8; format::PAGE];
+        store.read_at(&mut hb, 0)?;
+        Ok(format::Header::decode(&hb)?.base_path)
+    }
+
+    /// Reads a delta without changing it, also while a server has it open:
+    /// its header, the blocks its durable table maps, its base, and whether
+    /// a server holds it (dirty: the table on disk may trail the server's).
+    pub fn inspect(delta: &Path, base: Option<&Path>) -> Result<Inspection, CowError> {
+        let file = File::open(delta).map_err(io_err(delta))?;
+        let in_use = match Flock::lock(
+            file.try_clone().map_err(io_err(delta))?,
+            FlockArg::LockSharedNonblock,
+        ) {
+            Ok(l) => {
+                drop(l);
+                false
+            }
+            Err(_) => true,
+        };
+        let base_path = match base {
+            Some(b) => b.to_path_buf(),
+            None => PathBuf::from(
+                Self::peek_base(&file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
+            ),
+        };
+        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let d =
+            Delta::open(file, base_file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        Ok(Inspection {
+            header: d.header().clone(),
+            mapped: d.mapped_blocks(),
+            base_path,
+            in_use,
+        })
+    }
+
+    pub fn header(&self) -> &format::Header {
+        self.delta.header()
+    }
+
+    pub fn mapped_blocks(&self) -> u64 {
+        self.delta.mapped_blocks()
+    }
+
+    /// Writes every mapped block into the base, then empties the delta
+    /// (which then describes the new base).
+    pub fn merge(self, delta_path: &Path) -> Result<u64, CowError> {
+        let h = self.delta.header().clone();
+        let base = OpenOptions::new()
+            .write(true)
+            .open(&self.base_path)
+            .map_err(io_err(&self.base_path))?;
+        let blocks: Vec<u64> = (0..h.nblocks()).collect();
+        let merged = blocks
+            .par_iter()
+            .map(|&b| -> io::Result<u64> {
+                let mut buf = vec![0u8; h.block_size as usize];
+                let off = b * h.block_size as u64;
+                if !self.delta.is_mapped(b) {
+                    return Ok(0);
+                }
+                self.delta.read(off, &mut buf)?;
+                base.write_all_at(&buf, off)?;
+                Ok(1)
+            })
+            .sum::<io::Result<u64>>()
+            .map_err(io_err(&self.base_path))?;
+        base.sync_all().map_err(io_err(&self.base_path))?;
+        drop(base);
+        // Start the delta over: a fresh one describing the merged base.
+        let base_path = self.base_path.clone();
+        drop(self);
+        let tmp = delta_path.with_extension("merging");
+        let _ = std::fs::remove_file(&tmp);
+        Cow::create(&base_path, &tmp, h.block_size)?;
+        std::fs::rename(&tmp, delta_path).map_err(io_err(delta_path))?;
+        Ok(merged)
+    }
+}
+
+impl Backend for Cow {
+    fn size(&self) -> u64 {
+        self.delta.header().virtual_size
+    }
+
+    fn features(&self) -> u32 {
+        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.delta.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.delta.write(offset, buf, fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.delta.flush()
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(crate::backend::unsupported())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+        Err(crate::backend::unsupported())
+    }
+}
