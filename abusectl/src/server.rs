@@ -92,6 +92,15 @@ fn save(path: &Option<PathBuf>, s: &Stats) {
 }
 
 pub fn run(a: ServerArgs) -> Result<(), String> {
+    // SIGINT/SIGTERM go to one thread that asks the workers to stop; they
+    // complete what they fetched and return. Blocked before anything starts
+    // a thread (the cow backend hashes its base on a rayon pool), so that
+    // every thread inherits the mask.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
     let backend = backend(&a)?;
     if let Some(opts) = &a.setup {
         let o = SetupOpts::parse(&[opts])?;
@@ -113,13 +122,6 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
             .and_then(|c| c.set_status(&st))
             .map_err(|e| e.to_string())?;
     }
-    // SIGINT/SIGTERM go to one thread that asks the workers to stop; they
-    // complete what they fetched and return.
-    let mut sigs = SigSet::empty();
-    sigs.add(Signal::SIGINT);
-    sigs.add(Signal::SIGTERM);
-    sigs.thread_block()
-        .map_err(|e| format!("blocking signals: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     {

@@ -1,5 +1,6 @@
 //! Every VM scenario, by name. Each proves one rule of the design.
 
+mod cow;
 mod data;
 mod module;
 mod recovery;
@@ -54,4 +55,7 @@ scenarios![
     servers::discard_punches_holes,
     servers::null_server,
     servers::abusectl_errors,
+    // The cow server.
+    cow::cow_ext4_modify_merge,
+    cow::cow_kill_during_fio,
 ];

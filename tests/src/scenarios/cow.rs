@@ -1,0 +1,126 @@
+//! The cow server: copy-on-write over a read-only base image.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::ensure;
+use crate::guest::{insmod, sh, teardown, Outcome, Server, E2FSCK, MKFS_EXT4};
+
+const CTL: &str = "/dev/abctl0";
+const DEV: &str = "/dev/abuse0";
+
+fn md5(path: &str) -> Result<String, String> {
+    Ok(sh(&format!("md5sum {path}"))?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn tree_sums(dir: &str) -> Result<String, String> {
+    sh(&format!("cd {dir} && find . -type f | sort | xargs md5sum"))
+}
+
+/// A base holding ext4 with files → cow device → mount, modify, umount:
+/// the base is unchanged, the cow device shows the changes, e2fsck -fn is
+/// clean; merge is refused while the server runs; after merge the base
+/// alone holds the modified filesystem.
+pub fn cow_ext4_modify_merge() -> Outcome {
+    insmod("max_abuse=1")?;
+    sh(&format!("dd if=/dev/zero of=/tmp/base.img bs=1M count=64 2>/dev/null && {MKFS_EXT4} -q -F -b 4096 /tmp/base.img"))?;
+    sh("mkdir -p /mnt2 && mount -o loop /tmp/base.img /mnt2 && mkdir /mnt2/docs && i=0; while [ $i -lt 30 ]; do \
+        dd if=/dev/urandom of=/mnt2/docs/f$i bs=1k count=$((i * 5 + 1)) 2>/dev/null; i=$((i + 1)); done; umount /mnt2")?;
+    let base_sum = md5("/tmp/base.img")?;
+    sh("abusectl cow create --base /tmp/base.img --delta /tmp/work.cow --block-size 64K")?;
+    let server = Server::abusectl(
+        CTL,
+        &["cow", "/tmp/work.cow", "--threads", "4", "--setup", ""],
+    )?;
+    sh(&format!(
+        "mount {DEV} /mnt && rm /mnt/docs/f3 && echo changed >> /mnt/docs/f4 && mkdir /mnt/new && \
+        dd if=/dev/urandom of=/mnt/new/big bs=1M count=6 2>/dev/null && umount /mnt"
+    ))?;
+    ensure!(
+        md5("/tmp/base.img")? == base_sum,
+        "the base changed under the cow device"
+    );
+    let fsck = sh(&format!("{E2FSCK} -fn {DEV} 2>&1"))?;
+    ensure!(
+        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
+        "e2fsck on the cow device: {fsck}"
+    );
+    sh(&format!("mount {DEV} /mnt"))?;
+    let modified = tree_sums("/mnt")?;
+    sh("umount /mnt")?;
+    ensure!(
+        modified.contains("./new/big") && !modified.contains("./docs/f3 "),
+        "the changes are not visible: {modified}"
+    );
+    let info = sh("abusectl cow info /tmp/work.cow")?;
+    ensure!(
+        info.contains("dirty") && !info.contains("mapped:      0 of"),
+        "cow info while serving: {info}"
+    );
+    let refused = sh("abusectl cow merge /tmp/work.cow 2>&1")
+        .err()
+        .unwrap_or_default();
+    ensure!(
+        refused.contains("in use by a running cow server"),
+        "merge while serving: {refused:?}"
+    );
+    let status = server.stop_with(Signal::SIGTERM, Duration::from_secs(10))?;
+    ensure!(status.success(), "the cow server exited with {status}");
+    ensure!(
+        md5("/tmp/base.img")? == base_sum,
+        "the base changed before the merge"
+    );
+    sh("abusectl cow merge /tmp/work.cow")?;
+    let fsck = sh(&format!("{E2FSCK} -fn /tmp/base.img 2>&1"))?;
+    ensure!(
+        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
+        "e2fsck on the merged base: {fsck}"
+    );
+    let merged = sh("mount -o ro,loop /tmp/base.img /mnt2 && cd /mnt2 && find . -type f | sort | xargs md5sum; cd /; umount /mnt2")?;
+    ensure!(
+        merged == modified,
+        "the merged base does not hold the modified tree"
+    );
+    let info = sh("abusectl cow info /tmp/work.cow")?;
+    ensure!(
+        info.contains("mapped:      0 of") && info.contains("clean"),
+        "the delta after merge: {info}"
+    );
+    teardown()
+}
+
+/// kill -9 of the cow server during fio --verify, restart: fio finishes
+/// with 0 errors (nothing acknowledged was lost).
+pub fn cow_kill_during_fio() -> Outcome {
+    insmod("max_abuse=1")?;
+    sh("dd if=/dev/urandom of=/tmp/cbase.img bs=1M count=48 2>/dev/null")?;
+    let base_sum = md5("/tmp/cbase.img")?;
+    sh("abusectl cow create --base /tmp/cbase.img --delta /tmp/k.cow --block-size 16K")?;
+    let first = Server::abusectl(
+        CTL,
+        &["cow", "/tmp/k.cow", "--threads", "2", "--setup", "qs=64"],
+    )?;
+    let fio = std::thread::spawn(|| {
+        sh(&format!(
+            "/usr/bin/fio --name=cow --filename={DEV} --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
+             --iodepth=16 --numjobs=4 --size=8M --offset_increment=8M --verify=crc32c --do_verify=1 \
+             --verify_fatal=1 --group_reporting 2>&1"
+        ))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(!fio.is_finished(), "fio finished before the kill");
+    first.kill();
+    let _second = Server::abusectl(CTL, &["cow", "/tmp/k.cow", "--threads", "2"])?;
+    let out = fio.join().map_err(|_| "fio panicked")??;
+    ensure!(
+        out.contains("err= 0") && !out.contains("verify: bad"),
+        "fio after the restart:\n{out}"
+    );
+    ensure!(md5("/tmp/cbase.img")? == base_sum, "the base changed");
+    teardown()
+}
