@@ -36,6 +36,35 @@ done
 
 kill -TERM $fs $ns
 wait $fs $ns || true
+
+# cow: 4 KiB blocks, so each 4k write to a fresh block is a copy-on-write
+# first write. Pass 1 writes every block of 64 MiB once (first writes),
+# pass 2 again (rewrites); the file server does the same, for comparison.
+# fio_pass NAME DEVICE: one pass of 4k random writes covering 64 MiB once.
+fio_pass() {
+  out=$($FIO --name=p --filename="$2" --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
+    --iodepth=32 --numjobs=1 --size=64M --group_reporting --thread --output-format=terse --terse-version=3)
+  echo "$out" | awk -F';' -v n="$1" '{ printf "bench: %-22s randwrite %8d IOPS %8d KiB/s\n", n, $49, $48 }'
+}
+abusectl reset /dev/abctl0
+dd if=/dev/zero of=/tmp/cow-base.img bs=1M count=64 2>/dev/null
+abusectl cow create --base /tmp/cow-base.img --delta /tmp/bench.cow --block-size 4K
+abusectl server /dev/abctl0 cow /tmp/bench.cow --threads 4 --setup qs=128 &
+cs=$!
+sleep 1
+fio_pass "abuse-cow first writes" /dev/abuse0
+fio_pass "abuse-cow rewrites" /dev/abuse0
+kill -TERM $cs
+wait $cs || true
+abusectl reset /dev/abctl0
+dd if=/dev/zero of=/tmp/file-base.img bs=1M count=64 2>/dev/null
+abusectl server /dev/abctl0 file /tmp/file-base.img --threads 4 --setup qs=128 &
+fs=$!
+sleep 1
+fio_pass "abuse-file pass 1" /dev/abuse0
+fio_pass "abuse-file pass 2" /dev/abuse0
+kill -TERM $fs
+wait $fs || true
 /sbin/losetup -d "$loop"
 abusectl reset /dev/abctl0
 abusectl reset /dev/abctl1
