@@ -50,6 +50,4 @@ if ! "$TOOLS_DIR/bin/bindgen" --version 2>/dev/null | grep -q "$BINDGEN_VERSION"
   cargo install bindgen-cli --version "$BINDGEN_VERSION" --locked --root "$TOOLS_DIR"
 fi
 
-# The guest binaries are static glibc builds.
-rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-gnu || true
 echo "deps: ok"
