@@ -23,8 +23,9 @@ APT_PACKAGES=(
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-utils)
 
 have_all() {
-  dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null | grep -vc 'install ok installed' | grep -qx 0 &&
-    [ "$(dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null | wc -l)" -eq "$#" ]
+  local out
+  out=$(dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null) || return 1
+  [ "$(grep -c 'install ok installed' <<<"$out")" -eq "$#" ]
 }
 
 if ! have_all "${APT_PACKAGES[@]}" "${BACKPORTS_PACKAGES[@]}"; then
