@@ -225,42 +225,65 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         // out: make it durable now, so that a server killed after
         // acknowledging the write loses nothing (in-place rewrites are in
         // the page cache and survive the process).
-        self.flush()
+        self.persist_block(block)
     }
 
     /// Makes every completed write durable, table included.
     pub fn flush(&self) -> io::Result<()> {
         let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
         // 1. Snapshot: each mapping in it was made after its data was written.
-        let snapshot: Vec<u64> = self
-            .table
-            .iter()
-            .map(|e| e.load(Ordering::Acquire))
+        let pages: Vec<Vec<u64>> = (0..durable.pages.len())
+            .map(|p| self.page_entries(p))
             .collect();
-        // 2. That data is durable...
+        // 2. That data is durable before 3. any table page that points at it.
         self.store.sync()?;
-        // 3. ...before any table page that points at it.
         let mut wrote = false;
-        for (p, page) in durable.pages.iter_mut().enumerate() {
-            let first = p * ENTRIES_PER_PAGE;
-            let mut entries = vec![0u64; ENTRIES_PER_PAGE];
-            let n = (snapshot.len() - first).min(ENTRIES_PER_PAGE);
-            entries[..n].copy_from_slice(&snapshot[first..first + n]);
-            if entries == page.2 {
-                continue;
-            }
-            // Into the other slot, so a torn write leaves the old version.
-            let (seq, slot) = (page.0 + 1, 1 - page.1);
-            let bytes = encode_page(seq, p as u32, &entries);
-            self.store
-                .write_at(&bytes, self.header.slot_offset(p as u32, slot))?;
-            *page = (seq, slot, entries);
-            wrote = true;
+        for (p, entries) in pages.into_iter().enumerate() {
+            wrote |= self.write_page(&mut durable, p, entries)?;
         }
         if wrote {
             self.store.sync()?;
         }
         Ok(())
+    }
+
+    /// Makes the table page holding `block` durable (the flush protocol for
+    /// one page): what a first write needs before it is acknowledged.
+    fn persist_block(&self, block: u64) -> io::Result<()> {
+        let p = (block / ENTRIES_PER_PAGE as u64) as usize;
+        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.page_entries(p);
+        self.store.sync()?;
+        if self.write_page(&mut durable, p, entries)? {
+            self.store.sync()?;
+        }
+        Ok(())
+    }
+
+    /// The working table's entries of page `p`, padded to a full page.
+    fn page_entries(&self, p: usize) -> Vec<u64> {
+        let first = p * ENTRIES_PER_PAGE;
+        let mut entries = vec![0u64; ENTRIES_PER_PAGE];
+        let n = (self.table.len() - first).min(ENTRIES_PER_PAGE);
+        for (e, t) in entries[..n].iter_mut().zip(&self.table[first..first + n]) {
+            *e = t.load(Ordering::Acquire);
+        }
+        entries
+    }
+
+    /// Writes page `p` into its other slot if it changed; true if it did.
+    fn write_page(&self, durable: &mut Durable, p: usize, entries: Vec<u64>) -> io::Result<bool> {
+        let page = &mut durable.pages[p];
+        if entries == page.2 {
+            return Ok(false);
+        }
+        // Into the other slot, so a torn write leaves the old version.
+        let (seq, slot) = (page.0 + 1, 1 - page.1);
+        let bytes = encode_page(seq, p as u32, &entries);
+        self.store
+            .write_at(&bytes, self.header.slot_offset(p as u32, slot))?;
+        *page = (seq, slot, entries);
+        Ok(true)
     }
 }
 
