@@ -103,7 +103,7 @@ pub fn run(cmd: CowCmd) -> Result<(), String> {
             Ok(())
         }
         CowCmd::Merge { delta, base } => {
-            let cow = Cow::open(&delta, base.as_deref()).map_err(|e| e.to_string())?;
+            let cow = Cow::open_exclusive(&delta, base.as_deref()).map_err(|e| e.to_string())?;
             let base_path = cow.base_path.clone();
             let n = cow.merge(&delta).map_err(|e| e.to_string())?;
             println!(

@@ -227,7 +227,8 @@ impl Server {
             .spawn()
             .map_err(|e| format!("starting {program}: {e}"))?;
         let s = Server { child, stats };
-        if !wait_for(Duration::from_secs(10), || Path::new(&s.stats).exists()) {
+        // Generous: a cow server hashes its base first (slow under TCG).
+        if !wait_for(Duration::from_secs(30), || Path::new(&s.stats).exists()) {
             return Err(format!("{program} {} did not start", head.join(" ")));
         }
         Ok(s)

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::format::{self, decode_page, encode_page, FormatError, Header, ENTRIES_PER_PAGE, PAGE};
-use super::storage::Storage;
+use super::storage::{Shared, Storage};
 
 /// Why a delta could not be created or opened.
 #[derive(Debug, thiserror::Error)]
@@ -21,29 +21,65 @@ pub enum DeltaError {
     BaseDigest,
 }
 
-/// What the last completed flush made durable, per table page.
-struct Durable {
-    /// (sequence, slot holding it, entries) per page.
-    pages: Vec<(u64, u32, Vec<u64>)>,
+/// The working area: the next free delta block and the working table.
+/// Shared between processes through a mapping of the delta, or private.
+struct Working {
+    map: Option<memmap2::MmapMut>,
+    local: Vec<AtomicU64>,
 }
+
+impl Working {
+    /// u64 0: the next free block; then one entry per block.
+    fn words(&self) -> &[AtomicU64] {
+        match &self.map {
+            // SAFETY: the mapping is page-aligned, so 8-byte aligned; it
+            // lives as long as `self`; every access, here and in the other
+            // processes mapping it, is atomic.
+            Some(m) => unsafe {
+                std::slice::from_raw_parts(m.as_ptr().cast::<AtomicU64>(), m.len() / 8)
+            },
+            None => &self.local,
+        }
+    }
+}
+
+/// Lock bytes (beyond any real data) for cross-process exclusion.
+const LOCK_BASE: u64 = 1 << 62;
+const PAGE_LOCK: u64 = LOCK_BASE - 1;
 
 /// Lock stripes for first writes: writes to different parts of one block
 /// that is not yet copied must not both copy it.
 const STRIPES: usize = 64;
 
 /// A cow device's state.
-pub struct Delta<S: Storage, B: Storage> {
+pub struct Delta<S: Shared, B: Storage> {
     header: Header,
     store: S,
     base: B,
-    /// Working table: 0 = unmapped, d + 1 = delta block d.
-    table: Vec<AtomicU64>,
-    next_free: AtomicU64,
+    /// The next free block and the working table (0 = unmapped, d + 1 =
+    /// delta block d), possibly shared with other serving processes.
+    work: Working,
     stripes: Vec<Mutex<()>>,
-    durable: Mutex<Durable>,
+    /// Serialises this process's table page updates (the OFD lock on
+    /// `PAGE_LOCK` does it between processes).
+    page_lock: Mutex<()>,
 }
 
-impl<S: Storage, B: Storage> Delta<S, B> {
+/// Holds a cross-process lock byte; releases it when dropped.
+struct ByteGuard<'a, S: Shared>(&'a S, u64);
+
+impl<S: Shared> Drop for ByteGuard<'_, S> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock_byte(self.1);
+    }
+}
+
+fn lock_byte<S: Shared>(s: &S, at: u64) -> io::Result<ByteGuard<'_, S>> {
+    s.lock_byte(at)?;
+    Ok(ByteGuard(s, at))
+}
+
+impl<S: Shared, B: Storage> Delta<S, B> {
     /// Makes a new, empty delta in `store` (which must be empty) over `base`.
     pub fn create(store: S, base: B, block_size: u32, base_path: &str) -> Result<Self, DeltaError> {
         let base_size = base.size()?;
@@ -57,8 +93,20 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         Self::open(store, base)
     }
 
-    /// Opens a delta: checks the header, the base's identity and the table.
+    /// Opens a delta as its first (or only) server: checks the header, the
+    /// base's identity and the table, and fills the working area from the
+    /// table.
     pub fn open(store: S, base: B) -> Result<Self, DeltaError> {
+        Self::open_with(store, base, true)
+    }
+
+    /// Opens a delta that another server already serves: the working area
+    /// is live and is used as it is.
+    pub fn join(store: S, base: B) -> Result<Self, DeltaError> {
+        Self::open_with(store, base, false)
+    }
+
+    fn open_with(store: S, base: B, init: bool) -> Result<Self, DeltaError> {
         let mut hb = [0u8; PAGE];
         let len = store.size()?;
         if len < PAGE as u64 {
@@ -81,15 +129,17 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         }
         let nblocks = header.nblocks();
         let mut table = Vec::with_capacity(nblocks as usize);
-        let mut pages = Vec::with_capacity(header.table_pages as usize);
         for p in 0..header.table_pages {
-            let (seq, slot, entries) = read_page(&store, &header, p)?;
+            let (_, _, entries) = read_page(&store, &header, p)?;
             let first = p as u64 * ENTRIES_PER_PAGE as u64;
             let n = (nblocks - first).min(ENTRIES_PER_PAGE as u64) as usize;
             table.extend(entries[..n].iter().map(|&e| AtomicU64::new(e)));
-            pages.push((seq, slot, entries.to_vec()));
         }
         // Every mapping must point inside the file, and at its own block.
+        // The length is read after the table: a running server may have
+        // grown the delta meanwhile, and its data precedes the page that
+        // maps it.
+        let len = store.size()?;
         let mut owner = std::collections::HashMap::new();
         let mut next_free = 0;
         for (b, e) in table.iter().enumerate() {
@@ -106,15 +156,41 @@ impl<S: Storage, B: Storage> Delta<S, B> {
             }
             next_free = next_free.max(d + 1);
         }
-        Ok(Delta {
+        let map = store.map_shared(header.work_offset(), header.work_len())?;
+        let local = if map.is_some() {
+            Vec::new()
+        } else {
+            (0..1 + nblocks).map(|_| AtomicU64::new(0)).collect()
+        };
+        let delta = Delta {
             header,
             store,
             base,
-            table,
-            next_free: AtomicU64::new(next_free),
+            work: Working { map, local },
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            durable: Mutex::new(Durable { pages }),
-        })
+            page_lock: Mutex::new(()),
+        };
+        if init || delta.work.map.is_none() {
+            delta.work.words()[0].store(next_free, Ordering::Relaxed);
+            for (w, t) in delta.table().iter().zip(&table) {
+                w.store(t.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        Ok(delta)
+    }
+
+    /// The working table.
+    fn table(&self) -> &[AtomicU64] {
+        &self.work.words()[1..1 + self.header.nblocks() as usize]
+    }
+
+    fn next_free(&self) -> &AtomicU64 {
+        &self.work.words()[0]
+    }
+
+    /// Where the delta lives.
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     pub fn header(&self) -> &Header {
@@ -123,12 +199,12 @@ impl<S: Storage, B: Storage> Delta<S, B> {
 
     /// Whether virtual block `b` is in the delta.
     pub fn is_mapped(&self, b: u64) -> bool {
-        self.table[b as usize].load(Ordering::Acquire) != 0
+        self.table()[b as usize].load(Ordering::Acquire) != 0
     }
 
     /// Blocks the working table maps.
     pub fn mapped_blocks(&self) -> u64 {
-        self.table
+        self.table()
             .iter()
             .filter(|e| e.load(Ordering::Relaxed) != 0)
             .count() as u64
@@ -173,7 +249,7 @@ impl<S: Storage, B: Storage> Delta<S, B> {
     /// Reads `buf` at virtual `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.pieces(offset, buf.len(), |block, inner, r| {
-            match self.table[block as usize].load(Ordering::Acquire) {
+            match self.table()[block as usize].load(Ordering::Acquire) {
                 0 => self.read_base(&mut buf[r], block * self.bs() + inner),
                 e => self
                     .store
@@ -194,16 +270,19 @@ impl<S: Storage, B: Storage> Delta<S, B> {
     }
 
     fn write_piece(&self, block: u64, inner: u64, data: &[u8]) -> io::Result<()> {
-        let entry = &self.table[block as usize];
+        let entry = &self.table()[block as usize];
         let mapped = entry.load(Ordering::Acquire);
         if mapped != 0 {
             return self
                 .store
                 .write_at(data, self.header.block_offset(mapped - 1) + inner);
         }
-        let _stripe = self.stripes[block as usize % STRIPES]
+        // This process's threads, then other processes.
+        let stripe = block as usize % STRIPES;
+        let _local = self.stripes[stripe]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let _shared = lock_byte(&self.store, LOCK_BASE + stripe as u64)?;
         // Another writer may have copied it while we waited.
         let mapped = entry.load(Ordering::Acquire);
         if mapped != 0 {
@@ -218,7 +297,7 @@ impl<S: Storage, B: Storage> Delta<S, B> {
             self.read_base(&mut full, block * self.bs())?;
         }
         full[inner as usize..inner as usize + data.len()].copy_from_slice(data);
-        let d = self.next_free.fetch_add(1, Ordering::Relaxed);
+        let d = self.next_free().fetch_add(1, Ordering::Relaxed);
         self.store.write_at(&full, self.header.block_offset(d))?;
         entry.store(d + 1, Ordering::Release);
         // The mapping lives only in this process until a flush writes it
@@ -228,62 +307,45 @@ impl<S: Storage, B: Storage> Delta<S, B> {
         self.persist_block(block)
     }
 
-    /// Makes every completed write durable, table included.
+    /// Makes every completed write durable, table included. (Every mapping
+    /// an acknowledged write made is on disk already: see `persist_block`.)
     pub fn flush(&self) -> io::Result<()> {
-        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
-        // 1. Snapshot: each mapping in it was made after its data was written.
-        let pages: Vec<Vec<u64>> = (0..durable.pages.len())
-            .map(|p| self.page_entries(p))
-            .collect();
-        // 2. That data is durable before 3. any table page that points at it.
-        self.store.sync()?;
-        let mut wrote = false;
-        for (p, entries) in pages.into_iter().enumerate() {
-            wrote |= self.write_page(&mut durable, p, entries)?;
-        }
-        if wrote {
-            self.store.sync()?;
-        }
-        Ok(())
+        self.store.sync()
     }
 
-    /// Makes the table page holding `block` durable (the flush protocol for
-    /// one page): what a first write needs before it is acknowledged.
+    /// Makes the table page holding `block` durable, with everything the
+    /// working table maps in it (this or another server's first writes):
+    /// data first, then the page, into its other slot.
     fn persist_block(&self, block: u64) -> io::Result<()> {
-        let p = (block / ENTRIES_PER_PAGE as u64) as usize;
-        let mut durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
-        let entries = self.page_entries(p);
+        let p = (block / ENTRIES_PER_PAGE as u64) as u32;
+        let _local = self.page_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _shared = lock_byte(&self.store, PAGE_LOCK)?;
+        let entries = self.page_entries(p as usize);
         self.store.sync()?;
-        if self.write_page(&mut durable, p, entries)? {
-            self.store.sync()?;
+        let (seq, slot, on_disk) =
+            read_page(&self.store, &self.header, p).map_err(|e| match e {
+                DeltaError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+        if entries[..] == on_disk[..] {
+            return Ok(());
         }
-        Ok(())
+        let bytes = encode_page(seq + 1, p, &entries);
+        self.store
+            .write_at(&bytes, self.header.slot_offset(p, 1 - slot))?;
+        self.store.sync()
     }
 
     /// The working table's entries of page `p`, padded to a full page.
     fn page_entries(&self, p: usize) -> Vec<u64> {
         let first = p * ENTRIES_PER_PAGE;
         let mut entries = vec![0u64; ENTRIES_PER_PAGE];
-        let n = (self.table.len() - first).min(ENTRIES_PER_PAGE);
-        for (e, t) in entries[..n].iter_mut().zip(&self.table[first..first + n]) {
+        let table = self.table();
+        let n = (table.len() - first).min(ENTRIES_PER_PAGE);
+        for (e, t) in entries[..n].iter_mut().zip(&table[first..first + n]) {
             *e = t.load(Ordering::Acquire);
         }
         entries
-    }
-
-    /// Writes page `p` into its other slot if it changed; true if it did.
-    fn write_page(&self, durable: &mut Durable, p: usize, entries: Vec<u64>) -> io::Result<bool> {
-        let page = &mut durable.pages[p];
-        if entries == page.2 {
-            return Ok(false);
-        }
-        // Into the other slot, so a torn write leaves the old version.
-        let (seq, slot) = (page.0 + 1, 1 - page.1);
-        let bytes = encode_page(seq, p as u32, &entries);
-        self.store
-            .write_at(&bytes, self.header.slot_offset(p as u32, slot))?;
-        *page = (seq, slot, entries);
-        Ok(true)
     }
 }
 

@@ -70,8 +70,9 @@ impl Header {
         let table_pages: u32 = table_pages
             .try_into()
             .map_err(|_| FormatError::Inconsistent("too many blocks".into()))?;
-        let data_offset = (PAGE as u64 + 2 * PAGE as u64 * table_pages as u64)
-            .next_multiple_of(block_size as u64);
+        let work_offset = PAGE as u64 + 2 * PAGE as u64 * table_pages as u64;
+        let data_offset =
+            (work_offset + Self::work_len_for(nblocks)).next_multiple_of(block_size as u64);
         if base_path.len() > 255 {
             return Err(FormatError::Inconsistent(
                 "base path longer than 255 bytes".into(),
@@ -90,6 +91,20 @@ impl Header {
 
     pub fn nblocks(&self) -> u64 {
         self.virtual_size / self.block_size as u64
+    }
+
+    fn work_len_for(nblocks: u64) -> u64 {
+        (PAGE as u64 + 8 * nblocks).next_multiple_of(PAGE as u64)
+    }
+
+    /// The working area: a page (the next free delta block, a u64) and the
+    /// working table (a u64 per block), shared by the serving processes.
+    pub fn work_offset(&self) -> u64 {
+        PAGE as u64 + 2 * PAGE as u64 * self.table_pages as u64
+    }
+
+    pub fn work_len(&self) -> u64 {
+        Self::work_len_for(self.nblocks())
     }
 
     /// Byte offset of delta block `d`.
@@ -224,7 +239,11 @@ mod tests {
         assert_eq!(h.nblocks(), 1024);
         assert_eq!(h.table_pages, 3);
         assert_eq!(h.data_offset % 65536, 0);
-        assert!(h.data_offset >= 4096 + 6 * 4096);
+        assert!(h.data_offset >= h.work_offset() + h.work_len());
+        // Small blocks: the data area starts right after the working area.
+        let small = Header::new(4096, 96 << 10, 96 << 10, [0; 32], "").unwrap();
+        assert_eq!(small.data_offset, small.work_offset() + small.work_len());
+        assert_eq!(h.work_offset(), 4096 + 6 * 4096);
     }
 
     #[test]

@@ -43,6 +43,27 @@ fn lock(file: File, path: &Path) -> Result<Flock<File>, CowError> {
         .map_err(|_| CowError::Busy(path.to_path_buf()))
 }
 
+/// A delta opened only to read its durable state: no shared working area,
+/// no locks (a server may be running).
+struct ReadOnly(File);
+
+impl storage::Storage for ReadOnly {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        storage::Storage::read_at(&self.0, buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        storage::Storage::size(&self.0)
+    }
+}
+
+impl storage::Shared for ReadOnly {}
+
 /// What `Cow::inspect` found.
 pub struct Inspection {
     pub header: format::Header,
@@ -69,6 +90,18 @@ impl storage::Storage for Flock<File> {
     }
     fn size(&self) -> io::Result<u64> {
         storage::Storage::size(&**self)
+    }
+}
+
+impl storage::Shared for Flock<File> {
+    fn map_shared(&self, offset: u64, len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+        storage::Shared::map_shared(&**self, offset, len)
+    }
+    fn lock_byte(&self, at: u64) -> io::Result<()> {
+        storage::Shared::lock_byte(&**self, at)
+    }
+    fn unlock_byte(&self, at: u64) -> io::Result<()> {
+        storage::Shared::unlock_byte(&**self, at)
     }
 }
 
@@ -103,14 +136,49 @@ impl Cow {
         }
     }
 
-    /// Opens a delta; the base is the one its header names unless given.
+    /// Opens a delta to serve it; the base is the one its header names
+    /// unless given. The first server fills the shared working area (it
+    /// holds the delta's lock exclusively meanwhile); later ones join it.
     pub fn open(delta: &Path, base: Option<&Path>) -> Result<Cow, CowError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(delta)
             .map_err(io_err(delta))?;
-        let store = lock(file, delta)?;
+        let (store, first) = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => (l, true),
+            // Another server has it: wait for its set-up, then share it.
+            Err((file, _)) => (
+                Flock::lock(file, FlockArg::LockShared)
+                    .map_err(|(_, e)| CowError::Io(delta.to_path_buf(), e.into()))?,
+                false,
+            ),
+        };
+        let cow = Self::open_locked(store, delta, base, first)?;
+        if first {
+            cow.delta_store()
+                .relock(FlockArg::LockShared)
+                .map_err(|e| CowError::Io(delta.to_path_buf(), e.into()))?;
+        }
+        Ok(cow)
+    }
+
+    /// Opens a delta no server has open (for merge).
+    pub fn open_exclusive(delta: &Path, base: Option<&Path>) -> Result<Cow, CowError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(delta)
+            .map_err(io_err(delta))?;
+        Self::open_locked(lock(file, delta)?, delta, base, true)
+    }
+
+    fn open_locked(
+        store: Flock<File>,
+        delta: &Path,
+        base: Option<&Path>,
+        first: bool,
+    ) -> Result<Cow, CowError> {
         let base_path = match base {
             Some(b) => b.to_path_buf(),
             None => PathBuf::from(
@@ -118,12 +186,20 @@ impl Cow {
             ),
         };
         let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
-        let d =
-            Delta::open(store, base_file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        let d = if first {
+            Delta::open(store, base_file)
+        } else {
+            Delta::join(store, base_file)
+        };
+        let d = d.map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         Ok(Cow {
             delta: d,
             base_path,
         })
+    }
+
+    fn delta_store(&self) -> &Flock<File> {
+        self.delta.store()
     }
 
     fn peek_base(store: &impl storage::Storage) -> Result<String, DeltaError> {
@@ -139,7 +215,7 @@ impl Cow {
         let file = File::open(delta).map_err(io_err(delta))?;
         let in_use = match Flock::lock(
             file.try_clone().map_err(io_err(delta))?,
-            FlockArg::LockSharedNonblock,
+            FlockArg::LockExclusiveNonblock,
         ) {
             Ok(l) => {
                 drop(l);
@@ -154,8 +230,8 @@ impl Cow {
             ),
         };
         let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
-        let d =
-            Delta::open(file, base_file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        let d = Delta::open(ReadOnly(file), base_file)
+            .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         Ok(Inspection {
             header: d.header().clone(),
             mapped: d.mapped_blocks(),

@@ -42,3 +42,67 @@ impl Storage for File {
         Ok(self.metadata()?.len())
     }
 }
+
+/// What serving processes share: a mapping of the working area, and locks.
+/// Storage without them (the tests' in-memory files) is private to one
+/// `Delta`, whose own mutexes then suffice.
+pub trait Shared: Storage {
+    /// A shared, writable mapping of `len` bytes at `offset`.
+    fn map_shared(&self, _offset: u64, _len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+        Ok(None)
+    }
+    /// Takes the cross-process lock on byte `at`, waiting for it.
+    fn lock_byte(&self, _at: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn unlock_byte(&self, _at: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ofd_lock(file: &File, at: u64, kind: i16, wait: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fl = nix::libc::flock {
+        l_type: kind,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: at as i64,
+        l_len: 1,
+        l_pid: 0,
+    };
+    loop {
+        let arg = if wait {
+            nix::fcntl::FcntlArg::F_OFD_SETLKW(&fl)
+        } else {
+            nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)
+        };
+        match nix::fcntl::fcntl(file.as_raw_fd(), arg) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map(|_| ()).map_err(io::Error::from),
+        }
+    }
+}
+
+impl Shared for File {
+    fn map_shared(&self, offset: u64, len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+        // SAFETY: the mapped range is the delta's working area, which other
+        // processes change concurrently by design; it is only ever accessed
+        // through atomics (see `delta::Working`).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .map_mut(self)?
+        };
+        Ok(Some(map))
+    }
+
+    fn lock_byte(&self, at: u64) -> io::Result<()> {
+        // OFD locks belong to the open file, not the process: they exclude
+        // other opens of the delta (other servers), and go away with them.
+        ofd_lock(self, at, nix::libc::F_WRLCK as i16, true)
+    }
+
+    fn unlock_byte(&self, at: u64) -> io::Result<()> {
+        ofd_lock(self, at, nix::libc::F_UNLCK as i16, false)
+    }
+}
