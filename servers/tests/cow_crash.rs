@@ -443,3 +443,64 @@ fn two_servers_share_one_delta() {
     c.read(0, &mut buf).unwrap();
     assert!(buf[..512].iter().all(|&x| x == 9u8.wrapping_mul(8) + 1));
 }
+
+#[test]
+fn an_interrupted_merge_is_refused_for_serving_and_finished_by_merge() {
+    use abuse_servers::cow::format::{Header, FLAG_MERGING, PAGE};
+    use abuse_servers::cow::Cow;
+    use abuse_servers::Backend;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, delta) = (dir.path().join("base"), dir.path().join("delta"));
+    let original = pattern(21, BLOCKS * BS);
+    std::fs::write(&base, &original).unwrap();
+    drop(Cow::create(&base, &delta, BS as u32).unwrap());
+    let mut want = original.clone();
+    {
+        let cow = Cow::open(&delta, None).unwrap();
+        for (i, blk) in [2usize, 7, 8, 19].iter().enumerate() {
+            let data = pattern(100 + i as u64, 1000);
+            cow.write((blk * BS + 300) as u64, &data, false).unwrap();
+            want[blk * BS + 300..blk * BS + 1300].copy_from_slice(&data);
+        }
+        cow.flush().unwrap();
+    }
+    // A merge that died half way: the delta says so, and one of the four
+    // blocks already reached the base.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&delta)
+        .unwrap();
+    let mut hb = [0u8; PAGE];
+    f.read_exact_at(&mut hb, 0).unwrap();
+    let mut h = Header::decode(&hb).unwrap();
+    h.flags |= FLAG_MERGING;
+    f.write_all_at(&h.encode(), 0).unwrap();
+    drop(f);
+    let b = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+    b.write_all_at(&want[7 * BS..8 * BS], (7 * BS) as u64)
+        .unwrap();
+    drop(b);
+
+    let e = Cow::open(&delta, None)
+        .err()
+        .expect("served a half-merged delta")
+        .to_string();
+    assert!(e.contains("merge into the base was interrupted"), "{e}");
+    let merged = Cow::open_exclusive(&delta, None)
+        .unwrap()
+        .merge(&delta)
+        .unwrap();
+    assert_eq!(merged, 4);
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        want,
+        "the base does not hold the merged data"
+    );
+    let after = Cow::open(&delta, None).unwrap();
+    assert_eq!(after.mapped_blocks(), 0);
+    let mut got = vec![0u8; BLOCKS * BS];
+    after.read(0, &mut got).unwrap();
+    assert_eq!(got, want);
+}

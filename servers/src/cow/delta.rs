@@ -97,16 +97,23 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     /// base's identity and the table, and fills the working area from the
     /// table.
     pub fn open(store: S, base: B) -> Result<Self, DeltaError> {
-        Self::open_with(store, base, true)
+        Self::open_with(store, base, true, false)
     }
 
     /// Opens a delta that another server already serves: the working area
     /// is live and is used as it is.
     pub fn join(store: S, base: B) -> Result<Self, DeltaError> {
-        Self::open_with(store, base, false)
+        Self::open_with(store, base, false, false)
     }
 
-    fn open_with(store: S, base: B, init: bool) -> Result<Self, DeltaError> {
+    /// Opens a delta to merge it into its base: a merge that was
+    /// interrupted left the base partly written, so its digest is not
+    /// checked then (the merge is finished instead).
+    pub fn open_for_merge(store: S, base: B) -> Result<Self, DeltaError> {
+        Self::open_with(store, base, true, true)
+    }
+
+    fn open_with(store: S, base: B, init: bool, merging: bool) -> Result<Self, DeltaError> {
         let mut hb = [0u8; PAGE];
         let len = store.size()?;
         if len < PAGE as u64 {
@@ -117,6 +124,10 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         if len < header.data_offset {
             return Err(FormatError::Truncated(len, header.data_offset).into());
         }
+        let interrupted = header.flags & format::FLAG_MERGING != 0;
+        if interrupted && !merging {
+            return Err(FormatError::Merging.into());
+        }
         let got = base.size()?;
         if got != header.base_size {
             return Err(DeltaError::BaseSize {
@@ -124,7 +135,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 got,
             });
         }
-        if format::digest(|off, buf| base.read_at(buf, off), got)? != header.base_digest {
+        if !interrupted
+            && format::digest(|off, buf| base.read_at(buf, off), got)? != header.base_digest
+        {
             return Err(DeltaError::BaseDigest);
         }
         let nblocks = header.nblocks();
@@ -186,6 +199,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
 
     fn next_free(&self) -> &AtomicU64 {
         &self.work.words()[0]
+    }
+
+    /// Marks the delta as being merged (durably), before the base changes.
+    pub fn mark_merging(&mut self) -> io::Result<()> {
+        self.header.flags |= format::FLAG_MERGING;
+        self.store.write_at(&self.header.encode(), 0)?;
+        self.store.sync()
     }
 
     /// Where the delta lives.

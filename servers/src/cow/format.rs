@@ -12,6 +12,10 @@ pub const ENTRIES_PER_PAGE: usize = (PAGE - 16) / 8;
 pub const MIN_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 1 << 20;
 const HEADER_CRC_AT: usize = 332;
+const PATH_AT: usize = 76;
+const FLAGS_AT: usize = 328;
+/// `Header::flags`: a merge into the base started and did not finish.
+pub const FLAG_MERGING: u32 = 1;
 
 /// Why a delta cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +30,8 @@ pub enum FormatError {
     Inconsistent(String),
     #[error("the delta is truncated: {0} bytes, its table needs {1}")]
     Truncated(u64, u64),
+    #[error("a merge into the base was interrupted: run `abusectl cow merge` again to finish it")]
+    Merging,
     #[error("table page {0} is corrupt in both slots")]
     TablePage(u32),
     #[error("table entry for block {block} points past the end of the delta")]
@@ -44,6 +50,8 @@ pub struct Header {
     pub data_offset: u64,
     pub table_pages: u32,
     pub base_path: String,
+    /// `FLAG_*`.
+    pub flags: u32,
 }
 
 impl Header {
@@ -73,9 +81,9 @@ impl Header {
         let work_offset = PAGE as u64 + 2 * PAGE as u64 * table_pages as u64;
         let data_offset =
             (work_offset + Self::work_len_for(nblocks)).next_multiple_of(block_size as u64);
-        if base_path.len() > 255 {
+        if base_path.len() >= FLAGS_AT - PATH_AT {
             return Err(FormatError::Inconsistent(
-                "base path longer than 255 bytes".into(),
+                "base path longer than 251 bytes".into(),
             ));
         }
         Ok(Header {
@@ -86,6 +94,7 @@ impl Header {
             data_offset,
             table_pages,
             base_path: base_path.into(),
+            flags: 0,
         })
     }
 
@@ -127,7 +136,8 @@ impl Header {
         b[32..64].copy_from_slice(&self.base_digest);
         b[64..72].copy_from_slice(&self.data_offset.to_le_bytes());
         b[72..76].copy_from_slice(&self.table_pages.to_le_bytes());
-        b[76..76 + self.base_path.len()].copy_from_slice(self.base_path.as_bytes());
+        b[PATH_AT..PATH_AT + self.base_path.len()].copy_from_slice(self.base_path.as_bytes());
+        b[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&self.flags.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
@@ -145,19 +155,26 @@ impl Header {
         if u32_at(8) != VERSION {
             return Err(FormatError::Version(u32_at(8)));
         }
-        let path_bytes = &b[76..332];
+        let path_bytes = &b[PATH_AT..FLAGS_AT];
         let end = path_bytes
             .iter()
             .position(|&c| c == 0)
             .unwrap_or(path_bytes.len());
         let path = String::from_utf8_lossy(&path_bytes[..end]).into_owned();
-        let h = Header::new(
+        let mut h = Header::new(
             u32_at(12),
             u64_at(16),
             u64_at(24),
             b[32..64].try_into().unwrap(),
             &path,
         )?;
+        h.flags = u32_at(FLAGS_AT);
+        if h.flags & !FLAG_MERGING != 0 {
+            return Err(FormatError::Inconsistent(format!(
+                "unknown flags {:#x}",
+                h.flags
+            )));
+        }
         if h.data_offset != u64_at(64) || h.table_pages != u32_at(72) {
             return Err(FormatError::Inconsistent(
                 "table geometry does not match the sizes".into(),

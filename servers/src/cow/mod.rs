@@ -163,14 +163,27 @@ impl Cow {
         Ok(cow)
     }
 
-    /// Opens a delta no server has open (for merge).
+    /// Opens a delta no server has open, to merge it.
     pub fn open_exclusive(delta: &Path, base: Option<&Path>) -> Result<Cow, CowError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(delta)
             .map_err(io_err(delta))?;
-        Self::open_locked(lock(file, delta)?, delta, base, true)
+        let store = lock(file, delta)?;
+        let base_path = match base {
+            Some(b) => b.to_path_buf(),
+            None => PathBuf::from(
+                Self::peek_base(&store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
+            ),
+        };
+        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let d = Delta::open_for_merge(store, base_file)
+            .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        Ok(Cow {
+            delta: d,
+            base_path,
+        })
     }
 
     fn open_locked(
@@ -250,7 +263,12 @@ impl Cow {
 
     /// Writes every mapped block into the base, then empties the delta
     /// (which then describes the new base).
-    pub fn merge(self, delta_path: &Path) -> Result<u64, CowError> {
+    ///
+    /// The delta is first marked as being merged: if the merge is cut short
+    /// (the base then half written), the delta refuses to be served and
+    /// `merge` runs again from the start, which finishes it.
+    pub fn merge(mut self, delta_path: &Path) -> Result<u64, CowError> {
+        self.delta.mark_merging().map_err(io_err(delta_path))?;
         let h = self.delta.header().clone();
         let base = OpenOptions::new()
             .write(true)
