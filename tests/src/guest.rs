@@ -22,6 +22,16 @@ pub const BLKDISCARD: &str = "/sbin/blkdiscard";
 pub const SFDISK: &str = "/sbin/sfdisk";
 pub const SETPRIV: &str = "/usr/bin/setpriv";
 
+/// `e2fsck -fn` finds nothing to fix on `dev` (a device or an image).
+pub fn e2fsck_clean(dev: &str) -> Outcome {
+    // -n: exit 0 only when clean; the output is checked too, for the log.
+    let out = sh(&format!("{E2FSCK} -fn {dev} 2>&1"))?;
+    if out.contains("ERROR") || out.contains("corrupt") {
+        return Err(format!("e2fsck -fn {dev}: {out}"));
+    }
+    Ok(())
+}
+
 /// Where /init puts the module.
 pub const MODULE: &str = "/lib/abuse/abuse.ko";
 

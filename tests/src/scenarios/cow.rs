@@ -5,7 +5,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::ensure;
-use crate::guest::{insmod, sh, teardown, Outcome, Server, E2FSCK, MKFS_EXT4};
+use crate::guest::{e2fsck_clean, insmod, sh, teardown, Outcome, Server, MKFS_EXT4};
 
 const CTL: &str = "/dev/abctl0";
 const DEV: &str = "/dev/abuse0";
@@ -45,11 +45,7 @@ pub fn cow_ext4_modify_merge() -> Outcome {
         md5("/tmp/base.img")? == base_sum,
         "the base changed under the cow device"
     );
-    let fsck = sh(&format!("{E2FSCK} -fn {DEV} 2>&1"))?;
-    ensure!(
-        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
-        "e2fsck on the cow device: {fsck}"
-    );
+    e2fsck_clean(DEV)?;
     sh(&format!("mount {DEV} /mnt"))?;
     let visible = tree_sums("/mnt")?;
     sh("umount /mnt")?;
@@ -69,11 +65,7 @@ pub fn cow_ext4_modify_merge() -> Outcome {
     writer.join().map_err(|_| "writer panicked")??;
     let modified = tree_sums("/mnt")?;
     sh("umount /mnt")?;
-    let fsck = sh(&format!("{E2FSCK} -fn {DEV} 2>&1"))?;
-    ensure!(
-        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
-        "e2fsck after kill -9 of the cow server: {fsck}"
-    );
+    e2fsck_clean(DEV).map_err(|e| format!("after kill -9 of the cow server: {e}"))?;
     ensure!(
         modified.contains("./new/during-kill"),
         "the file written across the kill is missing"
@@ -97,11 +89,7 @@ pub fn cow_ext4_modify_merge() -> Outcome {
         "the base changed before the merge"
     );
     sh("abusectl cow merge /tmp/work.cow")?;
-    let fsck = sh(&format!("{E2FSCK} -fn /tmp/base.img 2>&1"))?;
-    ensure!(
-        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
-        "e2fsck on the merged base: {fsck}"
-    );
+    e2fsck_clean("/tmp/base.img").map_err(|e| format!("the merged base: {e}"))?;
     let merged = sh("mount -o ro,loop /tmp/base.img /mnt2 && cd /mnt2 && find . -type f | sort | xargs md5sum; cd /; umount /mnt2")?;
     ensure!(
         merged == modified,

@@ -13,7 +13,7 @@ use crate::guest::{
     backing, config, control, insmod, open_direct, pattern, setup, sh, teardown, wait_for, Aligned,
     Outcome, Server,
 };
-use crate::guest::{BLKDISCARD, E2FSCK, MKFS_EXT4, SFDISK};
+use crate::guest::{e2fsck_clean, BLKDISCARD, MKFS_EXT4, SFDISK};
 
 const CTL: &str = "/dev/abctl0";
 const DEV: &str = "/dev/abuse0";
@@ -113,11 +113,7 @@ pub fn ext4_roundtrip() -> Outcome {
     sh(script)?;
     let before = sh("cd /mnt && find . -type f | sort | xargs md5sum")?;
     sh("umount /mnt")?;
-    let fsck = sh(&format!("{E2FSCK} -fn {DEV} 2>&1"))?;
-    ensure!(
-        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
-        "e2fsck: {fsck}"
-    );
+    e2fsck_clean(DEV)?;
     sh(&format!("mount -t ext4 {DEV} /mnt"))?;
     let after = sh("cd /mnt && find . -type f | sort | xargs md5sum")?;
     sh("umount /mnt")?;

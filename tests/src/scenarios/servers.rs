@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 
 use crate::ensure;
 use crate::guest::{
-    backing, control, insmod, sh, teardown, wait_for, Outcome, Server, E2FSCK, MKFS_EXT4,
+    backing, control, e2fsck_clean, insmod, sh, teardown, wait_for, Outcome, Server, MKFS_EXT4,
 };
 
 const CTL: &str = "/dev/abctl0";
@@ -53,11 +53,7 @@ pub fn file_server_ext4() -> Outcome {
         i=$((i + 1)); done; dd if=/dev/urandom of=/tmp/tree/a/b/rand bs=1M count=4 2>/dev/null; cp -r /tmp/tree /mnt/")?;
     let want = sh("cd /tmp/tree && find . -type f | sort | xargs md5sum")?;
     sh("umount /mnt")?;
-    let fsck = sh(&format!("{E2FSCK} -fn {DEV} 2>&1"))?;
-    ensure!(
-        !fsck.contains("ERROR") && !fsck.contains("corrupt"),
-        "e2fsck: {fsck}"
-    );
+    e2fsck_clean(DEV)?;
     let status = server.stop_with(Signal::SIGTERM, Duration::from_secs(10))?;
     ensure!(status.success(), "SIGTERM: server exited with {status}");
     // The backing file itself, through loop, read-only.
