@@ -141,12 +141,12 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             return Err(DeltaError::BaseDigest);
         }
         let nblocks = header.nblocks();
-        let mut table = Vec::with_capacity(nblocks as usize);
+        let mut table: Vec<u64> = Vec::with_capacity(nblocks as usize);
         for p in 0..header.table_pages {
             let (_, _, entries) = read_page(&store, &header, p)?;
             let first = p as u64 * ENTRIES_PER_PAGE as u64;
             let n = (nblocks - first).min(ENTRIES_PER_PAGE as u64) as usize;
-            table.extend(entries[..n].iter().map(|&e| AtomicU64::new(e)));
+            table.extend_from_slice(&entries[..n]);
         }
         // Every mapping must point inside the file, and at its own block.
         // The length is read after the table: a running server may have
@@ -155,8 +155,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let len = store.size()?;
         let mut owner = std::collections::HashMap::new();
         let mut next_free = 0;
-        for (b, e) in table.iter().enumerate() {
-            let e = e.load(Ordering::Relaxed);
+        for (b, &e) in table.iter().enumerate() {
             if e == 0 {
                 continue;
             }
@@ -185,8 +184,8 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         };
         if init || delta.work.map.is_none() {
             delta.work.words()[0].store(next_free, Ordering::Relaxed);
-            for (w, t) in delta.table().iter().zip(&table) {
-                w.store(t.load(Ordering::Relaxed), Ordering::Relaxed);
+            for (w, &e) in delta.table().iter().zip(&table) {
+                w.store(e, Ordering::Relaxed);
             }
         }
         Ok(delta)
@@ -291,11 +290,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
 
     fn write_piece(&self, block: u64, inner: u64, data: &[u8]) -> io::Result<()> {
         let entry = &self.table()[block as usize];
+        let in_place = |mapped: u64| {
+            self.store
+                .write_at(data, self.header.block_offset(mapped - 1) + inner)
+        };
         let mapped = entry.load(Ordering::Acquire);
         if mapped != 0 {
-            return self
-                .store
-                .write_at(data, self.header.block_offset(mapped - 1) + inner);
+            return in_place(mapped);
         }
         // This process's threads, then other processes.
         let stripe = block as usize % STRIPES;
@@ -306,9 +307,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         // Another writer may have copied it while we waited.
         let mapped = entry.load(Ordering::Acquire);
         if mapped != 0 {
-            return self
-                .store
-                .write_at(data, self.header.block_offset(mapped - 1) + inner);
+            return in_place(mapped);
         }
         // First write: base ∪ data into a fresh block, then map it (readers
         // see the base or the complete new block, never a mix).
@@ -320,10 +319,10 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let d = self.next_free().fetch_add(1, Ordering::Relaxed);
         self.store.write_at(&full, self.header.block_offset(d))?;
         entry.store(d + 1, Ordering::Release);
-        // The mapping lives only in this process until a flush writes it
-        // out: make it durable now, so that a server killed after
-        // acknowledging the write loses nothing (in-place rewrites are in
-        // the page cache and survive the process).
+        // The working table is memory that dies with the servers: make the
+        // mapping durable now, so that a server killed after acknowledging
+        // the write loses nothing (in-place rewrites are in the page cache
+        // and survive the process).
         self.persist_block(block)
     }
 

@@ -1,8 +1,8 @@
 //! The cow backend: copy-on-write over a read-only base (docs/cow-format.md).
 //!
-//! A serving process holds an exclusive lock on the delta: one server
-//! process per cow device (with any number of threads), and `merge` refuses
-//! while a server has it open.
+//! Serving processes hold the delta's lock shared (the first one briefly
+//! exclusive, while it sets up the shared working area); `merge` needs it
+//! exclusively, so it refuses while any server has the delta open.
 
 pub mod delta;
 pub mod format;
@@ -171,13 +171,7 @@ impl Cow {
             .open(delta)
             .map_err(io_err(delta))?;
         let store = lock(file, delta)?;
-        let base_path = match base {
-            Some(b) => b.to_path_buf(),
-            None => PathBuf::from(
-                Self::peek_base(&store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
-            ),
-        };
-        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let (base_path, base_file) = Self::open_base(&store, delta, base)?;
         let d = Delta::open_for_merge(store, base_file)
             .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         Ok(Cow {
@@ -192,13 +186,7 @@ impl Cow {
         base: Option<&Path>,
         first: bool,
     ) -> Result<Cow, CowError> {
-        let base_path = match base {
-            Some(b) => b.to_path_buf(),
-            None => PathBuf::from(
-                Self::peek_base(&store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
-            ),
-        };
-        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let (base_path, base_file) = Self::open_base(&store, delta, base)?;
         let d = if first {
             Delta::open(store, base_file)
         } else {
@@ -213,6 +201,23 @@ impl Cow {
 
     fn delta_store(&self) -> &Flock<File> {
         self.delta.store()
+    }
+
+    /// The base: `base` if given, else the one the delta's header names;
+    /// returns its path and the file, opened read-only.
+    fn open_base(
+        store: &impl storage::Storage,
+        delta: &Path,
+        base: Option<&Path>,
+    ) -> Result<(PathBuf, File), CowError> {
+        let path = match base {
+            Some(b) => b.to_path_buf(),
+            None => PathBuf::from(
+                Self::peek_base(store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
+            ),
+        };
+        let file = File::open(&path).map_err(io_err(&path))?;
+        Ok((path, file))
     }
 
     fn peek_base(store: &impl storage::Storage) -> Result<String, DeltaError> {
@@ -236,13 +241,7 @@ impl Cow {
             }
             Err(_) => true,
         };
-        let base_path = match base {
-            Some(b) => b.to_path_buf(),
-            None => PathBuf::from(
-                Self::peek_base(&file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
-            ),
-        };
-        let base_file = File::open(&base_path).map_err(io_err(&base_path))?;
+        let (base_path, base_file) = Self::open_base(&file, delta, base)?;
         let d = Delta::open(ReadOnly(file), base_file)
             .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         Ok(Inspection {
@@ -274,15 +273,12 @@ impl Cow {
             .write(true)
             .open(&self.base_path)
             .map_err(io_err(&self.base_path))?;
-        let blocks: Vec<u64> = (0..h.nblocks()).collect();
-        let merged = blocks
-            .par_iter()
-            .map(|&b| -> io::Result<u64> {
+        let merged = (0..h.nblocks())
+            .into_par_iter()
+            .filter(|&b| self.delta.is_mapped(b))
+            .map(|b| -> io::Result<u64> {
                 let mut buf = vec![0u8; h.block_size as usize];
                 let off = b * h.block_size as u64;
-                if !self.delta.is_mapped(b) {
-                    return Ok(0);
-                }
                 self.delta.read(off, &mut buf)?;
                 base.write_all_at(&buf, off)?;
                 Ok(1)
