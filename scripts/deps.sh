@@ -15,8 +15,8 @@ APT_PACKAGES=(
   linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make
   # guest userspace and clients
   busybox-static e2fsprogs fio util-linux fdisk kmod
-  # C layout test
-  gcc
+  # C layout test (and its 32-bit variant, for compat_ioctl callers)
+  gcc gcc-multilib
 )
 # qemu-system-x86 comes from bookworm-backports so that it matches the
 # preinstalled qemu-utils (installing bookworm's 7.2 would remove qemu-img).

@@ -11,7 +11,12 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define ABUSE_VERSION 1
+#define ABUSE_VERSION 2
+
+/* The ioctl numbers assume the asm-generic _IOC layout, as the Rust uapi does. */
+#if defined(__powerpc__) || defined(__mips__) || defined(__sparc__) 
+#error "ABUSE's uapi assumes the asm-generic _IOC layout, which this architecture does not use"
+#endif
 
 /* struct abuse_status.flags */
 #define ABUSE_FLAG_READ_ONLY     (1U << 0)
@@ -22,6 +27,7 @@
 #define ABUSE_FLAG_WRITE_ZEROES  (1U << 5)
 #define ABUSE_FLAG_SETTABLE      0x3fU
 #define ABUSE_FLAG_CONFIGURED    (1U << 16)
+#define ABUSE_FLAG_REPORTED      ABUSE_FLAG_CONFIGURED
 
 /* struct abuse_bio.cmd */
 #define ABUSE_CMD_READ           0
@@ -34,6 +40,7 @@
 #define ABUSE_BIO_FUA            (1U << 0)
 #define ABUSE_BIO_REQUEUED       (1U << 1)
 #define ABUSE_BIO_NOUNMAP        (1U << 2)
+#define ABUSE_BIO_ERRNO          (1U << 3)
 
 /* struct abuse_bio.result */
 #define ABUSE_RESULT_OKAY            0
@@ -48,10 +55,14 @@
 #define ABUSE_MAX_BIO_BYTES        (1U << 20)
 #define ABUSE_DATA_ALIGN           4096
 #define ABUSE_DEFAULT_TIMEOUT_MS   30000
+#define ABUSE_MIN_TIMEOUT_MS       1000
+#define ABUSE_MAX_SIZE             0x7ffffffffffff000ULL
+#define ABUSE_MAX_ERRNO            4095
 #define ABUSE_SECTOR_SHIFT         9
 
 /* GET_STATUS / SET_STATUS. SET_STATUS reads size, block_size, queue_depth,
- * flags and timeout_ms; reserved must be zero. */
+ * flags and timeout_ms, ignores what GET_STATUS reports (fields and
+ * ABUSE_FLAG_REPORTED), and requires reserved to be zero. */
 struct abuse_status {
 	__u64 size;
 	__u32 block_size;
@@ -69,7 +80,8 @@ struct abuse_status {
 	__u64 errors;
 	__u64 requeues;
 	__u64 timeouts;
-	__u64 reserved[8];
+	__u64 generation;	/* changes on every configure and RESET */
+	__u64 reserved[7];
 };
 
 /* One request. */
@@ -81,7 +93,7 @@ struct abuse_bio {
 	__u16 cmd;
 	__u16 flags;
 	__u32 result;
-	__u32 reserved;
+	__u32 error;	/* PUT_BIO with ABUSE_BIO_ERRNO: a positive errno */
 };
 
 /* GET_BIO / PUT_BIO: a batch of requests. */

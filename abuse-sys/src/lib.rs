@@ -31,6 +31,8 @@ mod raw {
 pub enum Error {
     #[error("{path}: {}", open_cause(*.errno))]
     Open { path: PathBuf, errno: Errno },
+    #[error("{path}: SET_STATUS failed: device is busy: still open from its previous configuration (unmount it first, or close what holds {block})")]
+    StillOpen { path: PathBuf, block: String },
     #[error("{path}: {op} failed: {}", ioctl_cause(.op, *.errno))]
     Ioctl {
         path: PathBuf,
@@ -46,6 +48,7 @@ impl Error {
     pub fn errno(&self) -> Errno {
         match self {
             Error::Open { errno, .. } | Error::Ioctl { errno, .. } => *errno,
+            Error::StillOpen { .. } => Errno::EBUSY,
         }
     }
 }
@@ -69,6 +72,9 @@ fn ioctl_cause(op: &str, errno: Errno) -> String {
             "device is busy: already configured (reset it first, or use reconnect)".into()
         }
         Errno::ENOTTY => "not supported by this abuse module".into(),
+        Errno::EINVAL if op == "SET_STATUS" => {
+            "invalid configuration (size, bs, qs, timeout or flags)".into()
+        }
         Errno::ENXIO if op != "SET_STATUS" => "device is not configured".into(),
         e => e.desc().to_string(),
     }
@@ -133,12 +139,22 @@ impl Control {
         Ok(st)
     }
 
-    /// ABUSE_SET_STATUS: configure the device.
+    /// ABUSE_SET_STATUS: configure the device. EBUSY on a device that is
+    /// not configured means its block device is still open from the
+    /// previous configuration: that comes back as [`Error::StillOpen`].
     pub fn set_status(&self, st: &AbuseStatus) -> Result<()> {
         // SAFETY: `st` is a valid AbuseStatus the kernel only reads.
-        unsafe { raw::set_status(self.file.as_raw_fd(), st) }
-            .map_err(|e| self.err("SET_STATUS", e, 0))?;
-        Ok(())
+        match unsafe { raw::set_status(self.file.as_raw_fd(), st) } {
+            Ok(_) => Ok(()),
+            Err(Errno::EBUSY) => match self.status() {
+                Ok(now) if now.flags & ABUSE_FLAG_CONFIGURED == 0 => Err(Error::StillOpen {
+                    path: self.path.clone(),
+                    block: format!("/dev/abuse{}", now.index),
+                }),
+                _ => Err(self.err("SET_STATUS", Errno::EBUSY, 0)),
+            },
+            Err(e) => Err(self.err("SET_STATUS", e, 0)),
+        }
     }
 
     /// ABUSE_RESET: fail everything outstanding, unconfigure.

@@ -11,8 +11,26 @@
 
 /// The ioctl type byte, `'A'`, as the original ABUSE registered it.
 pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
-/// Protocol version reported in [`AbuseStatus::version`].
-pub const ABUSE_VERSION: u32 = 1;
+/// Protocol version reported in [`AbuseStatus::version`]. 2: configuration
+/// generations, errnos on PUT_BIO, fencing timeouts.
+pub const ABUSE_VERSION: u32 = 2;
+
+// The ioctl numbers below use the asm-generic `_IOC` layout (x86, arm64,
+// riscv, ...). Architectures with another layout would get numbers the
+// kernel does not decode the same way: refuse to build there.
+#[cfg(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "mips32r6",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64",
+))]
+compile_error!(
+    "ABUSE's uapi assumes the asm-generic _IOC layout, which this architecture does not use"
+);
 
 // Device flags: [`AbuseStatus::flags`].
 /// Writes are refused by the kernel and never reach a server.
@@ -35,7 +53,10 @@ pub const ABUSE_FLAG_SETTABLE: u32 = ABUSE_FLAG_READ_ONLY
     | ABUSE_FLAG_DISCARD
     | ABUSE_FLAG_WRITE_ZEROES;
 /// Reported by GET_STATUS: the device is configured (SET_STATUS succeeded).
+/// SET_STATUS ignores it, so a GET_STATUS result can be passed back.
 pub const ABUSE_FLAG_CONFIGURED: u32 = 1 << 16;
+/// Flags only GET_STATUS reports; SET_STATUS ignores them.
+pub const ABUSE_FLAG_REPORTED: u32 = ABUSE_FLAG_CONFIGURED;
 
 // Request commands: [`AbuseBio::cmd`].
 pub const ABUSE_CMD_READ: u16 = 0;
@@ -51,6 +72,10 @@ pub const ABUSE_BIO_FUA: u16 = 1 << 0;
 pub const ABUSE_BIO_REQUEUED: u16 = 1 << 1;
 /// WRITE_ZEROES: the server must not deallocate the range.
 pub const ABUSE_BIO_NOUNMAP: u16 = 1 << 2;
+/// PUT_BIO: a failure result carries a positive errno in [`AbuseBio::error`]
+/// (ENOSPC, EOPNOTSUPP, ENODATA, ...), which the filesystem above sees as
+/// the matching block status. Without it a failure is an I/O error.
+pub const ABUSE_BIO_ERRNO: u16 = 1 << 3;
 
 // Request results: [`AbuseBio::result`] in PUT_BIO.
 /// The request succeeded.
@@ -74,14 +99,22 @@ pub const ABUSE_MAX_BIO_BYTES: u32 = 1 << 20;
 pub const ABUSE_DATA_ALIGN: u32 = 4096;
 /// The request timeout abusectl uses when none is given (0 means never).
 pub const ABUSE_DEFAULT_TIMEOUT_MS: u32 = 30_000;
+/// The shortest request timeout SET_STATUS accepts (other than 0).
+pub const ABUSE_MIN_TIMEOUT_MS: u32 = 1000;
+/// The largest device: every byte offset, and offset + length, fits an
+/// `off_t` (i64), so no sector arithmetic in the kernel or a server overflows.
+pub const ABUSE_MAX_SIZE: u64 = (i64::MAX as u64) & !(ABUSE_MAX_BLOCK_SIZE as u64 - 1);
+/// Largest errno a PUT_BIO may carry (the kernel's MAX_ERRNO).
+pub const ABUSE_MAX_ERRNO: u32 = 4095;
 /// Device sectors are always 512 bytes, whatever the block size.
 pub const ABUSE_SECTOR_SHIFT: u32 = 9;
 
 /// GET_STATUS / SET_STATUS argument.
 ///
 /// SET_STATUS reads `size`, `block_size`, `queue_depth`, `flags` and
-/// `timeout_ms`, ignores the fields GET_STATUS reports, and requires
-/// `reserved` to be zero.
+/// `timeout_ms`, ignores the fields and flags GET_STATUS reports (so a
+/// GET_STATUS result with RECONNECT added is a valid SET_STATUS), and
+/// requires `reserved` to be zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AbuseStatus {
@@ -93,7 +126,9 @@ pub struct AbuseStatus {
     pub queue_depth: u32,
     /// `ABUSE_FLAG_*`.
     pub flags: u32,
-    /// A fetched request not completed within this is handed out again; 0 = never.
+    /// A fetched request not completed within this gets the process that
+    /// fetched it killed (its requests are handed out again once its file is
+    /// released); 0 = never, else at least [`ABUSE_MIN_TIMEOUT_MS`].
     pub timeout_ms: u32,
     /// Reported: the device index N of /dev/abuseN and /dev/abctlN.
     pub index: u32,
@@ -113,12 +148,17 @@ pub struct AbuseStatus {
     pub completed: u64,
     /// Reported: requests completed with an error (failure results, RESET).
     pub errors: u64,
-    /// Reported: requests handed out again (release of their file or timeout).
+    /// Reported: requests handed out again (their file was released).
     pub requeues: u64,
-    /// Reported: requeues caused by the timeout.
+    /// Reported: fetched requests that passed the timeout (their fetching
+    /// process was killed).
     pub timeouts: u64,
+    /// Reported: the configuration's generation. It changes on every
+    /// SET_STATUS that configures the device and on every RESET, so a server
+    /// can tell that the device was reset or reconfigured under it.
+    pub generation: u64,
     /// Must be zero.
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 /// One request, as GET_BIO hands it out and PUT_BIO completes it.
@@ -141,8 +181,9 @@ pub struct AbuseBio {
     pub flags: u16,
     /// PUT_BIO: `ABUSE_RESULT_*`.
     pub result: u32,
-    /// Must be zero.
-    pub reserved: u32,
+    /// PUT_BIO with [`ABUSE_BIO_ERRNO`] and a failure result: a positive
+    /// errno (1..=[`ABUSE_MAX_ERRNO`]). Otherwise zero.
+    pub error: u32,
 }
 
 /// GET_BIO / PUT_BIO argument: a batch of requests.

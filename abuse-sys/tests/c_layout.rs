@@ -55,13 +55,14 @@ fn expectations() -> Vec<(String, u64)> {
             errors,
             requeues,
             timeouts,
+            generation,
             reserved
         ]
     );
     layout!(
         AbuseBio,
         "abuse_bio",
-        [id, sector, addr, len, cmd, flags, result, reserved]
+        [id, sector, addr, len, cmd, flags, result, error]
     );
     layout!(
         AbuseXfer,
@@ -78,6 +79,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_FLAG_WRITE_ZEROES,
         ABUSE_FLAG_SETTABLE,
         ABUSE_FLAG_CONFIGURED,
+        ABUSE_FLAG_REPORTED,
         ABUSE_CMD_READ,
         ABUSE_CMD_WRITE,
         ABUSE_CMD_FLUSH,
@@ -86,6 +88,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_BIO_FUA,
         ABUSE_BIO_REQUEUED,
         ABUSE_BIO_NOUNMAP,
+        ABUSE_BIO_ERRNO,
         ABUSE_RESULT_OKAY,
         ABUSE_RESULT_MEDIA_FAILURE,
         ABUSE_RESULT_DEVICE_FAILURE,
@@ -97,6 +100,9 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_MAX_BIO_BYTES,
         ABUSE_DATA_ALIGN,
         ABUSE_DEFAULT_TIMEOUT_MS,
+        ABUSE_MIN_TIMEOUT_MS,
+        ABUSE_MAX_SIZE,
+        ABUSE_MAX_ERRNO,
         ABUSE_SECTOR_SHIFT,
         ABUSE_GET_STATUS,
         ABUSE_SET_STATUS,
@@ -107,9 +113,13 @@ fn expectations() -> Vec<(String, u64)> {
     v
 }
 
-/// Compiles and runs the C side, returning expression -> value.
-fn c_values(exprs: &[String]) -> BTreeMap<String, u64> {
-    let dir = std::env::temp_dir().join(format!("abuse-c-layout-{}", std::process::id()));
+/// Compiles (with `cflags`) and runs the C side, returning expression -> value.
+fn c_values(exprs: &[String], cflags: &[&str]) -> BTreeMap<String, u64> {
+    let dir = std::env::temp_dir().join(format!(
+        "abuse-c-layout-{}{}",
+        std::process::id(),
+        cflags.join("")
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
     let mut src = String::from(
@@ -123,7 +133,9 @@ fn c_values(exprs: &[String]) -> BTreeMap<String, u64> {
     let exe = dir.join("layout");
     std::fs::write(&c, src).unwrap();
     let out = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Werror", "-I"])
+        .args(["-std=c11", "-Wall", "-Werror"])
+        .args(cflags)
+        .arg("-I")
         .arg(&include)
         .arg(&c)
         .arg("-o")
@@ -148,11 +160,9 @@ fn c_values(exprs: &[String]) -> BTreeMap<String, u64> {
         .collect()
 }
 
-#[test]
-fn c_header_matches_rust_layout() {
-    let want = expectations();
+fn assert_matches(want: &[(String, u64)], cflags: &[&str]) {
     let exprs: Vec<String> = want.iter().map(|(e, _)| e.clone()).collect();
-    let got = c_values(&exprs);
+    let got = c_values(&exprs, cflags);
     let mismatches: Vec<String> = want
         .iter()
         .filter(|(e, v)| got.get(e) != Some(v))
@@ -160,9 +170,26 @@ fn c_header_matches_rust_layout() {
         .collect();
     assert!(
         mismatches.is_empty(),
-        "abuse.h disagrees with uapi.rs:\n{}",
+        "abuse.h ({cflags:?}) disagrees with uapi.rs:\n{}",
         mismatches.join("\n")
     );
+}
+
+#[test]
+fn c_header_matches_rust_layout() {
+    assert_matches(&expectations(), &[]);
+}
+
+/// A 32-bit caller (through compat_ioctl) sees the same sizes, offsets and
+/// ioctl numbers: the driver passes its structs through unchanged. Only
+/// alignment differs on i386 (u64 aligns to 4), which no offset depends on.
+#[test]
+fn c_header_layout_is_the_same_for_32_bit_callers() {
+    let want: Vec<_> = expectations()
+        .into_iter()
+        .filter(|(e, _)| !e.starts_with("_Alignof"))
+        .collect();
+    assert_matches(&want, &["-m32"]);
 }
 
 #[test]

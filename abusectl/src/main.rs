@@ -32,9 +32,10 @@ enum Command {
         size=N       capacity (required), a multiple of bs\n  \
         bs=N         block size: 512, 1024, 2048 or 4096 (default 4096)\n  \
         qs=N         queue depth, 1-1024 (default 128)\n  \
-        timeout=S    seconds before a fetched request is handed out again (default 30, 0 = never)\n  \
+        timeout=S    seconds a server may hold a request before it is killed and its\n               \
+        requests go to another server (default 30, at least 1, 0 = never)\n  \
         ro | rw      read-only or read-write (default rw)\n  \
-        reconnect    on a configured device: change only ro/rw and qs\n  \
+        reconnect    on a configured device: change only the ro/rw and qs given\n  \
         flush fua discard write_zeroes   what the server handles\n\n\
         Examples:\n  abusectl setup /dev/abctl0 size=1G\n  abusectl setup /dev/abctl0 size=64M,bs=512,qs=32,flush,fua\n  abusectl setup /dev/abctl0 reconnect qs=64 ro"
     )]
@@ -127,22 +128,14 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Setup { ctl, opts } => {
             let o = opts::SetupOpts::parse(&opts)?;
-            let reconnect = o.flags & abuse_sys::ABUSE_FLAG_RECONNECT != 0;
-            let size = match (o.size, reconnect) {
-                (Some(s), _) => s,
-                (None, true) => 0,
-                (None, false) => return Err("setup needs size=N (e.g. size=1G)".into()),
+            let ctl = open(&ctl)?;
+            let st = if o.reconnect {
+                // Only what was given changes: the rest is the device's.
+                o.reconnect_status(&ctl.status().map_err(|e| e.to_string())?)?
+            } else {
+                o.to_status(o.size.ok_or("setup needs size=N (e.g. size=1G)")?)
             };
-            let mut st = o.to_status(size);
-            if reconnect && o.size.is_none() {
-                // RECONNECT changes only ro and qs: leave the rest as it is.
-                let cur = open(&ctl)?.status().map_err(|e| e.to_string())?;
-                st.block_size = 0;
-                st.timeout_ms = 0;
-                st.flags |= cur.flags
-                    & !(abuse_sys::ABUSE_FLAG_READ_ONLY | abuse_sys::ABUSE_FLAG_CONFIGURED);
-            }
-            open(&ctl)?.set_status(&st).map_err(|e| e.to_string())
+            ctl.set_status(&st).map_err(|e| e.to_string())
         }
         Command::Info { ctl, json } => {
             let st = open(&ctl)?.status().map_err(|e| e.to_string())?;

@@ -79,6 +79,7 @@ fn stats_json(s: &Stats) -> serde_json::Value {
         "discards": g(&s.discards), "write_zeroes": g(&s.write_zeroes),
         "bytes_read": g(&s.bytes_read), "bytes_written": g(&s.bytes_written),
         "errors": g(&s.errors), "requeued": g(&s.requeued), "stale": g(&s.stale), "batches": g(&s.batches),
+        "retries": g(&s.retries), "panics": g(&s.panics),
     })
 }
 
@@ -104,23 +105,27 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
     let backend = backend(&a)?;
     if let Some(opts) = &a.setup {
         let o = SetupOpts::parse(&[opts])?;
-        let size = o.size.unwrap_or(backend.size());
-        if size > backend.size() {
-            return Err(format!(
-                "size={size} is larger than the backend ({} bytes)",
-                backend.size()
-            ));
-        }
-        let size = size - size % o.block_size as u64;
-        let mut st = o.to_status(size);
-        // Advertise exactly what the backend handles.
-        st.flags = (st.flags & (ABUSE_FLAG_READ_ONLY | ABUSE_FLAG_RECONNECT)) | backend.features();
-        if backend.read_only() {
-            st.flags |= ABUSE_FLAG_READ_ONLY;
-        }
-        Control::open(&a.ctl)
-            .and_then(|c| c.set_status(&st))
-            .map_err(|e| e.to_string())?;
+        let ctl = Control::open(&a.ctl).map_err(|e| e.to_string())?;
+        let st = if o.reconnect {
+            o.reconnect_status(&ctl.status().map_err(|e| e.to_string())?)?
+        } else {
+            let size = o.size.unwrap_or(backend.size());
+            if size > backend.size() {
+                return Err(format!(
+                    "size={size} is larger than the backend ({} bytes)",
+                    backend.size()
+                ));
+            }
+            let mut st = o.to_status(size);
+            st.size -= size % st.block_size as u64;
+            // Advertise exactly what the backend handles.
+            st.flags = (st.flags & ABUSE_FLAG_READ_ONLY) | backend.features();
+            if backend.read_only() {
+                st.flags |= ABUSE_FLAG_READ_ONLY;
+            }
+            st
+        };
+        ctl.set_status(&st).map_err(|e| e.to_string())?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());

@@ -28,6 +28,7 @@ pub struct Info {
     pub errors: u64,
     pub requeues: u64,
     pub timeouts: u64,
+    pub generation: u64,
     pub max_bytes: u32,
     pub max_batch: u32,
     pub version: u32,
@@ -67,6 +68,7 @@ impl Info {
             errors: st.errors,
             requeues: st.requeues,
             timeouts: st.timeouts,
+            generation: st.generation,
             max_bytes: st.max_bytes,
             max_batch: st.max_batch,
             version: st.version,
@@ -89,7 +91,7 @@ impl Info {
             self.major,
             self.minor
         );
-        let _ = writeln!(s, "  state:       {state}");
+        let _ = writeln!(s, "  state:       {state} (generation {})", self.generation);
         let _ = writeln!(
             s,
             "  size:        {} ({} bytes)",
@@ -117,7 +119,7 @@ impl Info {
         );
         let _ = writeln!(
             s,
-            "  counters:    {} completed, {} errors, {} requeued ({} by timeout)",
+            "  counters:    {} completed, {} errors, {} requeued, {} timed out (server killed)",
             self.completed, self.errors, self.requeues, self.timeouts
         );
         let _ = writeln!(

@@ -34,6 +34,9 @@ module_param_uint!(MAX_PART, "max_part", 0, "Partitions per ABUSE device (defaul
 const MAX_DEVICES: u32 = 1024;
 /// The minor space of a block major.
 const MAX_MINORS: u32 = 1 << 20;
+/// Most partitions a disk can have (the block layer's DISK_MAX_PARTS, less
+/// the whole disk).
+const MAX_PARTITIONS: u32 = 255;
 
 /// Every device, by index, for the control node's `open` to find.
 pub(crate) static DEVICES: ModuleGlobal<KVec<Arc<Device>>> = ModuleGlobal::new();
@@ -53,6 +56,10 @@ impl kernel::Module for AbuseModule {
         let max_part = MAX_PART.get();
         if count == 0 || count > MAX_DEVICES {
             pr_err!("max_abuse={count} is out of range 1..={MAX_DEVICES}\n");
+            return Err(EINVAL);
+        }
+        if max_part > MAX_PARTITIONS {
+            pr_err!("max_part={max_part} is out of range 0..={MAX_PARTITIONS}\n");
             return Err(EINVAL);
         }
         let minors = max_part.checked_add(1).filter(|m| m.checked_mul(count).is_some_and(|t| t <= MAX_MINORS));

@@ -28,6 +28,8 @@ struct Config {
 
 struct Setup {
     config: Option<Config>,
+    /// Changes on every configure and RESET (reported by GET_STATUS).
+    generation: u64,
     /// A configured device keeps the module loaded.
     _pin: Option<ModuleRef>,
 }
@@ -44,16 +46,34 @@ pub(crate) struct Device {
     setup: Mutex<Setup>,
 }
 
+/// Whether a SET_STATUS's flags and reserved fields are acceptable: only
+/// settable flags, besides those GET_STATUS reports (ignored, so that a
+/// GET_STATUS result can be passed back).
+fn known_fields(st: &AbuseStatus) -> bool {
+    st.reserved == [0; 7] && st.flags & !(ABUSE_FLAG_SETTABLE | ABUSE_FLAG_REPORTED) == 0
+}
+
+/// A request timeout: 0 (never) or at least the minimum.
+fn valid_timeout(ms: u32) -> bool {
+    ms == 0 || ms >= ABUSE_MIN_TIMEOUT_MS
+}
+
+/// What the data path needs of a configuration.
+fn live(flags: u32, sectors: u64, timeout_ms: u32) -> Live {
+    Live { flags, sectors, timeout_ms, timeout_jiffies: msecs_to_jiffies(timeout_ms) }
+}
+
 /// Checks a SET_STATUS request for a fresh setup.
 fn validate(st: &AbuseStatus) -> Result {
     let bs = st.block_size;
-    let ok = st.reserved == [0; 8]
-        && st.flags & !ABUSE_FLAG_SETTABLE == 0
+    let ok = known_fields(st)
         && bs.is_power_of_two()
         && (ABUSE_MIN_BLOCK_SIZE..=ABUSE_MAX_BLOCK_SIZE).contains(&bs)
         && st.size > 0
+        && st.size <= ABUSE_MAX_SIZE
         && st.size % bs as u64 == 0
         && (1..=ABUSE_MAX_QUEUE_DEPTH).contains(&st.queue_depth)
+        && valid_timeout(st.timeout_ms)
         // FUA means "write through the cache": it needs one (FLUSH).
         && (st.flags & ABUSE_FLAG_FUA == 0 || st.flags & ABUSE_FLAG_FLUSH != 0);
     if ok { Ok(()) } else { Err(EINVAL) }
@@ -62,7 +82,7 @@ fn validate(st: &AbuseStatus) -> Result {
 impl Device {
     /// Creates /dev/abuseN (capacity 0) for device `index`.
     pub(crate) fn new(index: u32, major: u32, minors: u32) -> Result<Arc<Self>> {
-        let queue = Arc::pin_init(Queue::new(ABUSE_MAX_QUEUE_DEPTH)?, GFP_KERNEL)?;
+        let queue = Arc::pin_init(Queue::new(index, ABUSE_MAX_QUEUE_DEPTH)?, GFP_KERNEL)?;
         let cfg = DiskConfig { major, minors, queue_depth: ABUSE_MAX_QUEUE_DEPTH, max_bytes: ABUSE_MAX_BIO_BYTES };
         let disk = BlockDevice::new(&cfg, "abuse", index, queue.clone())?;
         Arc::pin_init(
@@ -71,7 +91,7 @@ impl Device {
                 partitions: minors > 1,
                 queue,
                 disk,
-                setup <- new_mutex!(Setup { config: None, _pin: None }, "abuse_setup"),
+                setup <- new_mutex!(Setup { config: None, generation: 0, _pin: None }, "abuse_setup"),
             }),
             GFP_KERNEL,
         )
@@ -83,7 +103,10 @@ impl Device {
 
     /// ABUSE_GET_STATUS.
     pub(crate) fn status(&self) -> AbuseStatus {
-        let cfg = self.setup.lock().config;
+        let (cfg, generation) = {
+            let setup = self.setup.lock();
+            (setup.config, setup.generation)
+        };
         let (pending, in_flight, c) = self.queue.snapshot();
         let mut st = AbuseStatus {
             block_size: ABUSE_MIN_BLOCK_SIZE,
@@ -98,6 +121,7 @@ impl Device {
             errors: c.errors,
             requeues: c.requeues,
             timeouts: c.timeouts,
+            generation,
             ..Default::default()
         };
         if let Some(cfg) = cfg {
@@ -117,8 +141,13 @@ impl Device {
             return self.reconnect(&mut setup, cur, st);
         }
         validate(st)?;
+        if self.disk.openers() > 0 {
+            // Held open from the previous configuration (a filesystem
+            // mounted across RESET): it must not see the new one.
+            return Err(EBUSY);
+        }
         let pin = ModuleRef::get().ok_or(ENODEV)?;
-        let flags = st.flags & !ABUSE_FLAG_RECONNECT;
+        let flags = st.flags & !(ABUSE_FLAG_RECONNECT | ABUSE_FLAG_REPORTED);
         self.disk.set_depth(st.queue_depth, msecs_to_jiffies(DEPTH_CHANGE_WAIT_MS))?;
         self.disk.set_limits(&Limits {
             block_size: st.block_size,
@@ -131,12 +160,17 @@ impl Device {
         let timer_ms = if st.timeout_ms == 0 { IDLE_TIMER_MS } else { (st.timeout_ms / 2).max(1) };
         self.disk.set_timeout(msecs_to_jiffies(timer_ms) as u32);
         self.disk.set_read_only(flags & ABUSE_FLAG_READ_ONLY != 0);
-        self.queue.set_live(Some(Live { flags, timeout_jiffies: msecs_to_jiffies(st.timeout_ms) }));
-        self.disk.set_capacity(st.size >> ABUSE_SECTOR_SHIFT);
+        let sectors = st.size >> ABUSE_SECTOR_SHIFT;
+        self.queue.set_live(Some(live(flags, sectors, st.timeout_ms)));
+        // A new medium, as loop does on configure: new disk sequence number,
+        // media-change event, nothing cached from before.
+        self.disk.media_changed();
+        self.disk.set_capacity(sectors);
         if self.partitions {
             // Scanned on the next open: reading the table needs a server.
             self.disk.request_partition_scan();
         }
+        self.disk.uevent_change();
         setup.config = Some(Config {
             size: st.size,
             block_size: st.block_size,
@@ -144,6 +178,7 @@ impl Device {
             flags,
             timeout_ms: st.timeout_ms,
         });
+        setup.generation += 1;
         setup._pin = Some(pin);
         Ok(())
     }
@@ -156,8 +191,7 @@ impl Device {
         }
         let same = |new: u64, old: u64| new == 0 || new == old;
         let fixed = ABUSE_FLAG_SETTABLE & !(ABUSE_FLAG_READ_ONLY | ABUSE_FLAG_RECONNECT);
-        let ok = st.reserved == [0; 8]
-            && st.flags & !ABUSE_FLAG_SETTABLE == 0
+        let ok = known_fields(st)
             && same(st.size, cur.size)
             && same(st.block_size.into(), cur.block_size.into())
             && same(st.timeout_ms.into(), cur.timeout_ms.into())
@@ -172,7 +206,7 @@ impl Device {
         }
         let flags = (cur.flags & !ABUSE_FLAG_READ_ONLY) | (st.flags & ABUSE_FLAG_READ_ONLY);
         self.disk.set_read_only(flags & ABUSE_FLAG_READ_ONLY != 0);
-        self.queue.set_live(Some(Live { flags, timeout_jiffies: msecs_to_jiffies(cur.timeout_ms) }));
+        self.queue.set_live(Some(live(flags, cur.size >> ABUSE_SECTOR_SHIFT, cur.timeout_ms)));
         setup.config = Some(Config { queue_depth: depth, flags, ..cur });
         Ok(())
     }
@@ -186,13 +220,22 @@ impl Device {
         // Stop accepting first, so nothing new arrives while failing.
         self.queue.set_live(None);
         self.queue.fail_all()?;
-        self.disk.set_capacity(0);
+        // Nothing of this configuration stays visible (as loop's clear):
+        // page cache dropped and capacity 0, udev told, a filesystem still
+        // mounted shut down (its writes fail: the queue is not live), the
+        // partitions dropped.
+        self.disk.invalidate();
         self.disk.set_read_only(false);
+        self.disk.uevent_change();
+        self.disk.media_changed();
         if self.partitions {
-            // Capacity is 0: dropping the partitions reads nothing.
+            // Capacity is 0: dropping the partitions reads nothing. Fails
+            // (EBUSY) while a partition is open; the stale partition then
+            // reads nothing past capacity 0, and the next setup rescans.
             let _ = self.disk.rescan_partitions();
         }
         setup.config = None;
+        setup.generation += 1;
         setup._pin = None;
         Ok(())
     }

@@ -8,9 +8,15 @@
 //! DEVICE_FAILURE meanwhile only marks the slot `abort`, and the holder then
 //! fails it. So no request is lost or completed twice, and no path waits on
 //! user space while holding the lock.
+//!
+//! A fetched request is never handed to another server while the file that
+//! fetched it is open: a stalled server may still perform the write it
+//! holds, and it must not land over newer data. So the timeout fences: it
+//! kills the process that fetched the request and keeps the request; the
+//! request is requeued when that process's file is released.
 
 use crate::sys::blk::{Op, QueueOps, Request, Status};
-use crate::sys::{jiffies, wait::WaitQueue, PollTable};
+use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, PollTable, Process};
 use crate::uapi::*;
 use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
 
@@ -19,8 +25,8 @@ use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
 enum Where {
     Free,
     Pending,
-    /// Fetched through the open file `opener` at `since` (jiffies).
-    Fetched { opener: u64, since: u64 },
+    /// Fetched: see the slot's `owner`, `fetcher` and `since`.
+    Fetched,
     /// Out of the slot, held by a GET or PUT copying its data.
     Busy,
 }
@@ -34,8 +40,20 @@ struct Slot {
     len: u32,
     cmd: u16,
     flags: u16,
+    /// The open file that fetched it (0: not fetched). Kept while a PUT
+    /// holds it (`Busy`), so that a release meanwhile can mark it.
+    owner: u64,
+    /// The process that fetched it: killed if it holds it past the timeout.
+    fetcher: Option<Process>,
+    /// When it was fetched (jiffies).
+    since: u64,
     /// RESET or DEVICE_FAILURE failed it while it was `Busy`.
     abort: bool,
+    /// Its owner's file was released while a PUT held it: if that PUT gives
+    /// it back, it is requeued rather than left fetched by a closed file.
+    orphaned: bool,
+    /// It passed the timeout and its fetcher was killed (counted once).
+    fenced: bool,
 }
 
 impl Slot {
@@ -48,7 +66,10 @@ impl Slot {
 #[derive(Clone, Copy)]
 pub(crate) struct Live {
     pub(crate) flags: u32,
+    /// Capacity in 512-byte sectors: requests past it fail.
+    pub(crate) sectors: u64,
     /// 0: fetched requests never time out.
+    pub(crate) timeout_ms: u32,
     pub(crate) timeout_jiffies: u64,
 }
 
@@ -61,8 +82,19 @@ pub(crate) struct Counters {
     pub(crate) timeouts: u64,
 }
 
+/// The last fencing message, to log once per process and rate-limited.
+#[derive(Default)]
+struct FenceLog {
+    pid: i32,
+    at: u64,
+}
+
+/// Between two fencing messages about the same process.
+const FENCE_LOG_INTERVAL_MS: u32 = 10_000;
+
 struct State {
     live: Option<Live>,
+    fence_log: FenceLog,
     slots: KVec<Slot>,
     /// FIFO of pending tags: a ring of `slots.len()` entries.
     ring: KVec<u32>,
@@ -112,6 +144,10 @@ impl State {
         slot.at = Where::Pending;
         slot.gen = slot.gen.wrapping_add(1);
         slot.flags |= ABUSE_BIO_REQUEUED;
+        slot.owner = 0;
+        slot.fetcher = None;
+        slot.orphaned = false;
+        slot.fenced = false;
         self.counters.requeues += 1;
         self.push_front(tag);
     }
@@ -123,8 +159,6 @@ pub(crate) struct Taken {
     pub(crate) rq: Request,
     /// The descriptor GET_BIO reports (`addr` filled in by the caller).
     pub(crate) bio: AbuseBio,
-    /// Where it was (to put it back).
-    was: Where,
 }
 
 /// Requests a GET holds while copying, with room to fail them.
@@ -159,6 +193,8 @@ pub(crate) enum PutError {
 /// The requests of one device: blk-mq's queue data.
 #[pin_data]
 pub(crate) struct Queue {
+    /// N of /dev/abuseN, for the log.
+    index: u32,
     #[pin]
     state: SpinLock<State>,
     #[pin]
@@ -192,16 +228,39 @@ fn accepts(live: &Live, cmd: u16) -> bool {
 
 impl Queue {
     /// A queue with room for `depth` tags.
-    pub(crate) fn new(depth: u32) -> Result<impl PinInit<Self, Error>> {
+    pub(crate) fn new(index: u32, depth: u32) -> Result<impl PinInit<Self, Error>> {
         let mut slots = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
         let mut ring = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
         for _ in 0..depth {
-            let slot = Slot { rq: None, at: Where::Free, gen: 1, sector: 0, len: 0, cmd: 0, flags: 0, abort: false };
+            let slot = Slot {
+                rq: None,
+                at: Where::Free,
+                gen: 1,
+                sector: 0,
+                len: 0,
+                cmd: 0,
+                flags: 0,
+                owner: 0,
+                fetcher: None,
+                since: 0,
+                abort: false,
+                orphaned: false,
+                fenced: false,
+            };
             slots.push(slot, GFP_KERNEL)?;
             ring.push(0, GFP_KERNEL)?;
         }
-        let state = State { live: None, slots, ring, head: 0, pending: 0, counters: Counters::default() };
+        let state = State {
+            live: None,
+            fence_log: FenceLog::default(),
+            slots,
+            ring,
+            head: 0,
+            pending: 0,
+            counters: Counters::default(),
+        };
         Ok(try_pin_init!(Self {
+            index,
             state <- new_spinlock!(state, "abuse_queue"),
             waiters <- WaitQueue::new(c_str!("abuse_waiters"), kernel::static_lock_class!()),
         }))
@@ -216,7 +275,7 @@ impl Queue {
     /// (pending, in flight) and the counters.
     pub(crate) fn snapshot(&self) -> (u32, u32, Counters) {
         let st = self.state.lock();
-        let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched { .. } | Where::Busy)).count();
+        let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched | Where::Busy)).count();
         (st.pending as u32, in_flight as u32, st.counters)
     }
 
@@ -240,6 +299,8 @@ impl Queue {
             }
             let Some(rq) = slot.rq.take() else { break };
             slot.at = Where::Busy;
+            slot.owner = 0;
+            slot.fetcher = None;
             let bio = AbuseBio {
                 id: slot.id(tag),
                 sector: slot.sector,
@@ -248,13 +309,13 @@ impl Queue {
                 cmd: slot.cmd,
                 flags: slot.flags,
                 result: 0,
-                reserved: 0,
+                error: 0,
             };
             if need > 0 {
                 used = off + need;
             }
             st.pop_front();
-            let _ = batch.items.push(Taken { tag, rq, bio, was: Where::Pending }, GFP_ATOMIC);
+            let _ = batch.items.push(Taken { tag, rq, bio }, GFP_ATOMIC);
         }
         false
     }
@@ -264,10 +325,10 @@ impl Queue {
         self.state.lock().pending > 0
     }
 
-    /// A GET's copies succeeded: the requests are now fetched by `opener`.
-    pub(crate) fn fetched(&self, batch: Batch, opener: u64) {
-        let now = jiffies();
-        self.put_back(batch, Some(Where::Fetched { opener, since: now }));
+    /// A GET's copies succeeded: the requests are now fetched through the
+    /// file `opener` by `process`.
+    pub(crate) fn fetched(&self, batch: Batch, opener: u64, process: &Process) {
+        self.put_back(batch, Some((opener, process)));
     }
 
     /// A GET failed: its requests are pending again, first in line, in a new
@@ -277,10 +338,12 @@ impl Queue {
         self.waiters.wake_all();
     }
 
-    /// Returns taken requests to their slots: to `to`, or (None) pending
-    /// again in a new generation. Those a RESET aborted meanwhile are failed.
-    fn put_back(&self, batch: Batch, to: Option<Where>) {
+    /// Returns taken requests to their slots: fetched by `to`, or (None)
+    /// pending again in a new generation. Those a RESET aborted meanwhile
+    /// are failed.
+    fn put_back(&self, batch: Batch, to: Option<(u64, &Process)>) {
         let Batch { items, mut failed } = batch;
+        let now = jiffies();
         let mut st = self.state.lock();
         let mut requeued = 0;
         for t in items.into_iter() {
@@ -293,7 +356,13 @@ impl Queue {
             }
             slot.rq = Some(t.rq);
             match to {
-                Some(at) => slot.at = at,
+                Some((opener, process)) => {
+                    slot.at = Where::Fetched;
+                    slot.owner = opener;
+                    slot.fetcher = Some(process.clone());
+                    slot.since = now;
+                    slot.fenced = false;
+                }
                 None => {
                     slot.at = Where::Pending;
                     slot.gen = slot.gen.wrapping_add(1);
@@ -316,18 +385,19 @@ impl Queue {
         let gen = (bio.id >> 32) as u32;
         let mut st = self.state.lock();
         let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
-        if slot.gen != gen || !matches!(slot.at, Where::Fetched { .. }) {
+        if slot.gen != gen || slot.at != Where::Fetched {
             return Err(PutError::Stale);
         }
         if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
             return Err(PutError::Mismatch);
         }
         let rq = slot.rq.take().ok_or(PutError::Stale)?;
-        let was = core::mem::replace(&mut slot.at, Where::Busy);
-        Ok(Taken { tag, rq, bio: *bio, was })
+        slot.at = Where::Busy;
+        Ok(Taken { tag, rq, bio: *bio })
     }
 
-    /// A PUT could not copy a READ's data: the request stays fetched.
+    /// A PUT could not copy a READ's data: the request stays fetched, or,
+    /// if its owner's file was released meanwhile, is handed out again.
     pub(crate) fn untake(&self, t: Taken) {
         let mut st = self.state.lock();
         let slot = &mut st.slots[t.tag as usize];
@@ -338,7 +408,12 @@ impl Queue {
             return;
         }
         slot.rq = Some(t.rq);
-        slot.at = t.was;
+        slot.at = Where::Fetched;
+        if slot.orphaned {
+            st.requeue(t.tag);
+            drop(st);
+            self.waiters.wake_all();
+        }
     }
 
     /// Completes a request taken by `take_fetched`.
@@ -348,13 +423,17 @@ impl Queue {
         let aborted = core::mem::replace(&mut slot.abort, false);
         slot.at = Where::Free;
         slot.gen = slot.gen.wrapping_add(1);
+        slot.owner = 0;
+        slot.orphaned = false;
+        let fetcher = slot.fetcher.take();
         if !aborted {
             st.counters.completed += 1;
-            if status != Status::Ok {
+            if status.is_err() {
                 st.counters.errors += 1;
             }
         }
         drop(st);
+        drop(fetcher);
         t.rq.end(if aborted { Status::IoErr } else { status });
     }
 
@@ -369,8 +448,10 @@ impl Queue {
             match slot.at {
                 Where::Free => continue,
                 Where::Busy => slot.abort = true,
-                Where::Pending | Where::Fetched { .. } => {
+                Where::Pending | Where::Fetched => {
                     slot.at = Where::Free;
+                    slot.owner = 0;
+                    slot.fetcher = None;
                     if let Some(rq) = slot.rq.take() {
                         // `failed` has a place for every slot: cannot fail.
                         let _ = failed.push(rq, GFP_ATOMIC);
@@ -392,14 +473,25 @@ impl Queue {
         Ok(())
     }
 
-    /// The open file `opener` is gone: what it fetched goes to the next server.
+    /// The open file `opener` is gone (its process exited, or was killed by
+    /// the timeout): what it fetched goes to the next server. A request of
+    /// its that another file's PUT is copying is marked, and requeued if that
+    /// PUT gives it back.
     pub(crate) fn release(&self, opener: u64) {
         let mut st = self.state.lock();
         let mut any = false;
         for tag in 0..st.slots.len() as u32 {
-            if matches!(st.slots[tag as usize].at, Where::Fetched { opener: o, .. } if o == opener) {
-                st.requeue(tag);
-                any = true;
+            let slot = &mut st.slots[tag as usize];
+            if slot.owner != opener {
+                continue;
+            }
+            match slot.at {
+                Where::Busy => slot.orphaned = true,
+                Where::Fetched => {
+                    st.requeue(tag);
+                    any = true;
+                }
+                Where::Free | Where::Pending => {}
             }
         }
         drop(st);
@@ -423,6 +515,10 @@ impl QueueOps for Queue {
         // Unconfigured (a race with RESET) or a write to a read-only
         // device: I/O error. An operation the server did not advertise:
         // not supported.
+        // Past the capacity (a stale partition table, a race with a
+        // reconfiguration): I/O error, whatever the block layer let through.
+        let (sector, len) = (rq.sector(), rq.bytes());
+        let past_end = |live: &Live| sector.checked_add((len >> ABUSE_SECTOR_SHIFT) as u64).is_none_or(|end| end > live.sectors);
         let refuse = match (&st.live, cmd) {
             (None, _) => Some(Status::IoErr),
             (Some(_), None) => Some(Status::NotSupp),
@@ -430,6 +526,7 @@ impl QueueOps for Queue {
                 let ro = live.flags & ABUSE_FLAG_READ_ONLY != 0;
                 Some(if ro && cmd != ABUSE_CMD_FLUSH { Status::IoErr } else { Status::NotSupp })
             }
+            (Some(live), Some(cmd)) if cmd != ABUSE_CMD_FLUSH && past_end(live) => Some(Status::IoErr),
             _ => None,
         };
         if let Some(status) = refuse {
@@ -447,7 +544,6 @@ impl QueueOps for Queue {
         if rq.is_nounmap() {
             flags |= ABUSE_BIO_NOUNMAP;
         }
-        let (sector, len) = (rq.sector(), rq.bytes());
         let Some(slot) = st.slots.get_mut(tag as usize) else {
             drop(st);
             rq.end(Status::IoErr);
@@ -460,6 +556,9 @@ impl QueueOps for Queue {
         slot.cmd = cmd.unwrap_or(0);
         slot.flags = flags;
         slot.abort = false;
+        slot.orphaned = false;
+        slot.fenced = false;
+        slot.owner = 0;
         slot.rq = Some(rq);
         st.push_back(tag);
         drop(st);
@@ -473,13 +572,34 @@ impl QueueOps for Queue {
             return;
         }
         let now = jiffies();
-        let expired = matches!(st.slots.get(tag as usize).map(|s| s.at),
-            Some(Where::Fetched { since, .. }) if now.wrapping_sub(since) >= live.timeout_jiffies);
-        if expired {
-            st.requeue(tag);
-            st.counters.timeouts += 1;
-            drop(st);
-            self.waiters.wake_all();
+        let Some(slot) = st.slots.get_mut(tag as usize) else { return };
+        if slot.at != Where::Fetched || now.wrapping_sub(slot.since) < live.timeout_jiffies {
+            return;
         }
+        // Fence: the request stays fetched until its file is released,
+        // which the kill brings about; it is never handed to another server
+        // while its fetcher might still write it.
+        let Some(fetcher) = slot.fetcher.clone() else { return };
+        let (cmd, sector) = (slot.cmd, slot.sector);
+        if !core::mem::replace(&mut slot.fenced, true) {
+            st.counters.timeouts += 1;
+        }
+        let pid = fetcher.pid();
+        let log = &mut st.fence_log;
+        let tell = log.pid != pid || now.wrapping_sub(log.at) >= msecs_to_jiffies(FENCE_LOG_INTERVAL_MS);
+        if tell {
+            *log = FenceLog { pid, at: now };
+        }
+        drop(st);
+        if tell {
+            let comm = fetcher.comm();
+            let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            let name = core::str::from_utf8(&comm[..len]).unwrap_or("?");
+            pr_warn!(
+                "abuse{}: server pid {} ({}) held a request (cmd {}, sector {}) past the {} ms timeout: killing it; its requests go to the next server once it has exited\n",
+                self.index, pid, name, cmd, sector, live.timeout_ms
+            );
+        }
+        fetcher.kill();
     }
 }

@@ -3,7 +3,7 @@
 //! and a server's memory, in the server's process context.
 
 use crate::queue::{Batch, PutError, Queue};
-use crate::sys::{blk::Status, ENOMSG, ESTALE};
+use crate::sys::{blk::Status, Process, ENOMSG, ESTALE};
 use crate::uapi::*;
 use core::mem::size_of;
 use kernel::{prelude::*, uaccess::UserSlice};
@@ -29,7 +29,7 @@ pub(crate) fn get_bio(queue: &Queue, opener: u64, arg: usize) -> Result<isize> {
     }
     match hand_out(&mut x, &batch).and_then(|()| hdr.write(&x)) {
         Ok(()) => {
-            queue.fetched(batch, opener);
+            queue.fetched(batch, opener, &Process::current());
             Ok(0)
         }
         Err(e) => {
@@ -90,10 +90,25 @@ pub(crate) fn put_bio(queue: &Queue, arg: usize) -> Result<isize> {
     result.and_then(|r| written.map(|()| r))
 }
 
-fn put_one(queue: &Queue, bio: &AbuseBio) -> Result {
-    if bio.reserved != 0 || bio.result > ABUSE_RESULT_DEVICE_FAILURE {
-        return Err(EINVAL);
+/// The status a PUT entry asks for: `None` if the entry is malformed (an
+/// errno without a failure result, out of range, or set without the flag).
+fn status_of(bio: &AbuseBio) -> Option<Status> {
+    let with_errno = bio.flags & ABUSE_BIO_ERRNO != 0;
+    match (bio.result, with_errno) {
+        (ABUSE_RESULT_OKAY, false) if bio.error == 0 => Some(Status::Ok),
+        (ABUSE_RESULT_MEDIA_FAILURE | ABUSE_RESULT_DEVICE_FAILURE, false) if bio.error == 0 => Some(Status::IoErr),
+        (ABUSE_RESULT_MEDIA_FAILURE | ABUSE_RESULT_DEVICE_FAILURE, true)
+            if (1..=ABUSE_MAX_ERRNO).contains(&bio.error) =>
+        {
+            Some(Status::Errno(bio.error))
+        }
+        _ => None,
     }
+}
+
+fn put_one(queue: &Queue, bio: &AbuseBio) -> Result {
+    // Checked before the request is touched: a bad entry changes nothing.
+    let status = status_of(bio).ok_or(EINVAL)?;
     let t = queue.take_fetched(bio).map_err(|e| match e {
         PutError::Stale => ESTALE(),
         PutError::Mismatch => EINVAL,
@@ -110,9 +125,9 @@ fn put_one(queue: &Queue, bio: &AbuseBio) -> Result {
             }
             queue.complete(t, Status::Ok);
         }
-        ABUSE_RESULT_MEDIA_FAILURE => queue.complete(t, Status::IoErr),
+        ABUSE_RESULT_MEDIA_FAILURE => queue.complete(t, status),
         _ => {
-            queue.complete(t, Status::IoErr);
+            queue.complete(t, status);
             queue.fail_all()?;
         }
     }

@@ -24,6 +24,12 @@ pub trait Backend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The range reads as zeroes; `unmap`: it may be deallocated.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Whether it can do I/O in units of the device's `block_size` (e.g.
+    /// O_DIRECT on a backing store with larger sectors cannot): checked
+    /// when a server starts, with an error a person can act on.
+    fn check_block_size(&self, _block_size: u32) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An error for an operation a backend does not advertise.

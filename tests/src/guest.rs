@@ -215,10 +215,21 @@ impl Server {
 
     /// Starts `abusectl server CTL ARGS --stats-file ...`: the real engine.
     pub fn abusectl(ctl: &str, args: &[&str]) -> Result<Server, String> {
+        Self::abusectl_logged(ctl, args, None)
+    }
+
+    /// As [`Server::abusectl`], with its stderr in the file `log`.
+    pub fn abusectl_logged(ctl: &str, args: &[&str], log: Option<&str>) -> Result<Server, String> {
         let stats = Self::stats_path();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--stats-file", &stats]);
-        Self::spawn("/bin/abusectl", &["server", ctl], &all, stats.clone())
+        let mut cmd = Command::new("/bin/abusectl");
+        cmd.args(["server", ctl]).args(&all);
+        if let Some(log) = log {
+            let f = std::fs::File::create(log).map_err(|e| format!("{log}: {e}"))?;
+            cmd.stderr(f);
+        }
+        Self::spawn_cmd(cmd, "abusectl server", stats)
     }
 
     fn stats_path() -> String {
@@ -231,17 +242,32 @@ impl Server {
 
     /// Runs `program HEAD ARGS`; it is up once it has written `stats`.
     fn spawn(program: &str, head: &[&str], args: &[&str], stats: String) -> Result<Server, String> {
-        let child = Command::new(program)
-            .args(head)
-            .args(args)
-            .spawn()
-            .map_err(|e| format!("starting {program}: {e}"))?;
-        let s = Server { child, stats };
+        let mut cmd = Command::new(program);
+        cmd.args(head).args(args);
+        Self::spawn_cmd(cmd, &format!("{program} {}", head.join(" ")), stats)
+    }
+
+    fn spawn_cmd(mut cmd: Command, what: &str, stats: String) -> Result<Server, String> {
+        let child = cmd.spawn().map_err(|e| format!("starting {what}: {e}"))?;
+        let mut s = Server { child, stats };
         // Generous: a cow server hashes its base first (slow under TCG).
-        if !wait_for(Duration::from_secs(30), || Path::new(&s.stats).exists()) {
-            return Err(format!("{program} {} did not start", head.join(" ")));
+        let up = wait_for(Duration::from_secs(30), || {
+            Path::new(&s.stats).exists() || matches!(s.child.try_wait(), Ok(Some(_)))
+        });
+        if !up || !Path::new(&s.stats).exists() {
+            return Err(format!("{what} did not start ({:?})", s.child.try_wait()));
         }
         Ok(s)
+    }
+
+    /// Waits up to `timeout` for it to exit by itself; its exit status.
+    pub fn exit_status(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_for(timeout, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -307,6 +333,33 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `abusectl ARGS`; returns (success, stdout + stderr).
+pub fn abusectl(args: &str) -> (bool, String) {
+    match Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("/bin/abusectl {args} 2>&1"))
+        .output()
+    {
+        Ok(out) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// The kernel log.
+pub fn dmesg() -> String {
+    sh("dmesg").unwrap_or_default()
+}
+
+/// A file's contents as a string, trimmed ("" if unreadable).
+pub fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Opens a block device for direct I/O.

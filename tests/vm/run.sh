@@ -52,6 +52,9 @@ done
 ln -sf mke2fs "$rootfs/sbin/mkfs.ext4"
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
+# A 32-bit server, for the driver's compat_ioctl.
+gcc -m32 -static -O2 -Wall -Werror -I "$root/abuse-sys/include" \
+  "$root/tests/c/compat32.c" -o "$rootfs/bin/abuse-compat32"
 cp "$ko" "$rootfs/lib/abuse/abuse.ko"
 # The kernel's own modules (null_blk, ublk, nbd) for comparisons.
 [ -d "$kdir/modroot/lib/modules" ] && cp -r "$kdir/modroot/lib/modules" "$rootfs/lib/"

@@ -53,6 +53,10 @@ pub(crate) enum Status {
     Ok,
     IoErr,
     NotSupp,
+    /// The block status for a positive errno from a server, as loop maps
+    /// its backing file's errors (`errno_to_blk_status`): ENOSPC becomes
+    /// "no space", EOPNOTSUPP "not supported", unknown ones an I/O error.
+    Errno(u32),
 }
 
 impl Status {
@@ -61,7 +65,14 @@ impl Status {
             Status::Ok => bindings::BLK_STS_OK as bindings::blk_status_t,
             Status::IoErr => bindings::BLK_STS_IOERR,
             Status::NotSupp => bindings::BLK_STS_NOTSUPP,
+            // SAFETY: a pure table lookup; any int is accepted.
+            Status::Errno(e) => unsafe { bindings::errno_to_blk_status(-(e as i32)) },
         }
+    }
+
+    /// Whether the request failed.
+    pub(crate) fn is_err(self) -> bool {
+        self.raw() != bindings::BLK_STS_OK as bindings::blk_status_t
     }
 }
 
@@ -487,6 +498,44 @@ impl<T: QueueOps> BlockDevice<T> {
             r
         };
         to_result(res)
+    }
+
+    /// How many opens the disk and its partitions have.
+    pub(crate) fn openers(&self) -> u32 {
+        // SAFETY: `part0` lives as long as the disk; `bd_openers` is an
+        // `atomic_t` (what `disk_openers()` reads with `atomic_read`).
+        let n = unsafe {
+            let bdev = (*self.disk.as_ptr()).part0;
+            core::sync::atomic::AtomicI32::from_ptr(&raw mut (*bdev).bd_openers.counter)
+        };
+        n.load(core::sync::atomic::Ordering::Relaxed).max(0) as u32
+    }
+
+    /// Drops the disk's page cache and sets its capacity to 0
+    /// (`invalidate_disk`, as loop does when it is cleared).
+    pub(crate) fn invalidate(&self) {
+        // SAFETY: the disk is live.
+        unsafe { bindings::invalidate_disk(self.disk.as_ptr()) };
+    }
+
+    /// Tells the system the medium changed: a new disk sequence number, a
+    /// media-change event, and any filesystem still mounted from the old
+    /// medium is shut down (`disk_force_media_change`).
+    pub(crate) fn media_changed(&self) {
+        // SAFETY: the disk is live; the caller holds no lock the block
+        // layer's holders could need.
+        unsafe { bindings::disk_force_media_change(self.disk.as_ptr()) };
+    }
+
+    /// Sends udev a KOBJ_CHANGE for the disk (as loop does on configure
+    /// and clear), so it probes the device again.
+    pub(crate) fn uevent_change(&self) {
+        // SAFETY: `disk_to_dev(disk)` is `&disk->part0->bd_device`, live as
+        // long as the disk.
+        unsafe {
+            let dev = &raw mut (*(*self.disk.as_ptr()).part0).bd_device;
+            bindings::kobject_uevent(&raw mut (*dev).kobj, bindings::kobject_action_KOBJ_CHANGE);
+        }
     }
 
     /// Sets the capacity in 512-byte sectors and tells user space.

@@ -41,7 +41,7 @@ impl<T: FileOps> VTable<T> {
         open: Some(Self::open),
         release: Some(Self::release),
         unlocked_ioctl: Some(Self::ioctl),
-        compat_ioctl: Some(Self::ioctl),
+        compat_ioctl: Self::COMPAT_IOCTL,
         poll: Some(Self::poll),
         // SAFETY: all-zero is the C default for the remaining members
         // (no callback, no flags).
@@ -81,6 +81,24 @@ impl<T: FileOps> VTable<T> {
         // from `open`, alive until `release`, which cannot run concurrently.
         let data = unsafe { &*(*file).private_data.cast::<T::Data>() };
         T::ioctl(data, cmd, arg).unwrap_or_else(|e| e.to_errno() as isize)
+    }
+
+    /// Offered where `compat_ptr` is a zero-extension; elsewhere 32-bit
+    /// callers get ENOTTY rather than a wrong conversion.
+    const COMPAT_IOCTL: Option<unsafe extern "C" fn(*mut bindings::file, u32, usize) -> isize> =
+        if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) { Some(Self::compat_ioctl) } else { None };
+
+    /// A 32-bit caller's ioctl (`compat_ptr_ioctl`). The uapi structs have
+    /// the same layout for 32-bit callers (fixed-size fields, no padding: a
+    /// host test compiles the C header with -m32), so only the argument
+    /// pointer needs converting: `compat_ptr` zero-extends it on x86_64 and
+    /// arm64, the architectures this driver builds for.
+    ///
+    /// # Safety
+    /// Called by the VFS on an open file of this region.
+    unsafe extern "C" fn compat_ioctl(file: *mut bindings::file, cmd: u32, arg: usize) -> isize {
+        // SAFETY: the caller's contract is `ioctl`'s.
+        unsafe { Self::ioctl(file, cmd, arg as u32 as usize) }
     }
 
     /// # Safety

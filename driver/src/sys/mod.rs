@@ -24,6 +24,47 @@ pub(crate) fn ESTALE() -> kernel::error::Error {
     kernel::error::Error::from_errno(-(bindings::ESTALE as i32))
 }
 
+/// A process (thread group) that fetched requests: held by reference so
+/// that the timeout can fence it even after it fetched, and still name it
+/// in the log. Holding it keeps only the task struct, not the process.
+#[derive(Clone)]
+pub(crate) struct Process(kernel::types::ARef<kernel::task::Task>);
+
+impl Process {
+    /// The process the current thread belongs to.
+    pub(crate) fn current() -> Self {
+        Self(kernel::current!().group_leader().into())
+    }
+
+    fn as_ptr(&self) -> *mut bindings::task_struct {
+        // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
+        (&*self.0 as *const kernel::task::Task).cast_mut().cast()
+    }
+
+    /// Its pid (the thread group id) in the initial namespace.
+    pub(crate) fn pid(&self) -> i32 {
+        self.0.pid()
+    }
+
+    /// Its command name, NUL-padded.
+    pub(crate) fn comm(&self) -> [u8; 16] {
+        let mut buf = [0u8; 16];
+        // SAFETY: `__get_task_comm` copies at most `buf.len()` bytes, NUL
+        // terminated, under the task's lock; the task struct is kept alive
+        // by our reference.
+        unsafe { bindings::__get_task_comm(buf.as_mut_ptr().cast(), buf.len(), self.as_ptr()) };
+        buf
+    }
+
+    /// Sends it SIGKILL. A fatal signal to any thread ends the whole
+    /// thread group; a process that already exited ignores it.
+    pub(crate) fn kill(&self) {
+        // SAFETY: the task struct is alive (our reference); `send_sig`
+        // locks what it needs and copes with exiting or dead tasks.
+        unsafe { bindings::send_sig(bindings::SIGKILL as i32, self.as_ptr(), 1) };
+    }
+}
+
 /// `capable(CAP_SYS_ADMIN)` for the current task.
 pub(crate) fn capable_sys_admin() -> bool {
     // SAFETY: `capable` only inspects the current task's credentials.

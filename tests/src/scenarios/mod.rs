@@ -5,6 +5,7 @@ mod data;
 mod module;
 mod recovery;
 mod requests;
+mod safety;
 mod servers;
 mod setup;
 
@@ -37,7 +38,7 @@ scenarios![
     data::read_only,
     requests::bad_input,
     recovery::requeue_on_release,
-    recovery::requeue_on_timeout,
+    safety::fence_stalled_server,
     recovery::no_server_waits,
     data::back_pressure,
     setup::reset_fails_outstanding,
@@ -47,6 +48,15 @@ scenarios![
     setup::rmmod_while_configured,
     requests::poll_readiness,
     requests::fuzz_ioctls,
+    // Protocol safety (reconfiguration, errors, servers that notice).
+    safety::reset_leaves_nothing_behind,
+    safety::status_round_trip_reconnect,
+    safety::reconnect_changes_only_given,
+    safety::server_stops_when_reset,
+    safety::errno_reaches_filesystem,
+    safety::put_errno_rules,
+    safety::file_direct_alignment_checked,
+    safety::compat_ioctl_32bit,
     // The real servers.
     servers::file_server_ext4,
     servers::fio_threads_and_processes,

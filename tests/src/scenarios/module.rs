@@ -75,7 +75,13 @@ pub fn default_is_8_devices() -> Outcome {
 }
 
 pub fn bad_params_refused() -> Outcome {
-    for params in ["max_abuse=0", "max_abuse=100000", "max_part=4000000"] {
+    // max_part=256: more than a disk's 255 partitions.
+    for params in [
+        "max_abuse=0",
+        "max_abuse=100000",
+        "max_part=4000000",
+        "max_part=256",
+    ] {
         ensure!(insmod(params).is_err(), "insmod {params} succeeded");
         ensure!(
             dev_nodes("abctl").is_empty() && dev_nodes("abuse").is_empty(),

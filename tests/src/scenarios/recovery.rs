@@ -79,59 +79,6 @@ pub fn requeue_on_release() -> Outcome {
     teardown()
 }
 
-/// A server fetches and is stopped (SIGSTOP); after the device timeout
-/// (2 s) another server completes the requests; the first one's late PUT
-/// fails as stale.
-pub fn requeue_on_timeout() -> Outcome {
-    insmod("max_abuse=1")?;
-    backing("/tmp/to.img", 32 * MIB)?;
-    setup(CTL, &config(32 * MIB, 4096, 32, 0, 2000))?;
-    // Holds what it fetched for 1 s (then it would PUT); it is stopped first.
-    let stopped = Server::start(CTL, "/tmp/to.img", &["--hold-ms", "1000", "--batch", "4"])?;
-    let io = verified_io(4, 8, 2000);
-    ensure!(
-        wait_for(Duration::from_secs(10), || stopped.stat("max_get") > 0),
-        "the first server fetched nothing"
-    );
-    stopped.signal(Signal::SIGSTOP)?;
-    let t = Instant::now();
-    let rescuer = Server::start(CTL, "/tmp/to.img", &[])?;
-    // The held requests come back only once they time out.
-    ensure!(
-        wait_for(Duration::from_secs(15), || control(CTL)
-            .and_then(|c| c.status().map_err(|e| e.to_string()))
-            .map(|s| s.timeouts > 0)
-            .unwrap_or(false)),
-        "no request timed out"
-    );
-    let after = t.elapsed();
-    ensure!(
-        after >= Duration::from_millis(1500),
-        "requeued after {after:?}, before the 2 s timeout"
-    );
-    io.join().map_err(|_| "I/O panicked")??;
-    ensure!(
-        rescuer.stat("requeued") > 0,
-        "the rescuer saw no REQUEUED request"
-    );
-    // Resume the first server: its PUT is stale.
-    stopped.signal(Signal::SIGCONT)?;
-    ensure!(
-        wait_for(Duration::from_secs(10), || !stopped.stats()["late_put"]
-            .is_null()),
-        "the resumed server did not try its PUT"
-    );
-    let late = stopped.stats()["late_put"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    ensure!(late.contains("ESTALE"), "late PUT: {late} (want ESTALE)");
-    let st = control(CTL)?.status().map_err(|e| e.to_string())?;
-    ensure!(st.errors == 0, "errors: {st:?}");
-    drop(rescuer);
-    teardown()
-}
-
 /// No server: I/O waits (pending); a server started later completes it
 /// without error.
 pub fn no_server_waits() -> Outcome {

@@ -593,9 +593,9 @@ pub fn fuzz_ioctls() -> Outcome {
                             addr: next(),
                             len: (next() % 8192) as u32,
                             cmd: (next() % 6) as u16,
-                            flags: 0,
+                            flags: if next() % 3 == 0 { ABUSE_BIO_ERRNO } else { 0 },
                             result: (next() % 4) as u32,
-                            reserved: 0,
+                            error: (next() % 8192) as u32,
                         };
                     }
                     // The header sits in a page-sized scratch area: whatever

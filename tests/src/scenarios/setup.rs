@@ -40,6 +40,15 @@ pub fn setup_rules() -> Outcome {
         ("queue depth 0", config(MIB, 4096, 0, 0, 0)),
         ("absurd queue depth", config(MIB, 4096, 1_000_000, 0, 0)),
         ("unknown flag", config(MIB, 4096, 16, 1 << 12, 0)),
+        ("timeout below 1 s", config(MIB, 4096, 16, 0, 999)),
+        (
+            "size past ABUSE_MAX_SIZE",
+            config(ABUSE_MAX_SIZE + 4096, 4096, 16, 0, 0),
+        ),
+        (
+            "size that wraps sectors",
+            config(!4095, 4096, 16, 0, 0),
+        ),
         (
             "FUA without FLUSH",
             config(MIB, 4096, 16, ABUSE_FLAG_FUA, 0),
@@ -47,7 +56,7 @@ pub fn setup_rules() -> Outcome {
         (
             "reserved set",
             AbuseStatus {
-                reserved: [0, 0, 0, 1, 0, 0, 0, 0],
+                reserved: [0, 0, 0, 1, 0, 0, 0],
                 ..config(MIB, 4096, 16, 0, 0)
             },
         ),

@@ -1,0 +1,204 @@
+//! Running one request on the backend: transient errors retried, a panic
+//! contained to its request, and every failure carried to the kernel as an
+//! errno and logged (rate-limited).
+
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use abuse_sys::uapi::*;
+use abuse_sys::AbuseBio;
+use nix::errno::Errno;
+
+use super::Stats;
+use crate::backend::Backend;
+
+/// Attempts of a backend call that fails with a transient error (EINTR,
+/// EAGAIN, ENOMEM) before the failure is reported.
+const TRANSIENT_ATTEMPTS: u32 = 5;
+
+/// The errno a backend error stands for.
+pub fn errno_of(e: &io::Error) -> i32 {
+    if let Some(n) = e.raw_os_error() {
+        return n;
+    }
+    match e.kind() {
+        io::ErrorKind::Unsupported => Errno::EOPNOTSUPP as i32,
+        io::ErrorKind::InvalidInput => Errno::EINVAL as i32,
+        io::ErrorKind::OutOfMemory => Errno::ENOMEM as i32,
+        io::ErrorKind::StorageFull => Errno::ENOSPC as i32,
+        io::ErrorKind::ReadOnlyFilesystem => Errno::EROFS as i32,
+        _ => Errno::EIO as i32,
+    }
+}
+
+fn transient(errno: i32) -> bool {
+    [Errno::EINTR, Errno::EAGAIN, Errno::ENOMEM]
+        .iter()
+        .any(|e| *e as i32 == errno)
+}
+
+/// Calls `op`, retrying transient failures with a short backoff; a panic
+/// becomes an EIO failure of this request alone (the backend is shared by
+/// every worker: one bad request must not take them all down).
+fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), i32> {
+    let mut delay = Duration::from_millis(1);
+    for n in 1.. {
+        match catch_unwind(AssertUnwindSafe(&mut *op)) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                let errno = errno_of(&e);
+                if !transient(errno) || n >= TRANSIENT_ATTEMPTS {
+                    return Err(errno);
+                }
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(delay);
+                delay *= 4;
+            }
+            Err(_) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                return Err(Errno::EIO as i32);
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Runs `bio` on the backend and fills in its PUT result (and errno, when
+/// `with_errno`: the kernel understands ABUSE_BIO_ERRNO). Returns the
+/// errno of a failure.
+pub fn execute(
+    backend: &dyn Backend,
+    bio: &mut AbuseBio,
+    buf: &mut [u8],
+    base: u64,
+    stats: &Stats,
+    with_errno: bool,
+) -> Option<i32> {
+    let offset = bio.sector << ABUSE_SECTOR_SHIFT;
+    let len = bio.len as u64;
+    if bio.flags & ABUSE_BIO_REQUEUED != 0 {
+        stats.requeued.fetch_add(1, Ordering::Relaxed);
+    }
+    // The kernel placed the payload at `addr`, inside `buf`.
+    let start = bio.addr.wrapping_sub(base) as usize;
+    let payload = start..start.saturating_add(bio.len as usize);
+    let fua = bio.flags & ABUSE_BIO_FUA != 0;
+    let ro = backend.read_only();
+    let result = match bio.cmd {
+        ABUSE_CMD_READ => match buf.get_mut(payload) {
+            Some(data) => attempt(&mut || backend.read(offset, data), stats).map(|()| {
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+            }),
+            None => Err(Errno::EIO as i32),
+        },
+        ABUSE_CMD_WRITE if !ro => match buf.get(payload) {
+            Some(data) => attempt(&mut || backend.write(offset, data, fua), stats).map(|()| {
+                stats.writes.fetch_add(1, Ordering::Relaxed);
+                stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                if fua {
+                    stats.fua.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+            None => Err(Errno::EIO as i32),
+        },
+        ABUSE_CMD_FLUSH => attempt(&mut || backend.flush(), stats).map(|()| {
+            stats.flushes.fetch_add(1, Ordering::Relaxed);
+        }),
+        ABUSE_CMD_DISCARD if !ro => {
+            attempt(&mut || backend.discard(offset, len), stats).map(|()| {
+                stats.discards.fetch_add(1, Ordering::Relaxed);
+            })
+        }
+        ABUSE_CMD_WRITE_ZEROES if !ro => {
+            let unmap = bio.flags & ABUSE_BIO_NOUNMAP == 0;
+            attempt(&mut || backend.write_zeroes(offset, len, unmap), stats).map(|()| {
+                stats.write_zeroes.fetch_add(1, Ordering::Relaxed);
+            })
+        }
+        ABUSE_CMD_WRITE | ABUSE_CMD_DISCARD | ABUSE_CMD_WRITE_ZEROES => Err(Errno::EROFS as i32),
+        _ => Err(Errno::EOPNOTSUPP as i32),
+    };
+    bio.flags &= !ABUSE_BIO_ERRNO;
+    bio.error = 0;
+    match result {
+        Ok(()) => {
+            bio.result = ABUSE_RESULT_OKAY;
+            None
+        }
+        Err(errno) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            bio.result = ABUSE_RESULT_MEDIA_FAILURE;
+            if with_errno {
+                bio.flags |= ABUSE_BIO_ERRNO;
+                bio.error = errno as u32;
+            }
+            Some(errno)
+        }
+    }
+}
+
+/// The name of a command, for messages.
+pub fn cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        ABUSE_CMD_READ => "READ",
+        ABUSE_CMD_WRITE => "WRITE",
+        ABUSE_CMD_FLUSH => "FLUSH",
+        ABUSE_CMD_DISCARD => "DISCARD",
+        ABUSE_CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        _ => "unknown command",
+    }
+}
+
+/// Logs failed requests to stderr, at most `BURST` a second; the rest are
+/// counted and summed up in the next line that gets through.
+pub struct FailureLog {
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl FailureLog {
+    const BURST: u32 = 10;
+
+    pub fn new() -> Self {
+        FailureLog {
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Logs (or counts) the failure of `bio` with `errno` on `device`.
+    pub fn failed(&self, device: &std::path::Path, bio: &AbuseBio, errno: i32) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0.elapsed() >= Duration::from_secs(1) {
+            *st = (Instant::now(), 0, st.2);
+        }
+        if st.1 >= Self::BURST {
+            st.2 += 1;
+            return;
+        }
+        st.1 += 1;
+        let suppressed = std::mem::take(&mut st.2);
+        drop(st);
+        let more = if suppressed > 0 {
+            format!(" ({suppressed} more failures not shown)")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "abuse server: {}: {} of {} bytes at offset {} failed: {}{more}",
+            device.display(),
+            cmd_name(bio.cmd),
+            bio.len,
+            bio.sector << ABUSE_SECTOR_SHIFT,
+            Errno::from_raw(errno).desc(),
+        );
+    }
+}
+
+impl Default for FailureLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}

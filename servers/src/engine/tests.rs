@@ -1,0 +1,512 @@
+//! The engine against a fake control device that keeps the kernel's rules
+//! (ids, payload placement, ESTALE for unknown ids, generations), and the
+//! execution of single requests.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use abuse_sys::uapi::*;
+use abuse_sys::{AbuseBio, AbuseStatus};
+use nix::errno::Errno;
+
+use super::execute::execute;
+use super::*;
+use crate::backend::{unsupported, Backend};
+use crate::null::Null;
+
+/// A request the fake device holds.
+#[derive(Clone)]
+struct Req {
+    bio: AbuseBio,
+    data: Vec<u8>,
+}
+
+/// How the fake completed a request: (bio as PUT, READ data).
+type Done = (AbuseBio, Vec<u8>);
+
+#[derive(Default)]
+struct FakeState {
+    status: AbuseStatus,
+    pending: VecDeque<Req>,
+    fetched: HashMap<u64, Req>,
+    done: Vec<Done>,
+    /// Ids whose PUT fails with ESTALE (as after a RESET of that request).
+    stale: HashSet<u64>,
+    /// GET_BIO fails with this errno once, for the worker that hits it.
+    fail_get: Option<Errno>,
+    next_id: u64,
+}
+
+/// A control device in memory.
+#[derive(Clone, Default)]
+struct Fake {
+    state: Arc<(Mutex<FakeState>, Condvar)>,
+    path: PathBuf,
+}
+
+impl Fake {
+    fn new(size: u64, flags: u32) -> Self {
+        let f = Fake {
+            path: "/dev/fake0".into(),
+            ..Default::default()
+        };
+        f.lock().status = AbuseStatus {
+            size,
+            block_size: 4096,
+            flags: flags | ABUSE_FLAG_CONFIGURED,
+            generation: 7,
+            version: ABUSE_VERSION,
+            ..Default::default()
+        };
+        f
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.0.lock().unwrap()
+    }
+
+    /// Queues a request; returns its id.
+    fn queue(&self, cmd: u16, sector: u64, data: Vec<u8>) -> u64 {
+        let mut st = self.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        let bio = AbuseBio {
+            id,
+            sector,
+            len: if cmd == ABUSE_CMD_FLUSH {
+                0
+            } else {
+                data.len() as u32
+            },
+            cmd,
+            ..Default::default()
+        };
+        st.pending.push_back(Req { bio, data });
+        self.state.1.notify_all();
+        id
+    }
+
+    fn err(&self, op: &'static str, errno: Errno, done: usize) -> abuse_sys::Error {
+        abuse_sys::Error::Ioctl {
+            path: self.path.clone(),
+            op,
+            errno,
+            done,
+        }
+    }
+
+    /// Waits until `n` requests were completed (or fails the test).
+    fn wait_done(&self, n: usize) -> Vec<Done> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.lock();
+            if st.done.len() >= n {
+                return st.done.clone();
+            }
+            drop(st);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests not completed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl ControlDevice for Fake {
+    fn status(&self) -> abuse_sys::Result<AbuseStatus> {
+        Ok(self.lock().status)
+    }
+
+    fn get_bios(&self, bios: &mut [AbuseBio], data: &mut [u8]) -> abuse_sys::Result<usize> {
+        let mut st = self.lock();
+        if let Some(e) = st.fail_get.take() {
+            return Err(self.err("GET_BIO", e, 0));
+        }
+        let mut n = 0;
+        let mut used = 0usize;
+        while n < bios.len() {
+            let Some(req) = st.pending.front() else { break };
+            let off = used.next_multiple_of(ABUSE_DATA_ALIGN as usize);
+            let len = req.bio.len as usize;
+            if off + len > data.len() {
+                break;
+            }
+            let mut req = st.pending.pop_front().unwrap();
+            if req.bio.cmd == ABUSE_CMD_WRITE {
+                data[off..off + len].copy_from_slice(&req.data);
+            }
+            req.bio.addr = data.as_ptr() as u64 + off as u64;
+            used = off + len;
+            bios[n] = req.bio;
+            st.fetched.insert(req.bio.id, req);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn put_bios(&self, bios: &[AbuseBio]) -> abuse_sys::Result<usize> {
+        let mut st = self.lock();
+        for (i, b) in bios.iter().enumerate() {
+            if st.stale.contains(&b.id) || !st.fetched.contains_key(&b.id) {
+                return Err(self.err("PUT_BIO", Errno::ESTALE, i));
+            }
+            let req = st.fetched.remove(&b.id).unwrap();
+            let mut read = Vec::new();
+            if b.cmd == ABUSE_CMD_READ && b.result == ABUSE_RESULT_OKAY {
+                // SAFETY: as the kernel does, the fake reads `len` bytes at
+                // `addr`, which the engine points into its own live buffer
+                // (this is the same process).
+                read = unsafe { std::slice::from_raw_parts(b.addr as *const u8, b.len as usize) }
+                    .to_vec();
+            }
+            let _ = req;
+            st.done.push((*b, read));
+        }
+        Ok(bios.len())
+    }
+
+    fn wait(&self, timeout: Duration) -> abuse_sys::Result<()> {
+        let st = self.lock();
+        if st.pending.is_empty() {
+            let _ = self.state.1.wait_timeout(st, timeout).unwrap();
+        }
+        Ok(())
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A backend in memory, with failures and panics to order.
+struct Mem {
+    data: Mutex<Vec<u8>>,
+    /// WRITEs at this offset fail with ENOSPC.
+    full_at: Option<u64>,
+    /// READs at this offset panic.
+    panic_at: Option<u64>,
+    /// The next `transient` calls fail with ENOMEM.
+    transient: AtomicU32,
+}
+
+impl Mem {
+    fn new(size: usize) -> Self {
+        Mem {
+            data: Mutex::new(vec![0; size]),
+            full_at: None,
+            panic_at: None,
+            transient: AtomicU32::new(0),
+        }
+    }
+
+    fn transient(&self) -> std::io::Result<()> {
+        let left = self.transient.load(Ordering::Relaxed);
+        if left > 0 {
+            self.transient.store(left - 1, Ordering::Relaxed);
+            return Err(std::io::Error::from_raw_os_error(Errno::ENOMEM as i32));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Mem {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn features(&self) -> u32 {
+        ABUSE_FLAG_FLUSH
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        assert!(Some(offset) != self.panic_at, "backend bug at {offset}");
+        self.transient()?;
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> std::io::Result<()> {
+        if Some(offset) == self.full_at {
+            return Err(std::io::Error::from_raw_os_error(Errno::ENOSPC as i32));
+        }
+        self.transient()?;
+        let mut d = self.data.lock().unwrap();
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    handle: std::thread::JoinHandle<Result<(), EngineError>>,
+}
+
+impl Running {
+    /// Waits (at most 5 s: a test fails rather than hangs) for the engine
+    /// to stop by itself.
+    fn stopped(self) -> Result<(), EngineError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !self.handle.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the engine did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.handle.join().unwrap()
+    }
+
+    fn finish(self) -> Result<(), EngineError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+fn start(fake: &Fake, backend: Arc<dyn Backend>, threads: usize, batch: usize) -> Running {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
+    let cfg = EngineConfig {
+        ctl: fake.path.clone(),
+        threads,
+        batch,
+    };
+    let (f, s, st) = (fake.clone(), stop.clone(), stats.clone());
+    let handle =
+        std::thread::spawn(move || serve_with(move || Ok(f.clone()), &cfg, backend, s, st));
+    Running {
+        stop,
+        stats,
+        handle,
+    }
+}
+
+#[test]
+fn estale_in_the_middle_of_a_batch_skips_only_that_entry() {
+    let fake = Fake::new(1 << 20, ABUSE_FLAG_FLUSH);
+    let ids: Vec<u64> = (0..5)
+        .map(|i| fake.queue(ABUSE_CMD_WRITE, i * 8, vec![i as u8 + 1; 4096]))
+        .collect();
+    fake.lock().stale.insert(ids[2]);
+    let mem = Arc::new(Mem::new(1 << 20));
+    let run = start(&fake, mem.clone(), 1, 16);
+    let done = fake.wait_done(4);
+    let completed: Vec<u64> = done.iter().map(|(b, _)| b.id).collect();
+    assert_eq!(completed, vec![ids[0], ids[1], ids[3], ids[4]]);
+    assert_eq!(run.stats.stale.load(Ordering::Relaxed), 1);
+    run.finish().unwrap();
+}
+
+#[test]
+fn a_reset_or_reconfigured_device_stops_the_engine_with_an_error() {
+    for (configured, what) in [(false, "reset"), (true, "reconfigured")] {
+        let fake = Fake::new(1 << 20, 0);
+        let run = start(&fake, Arc::new(Null::new(1 << 20)), 2, 4);
+        std::thread::sleep(Duration::from_millis(50));
+        {
+            let mut st = fake.lock();
+            st.status.generation += 1;
+            if !configured {
+                st.status.flags &= !ABUSE_FLAG_CONFIGURED;
+            }
+        }
+        let err = run.stopped().unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, EngineError::Reconfigured { .. }), "{msg}");
+        assert!(msg.contains(what) && msg.contains("7 -> 8"), "{msg}");
+    }
+}
+
+#[test]
+fn one_failing_worker_stops_all_and_names_the_cause() {
+    let fake = Fake::new(1 << 20, 0);
+    let run = start(&fake, Arc::new(Null::new(1 << 20)), 4, 4);
+    std::thread::sleep(Duration::from_millis(50));
+    fake.lock().fail_get = Some(Errno::EIO);
+    fake.state.1.notify_all();
+    let err = run.stopped().unwrap_err();
+    assert!(err.to_string().contains("GET_BIO"), "{err}");
+}
+
+#[test]
+fn backend_errno_reaches_the_kernel_with_the_flag() {
+    let fake = Fake::new(1 << 20, 0);
+    let mut mem = Mem::new(1 << 20);
+    mem.full_at = Some(8192);
+    let ok = fake.queue(ABUSE_CMD_WRITE, 0, vec![1; 4096]);
+    let full = fake.queue(ABUSE_CMD_WRITE, 16, vec![2; 4096]);
+    let run = start(&fake, Arc::new(mem), 1, 8);
+    let done = fake.wait_done(2);
+    let by_id = |id| done.iter().find(|(b, _)| b.id == id).unwrap().0;
+    let (a, b) = (by_id(ok), by_id(full));
+    assert_eq!(
+        (a.result, a.flags & ABUSE_BIO_ERRNO, a.error),
+        (ABUSE_RESULT_OKAY, 0, 0)
+    );
+    assert_eq!(b.result, ABUSE_RESULT_MEDIA_FAILURE);
+    assert_eq!(b.flags & ABUSE_BIO_ERRNO, ABUSE_BIO_ERRNO);
+    assert_eq!(b.error, Errno::ENOSPC as u32);
+    assert_eq!(run.stats.errors.load(Ordering::Relaxed), 1);
+    run.finish().unwrap();
+}
+
+#[test]
+fn a_panicking_backend_call_fails_only_its_request() {
+    let fake = Fake::new(1 << 20, 0);
+    let mut mem = Mem::new(1 << 20);
+    mem.panic_at = Some(4096);
+    let ids: Vec<u64> = (0..3)
+        .map(|i| fake.queue(ABUSE_CMD_READ, i * 8, vec![0; 4096]))
+        .collect();
+    let run = start(&fake, Arc::new(mem), 1, 1);
+    let done = fake.wait_done(3);
+    for (b, _) in &done {
+        let want = if b.id == ids[1] {
+            ABUSE_RESULT_MEDIA_FAILURE
+        } else {
+            ABUSE_RESULT_OKAY
+        };
+        assert_eq!(b.result, want, "request {}", b.id);
+    }
+    assert_eq!(
+        done.iter().find(|(b, _)| b.id == ids[1]).unwrap().0.error,
+        Errno::EIO as u32
+    );
+    // It goes on serving after the panic.
+    fake.queue(ABUSE_CMD_READ, 64, vec![0; 4096]);
+    fake.wait_done(4);
+    assert_eq!(run.stats.panics.load(Ordering::Relaxed), 1);
+    run.finish().unwrap();
+}
+
+#[test]
+fn transient_enomem_is_retried() {
+    let fake = Fake::new(1 << 20, 0);
+    let mem = Mem::new(1 << 20);
+    mem.transient.store(2, Ordering::Relaxed);
+    fake.queue(ABUSE_CMD_WRITE, 0, vec![9; 4096]);
+    let read = fake.queue(ABUSE_CMD_READ, 0, vec![0; 4096]);
+    let run = start(&fake, Arc::new(mem), 1, 1);
+    let done = fake.wait_done(2);
+    assert!(done.iter().all(|(b, _)| b.result == ABUSE_RESULT_OKAY));
+    let (_, data) = done.iter().find(|(b, _)| b.id == read).unwrap();
+    assert!(data.iter().all(|&x| x == 9), "read did not see the write");
+    assert_eq!(run.stats.retries.load(Ordering::Relaxed), 2);
+    run.finish().unwrap();
+}
+
+#[test]
+fn refuses_a_device_larger_than_the_backend_or_with_features_it_lacks() {
+    let cases = [
+        (Fake::new(2 << 20, 0), "larger than the backend"),
+        (Fake::new(1 << 20, ABUSE_FLAG_DISCARD), "discard"),
+    ];
+    for (fake, want) in cases {
+        let err = start(&fake, Arc::new(Mem::new(1 << 20)), 1, 1)
+            .stopped()
+            .unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    let mut unconfigured = Fake::new(1 << 20, 0);
+    unconfigured.path = "/dev/fake1".into();
+    unconfigured.lock().status.flags = 0;
+    let err = start(&unconfigured, Arc::new(Mem::new(1 << 20)), 1, 1)
+        .stopped()
+        .unwrap_err();
+    assert!(err.to_string().contains("not configured"), "{err}");
+}
+
+fn bio(cmd: u16, sector: u64, len: u32, addr: u64, flags: u16) -> AbuseBio {
+    AbuseBio {
+        id: 1,
+        sector,
+        addr,
+        len,
+        cmd,
+        flags,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn executes_each_command_on_the_backend() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(1 << 20).unwrap();
+    let b = crate::file::FileBackend::open(f.path(), Default::default()).unwrap();
+    let stats = Stats::default();
+    let mut buf = vec![0u8; 16384];
+    let base = buf.as_ptr() as u64;
+    buf[4096..8192].fill(5);
+    let run = |b: &dyn Backend, mut bio: AbuseBio, buf: &mut Vec<u8>| {
+        execute(b, &mut bio, buf, base, &stats, true);
+        bio.result
+    };
+    // WRITE the payload at buf[4096..], FUA; READ it back into buf[8192..].
+    let w = bio(ABUSE_CMD_WRITE, 16, 4096, base + 4096, ABUSE_BIO_FUA);
+    assert_eq!(run(&b, w, &mut buf), ABUSE_RESULT_OKAY);
+    let r = bio(ABUSE_CMD_READ, 16, 4096, base + 8192, 0);
+    assert_eq!(run(&b, r, &mut buf), ABUSE_RESULT_OKAY);
+    assert!(buf[8192..12288].iter().all(|&x| x == 5));
+    assert_eq!(
+        run(&b, bio(ABUSE_CMD_FLUSH, 0, 0, 0, 0), &mut buf),
+        ABUSE_RESULT_OKAY
+    );
+    assert_eq!(
+        run(&b, bio(ABUSE_CMD_DISCARD, 16, 4096, 0, 0), &mut buf),
+        ABUSE_RESULT_OKAY
+    );
+    let r = bio(ABUSE_CMD_READ, 16, 4096, base + 8192, ABUSE_BIO_REQUEUED);
+    assert_eq!(run(&b, r, &mut buf), ABUSE_RESULT_OKAY);
+    assert!(
+        buf[8192..12288].iter().all(|&x| x == 0),
+        "discarded range not zero"
+    );
+    assert_eq!(stats.writes.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.fua.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.reads.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.flushes.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.discards.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.requeued.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.requests(), 5);
+}
+
+#[test]
+fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
+    let stats = Stats::default();
+    let mut buf = vec![0u8; 4096];
+    let base = buf.as_ptr() as u64;
+    let mut r = bio(ABUSE_CMD_READ, 0, 8192, base, 0);
+    assert_eq!(
+        execute(&Null::new(1 << 20), &mut r, &mut buf, base, &stats, true),
+        Some(Errno::EIO as i32)
+    );
+    assert_eq!(r.result, ABUSE_RESULT_MEDIA_FAILURE);
+    let mut u = bio(99, 0, 0, 0, 0);
+    assert_eq!(
+        execute(&Null::new(4096), &mut u, &mut buf, base, &stats, true),
+        Some(Errno::EOPNOTSUPP as i32)
+    );
+    assert_eq!(
+        (u.flags & ABUSE_BIO_ERRNO, u.error),
+        (ABUSE_BIO_ERRNO, Errno::EOPNOTSUPP as u32)
+    );
+    // An old module (no errno support) gets a plain media failure.
+    let mut old = bio(99, 0, 0, 0, 0);
+    execute(&Null::new(4096), &mut old, &mut buf, base, &stats, false);
+    assert_eq!(
+        (old.result, old.flags, old.error),
+        (ABUSE_RESULT_MEDIA_FAILURE, 0, 0)
+    );
+    assert_eq!(stats.errors.load(Ordering::Relaxed), 3);
+}
