@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use abuse_servers::cow::Cow;
 
 use crate::opts::parse_size;
+use crate::progress::Progress;
 use crate::status::human_size;
 
 #[derive(clap::Subcommand)]
@@ -22,8 +23,11 @@ pub enum CowCmd {
         #[arg(long, default_value = "64K")]
         block_size: String,
     },
-    /// Show a delta: block size, mapped blocks, base identity.
-    #[command(after_help = "Example:\n  abusectl cow info work.cow")]
+    /// Show a delta: block size, mapped blocks, base identity (the base
+    /// itself is not needed, unless --verify).
+    #[command(
+        after_help = "Examples:\n  abusectl cow info work.cow\n  abusectl cow info --verify work.cow"
+    )]
     Info {
         delta: PathBuf,
         /// The base, if not the one the delta names.
@@ -31,6 +35,9 @@ pub enum CowCmd {
         base: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Read the whole base and check it is the one the delta was made over.
+        #[arg(long)]
+        verify: bool,
     },
     /// Write the delta's blocks into the base, then empty the delta.
     #[command(
@@ -54,7 +61,12 @@ pub fn run(cmd: CowCmd) -> Result<(), String> {
             let bs: u32 = bs
                 .try_into()
                 .map_err(|_| format!("block size {block_size} is too large"))?;
-            let cow = Cow::create(&base, &delta, bs).map_err(|e| e.to_string())?;
+            let size = std::fs::File::open(&base)
+                .and_then(|f| abuse_servers::blkdev::size(&f))
+                .map_err(|e| format!("{}: {e}", base.display()))?;
+            let p = Progress::new("reading the base", size);
+            let cow = Cow::create(&base, &delta, bs, &|n| p.add(n)).map_err(|e| e.to_string())?;
+            p.finish();
             println!(
                 "{}: {} over {} in {} blocks",
                 delta.display(),
@@ -64,8 +76,18 @@ pub fn run(cmd: CowCmd) -> Result<(), String> {
             );
             Ok(())
         }
-        CowCmd::Info { delta, base, json } => {
+        CowCmd::Info {
+            delta,
+            base,
+            json,
+            verify,
+        } => {
             let i = Cow::inspect(&delta, base.as_deref()).map_err(|e| e.to_string())?;
+            if verify {
+                let p = Progress::new("verifying the base", i.header.base_size);
+                Cow::verify(&i.header, &i.base_path, &|n| p.add(n)).map_err(|e| e.to_string())?;
+                p.finish();
+            }
             let (h, mapped) = (&i.header, i.mapped);
             let digest: String = h.base_digest.iter().map(|b| format!("{b:02x}")).collect();
             let state = if i.in_use { "dirty" } else { "clean" };
@@ -73,6 +95,7 @@ pub fn run(cmd: CowCmd) -> Result<(), String> {
                 "delta": delta, "base": i.base_path, "block_size": h.block_size,
                 "virtual_size": h.virtual_size, "blocks": h.nblocks(), "mapped_blocks": mapped,
                 "base_size": h.base_size, "base_sha256": digest, "state": state,
+                "base_verified": verify,
             });
             if json {
                 println!(
@@ -99,13 +122,21 @@ pub fn run(cmd: CowCmd) -> Result<(), String> {
                     "no server has it open"
                 };
                 println!("  state:       {state} ({why})");
+                if verify {
+                    println!("  verified:    every byte of the base matches");
+                }
             }
             Ok(())
         }
         CowCmd::Merge { delta, base } => {
             let cow = Cow::open_exclusive(&delta, base.as_deref()).map_err(|e| e.to_string())?;
             let base_path = cow.base_path.clone();
-            let n = cow.merge(&delta).map_err(|e| e.to_string())?;
+            let h = cow.header();
+            let p = Progress::new("merging", cow.mapped_blocks() * h.block_size as u64);
+            let n = cow
+                .merge(&delta, &|n| p.add(n))
+                .map_err(|e| e.to_string())?;
+            p.finish();
             println!(
                 "{}: merged {n} blocks into {}; the delta is empty",
                 delta.display(),

@@ -3,6 +3,7 @@
 mod cow;
 mod debug;
 mod opts;
+mod progress;
 mod server;
 mod status;
 

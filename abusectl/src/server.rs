@@ -61,6 +61,11 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
             let base = a.args.get(1).map(std::path::Path::new);
             let cow =
                 abuse_servers::cow::Cow::open(delta.as_ref(), base).map_err(|e| e.to_string())?;
+            if let Some(n) = cow.adopted().filter(|&n| n > 0) {
+                eprintln!(
+                    "abusectl server: {delta}: kept {n} acknowledged first writes a previous server of this delta left uncommitted (the next FLUSH commits them)"
+                );
+            }
             Ok(Arc::new(cow))
         }
         ("cow", _) => Err("usage: abusectl server CTL cow DELTA [BASE]".into()),

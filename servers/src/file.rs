@@ -17,9 +17,8 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use crate::backend::Backend;
 
 mod blk {
-    // <linux/fs.h>: BLKGETSIZE64 = _IOR(0x12, 114, size_t), BLKDISCARD and
-    // BLKZEROOUT = _IO(0x12, 119/127) taking a uint64_t[2] range.
-    nix::ioctl_read!(getsize64, 0x12, 114, u64);
+    // <linux/fs.h>: BLKDISCARD and BLKZEROOUT = _IO(0x12, 119/127) taking
+    // a uint64_t[2] range.
     nix::ioctl_write_ptr_bad!(discard, nix::request_code_none!(0x12, 119), [u64; 2]);
     nix::ioctl_write_ptr_bad!(zeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 }
@@ -58,13 +57,8 @@ impl FileBackend {
         let file = oo.open(path)?;
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
-        let size = if block_device {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
-            unsafe { blk::getsize64(file.as_raw_fd(), &mut size) }?;
-            size
-        } else if meta.is_file() {
-            meta.len()
+        let size = if block_device || meta.is_file() {
+            crate::blkdev::size(&file)?
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -5,6 +5,7 @@
 //! number of engines, in any number of processes, may serve one device.
 
 pub mod backend;
+pub mod blkdev;
 pub mod cow;
 pub mod engine;
 pub mod file;

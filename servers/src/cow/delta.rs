@@ -1,11 +1,22 @@
-//! A delta over a base: block remapping, first-write copies and the flush
-//! protocol of docs/cow-format.md. Safe to use from many threads at once.
+//! A delta over a base: block remapping, first-write copies and the group
+//! commit of docs/cow-format.md. Safe to use from many threads at once, and
+//! from several processes sharing one delta file.
+//!
+//! A write is acknowledged once it is in the delta's page cache and, for a
+//! first write, its mapping is in the shared working table (memory that
+//! outlives a killed server: it is a mapping of the delta file). FLUSH makes
+//! every acknowledged write durable: data first, then the table pages that
+//! changed, then a commit record naming them. So first writes pay for
+//! durability together, at FLUSH, as on any disk with a volatile cache.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::format::{self, decode_page, encode_page, FormatError, Header, ENTRIES_PER_PAGE, PAGE};
+use super::format::{
+    self, decode_page, encode_page, page_hash, xor_into, Commit, FormatError, Header,
+    ENTRIES_PER_PAGE, PAGE,
+};
 use super::storage::{Shared, Storage};
 
 /// Why a delta could not be created or opened.
@@ -19,17 +30,33 @@ pub enum DeltaError {
     BaseSize { want: u64, got: u64 },
     #[error("wrong base, or the base changed since the delta was made (its contents differ)")]
     BaseDigest,
+    #[error("another server of this delta is still setting it up")]
+    NotReady,
+    #[error("the shared working area disagrees with the delta's table ({0}): stop every server of this delta and start again")]
+    WorkingArea(String),
 }
 
-/// The working area: the next free delta block and the working table.
-/// Shared between processes through a mapping of the delta, or private.
+// The working area's control words (docs/cow-format.md).
+const W_MARKER: usize = 0;
+const W_UUID: usize = 1;
+const W_BOOT: usize = 3;
+const W_NEXT_FREE: usize = 5;
+const W_COMMITTED: usize = 6;
+const W_HASH: usize = 8;
+/// Words in the control page.
+const W_CONTROL: usize = PAGE / 8;
+/// `W_MARKER` of a working area that is set up.
+const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWRK");
+
+/// The working area: control words, per table page its committed version
+/// (`seq << 1 | slot`) and a dirty count, then the working table. Shared
+/// between processes through a mapping of the delta, or private.
 struct Working {
     map: Option<memmap2::MmapMut>,
     local: Vec<AtomicU64>,
 }
 
 impl Working {
-    /// u64 0: the next free block; then one entry per block.
     fn words(&self) -> &[AtomicU64] {
         match &self.map {
             // SAFETY: the mapping is page-aligned, so 8-byte aligned; it
@@ -51,18 +78,42 @@ const PAGE_LOCK: u64 = LOCK_BASE - 1;
 /// that is not yet copied must not both copy it.
 const STRIPES: usize = 64;
 
+/// How a delta is opened.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The only opener (exclusive): adopts a working area this boot's
+    /// servers left, if it checks out, else builds it from the table.
+    First,
+    /// Another server has it set up: adopt it, after checking it.
+    Join,
+    /// To merge: as `First`, and an interrupted merge is expected.
+    Merge,
+    /// To read the durable state only (`cow info`): no working area.
+    Inspect,
+}
+
+/// What the table on disk says (the last committed flush).
+struct Durable {
+    committed: u64,
+    /// Per page: `seq << 1 | slot` of its committed version.
+    pages: Vec<u64>,
+    hash: [u8; 32],
+    table: Vec<u64>,
+}
+
 /// A cow device's state.
 pub struct Delta<S: Shared, B: Storage> {
     header: Header,
     store: S,
     base: B,
-    /// The next free block and the working table (0 = unmapped, d + 1 =
-    /// delta block d), possibly shared with other serving processes.
     work: Working,
     stripes: Vec<Mutex<()>>,
-    /// Serialises this process's table page updates (the OFD lock on
-    /// `PAGE_LOCK` does it between processes).
-    page_lock: Mutex<()>,
+    /// Serialises this process's flushes (the OFD lock on `PAGE_LOCK`
+    /// does it between processes).
+    flush_lock: Mutex<()>,
+    /// Set when the working area was found and kept (a server of this
+    /// boot left it): how many of its mappings were not yet committed.
+    adopted: Option<u64>,
 }
 
 /// Holds a cross-process lock byte; releases it when dropped.
@@ -79,125 +130,275 @@ fn lock_byte<S: Shared>(s: &S, at: u64) -> io::Result<ByteGuard<'_, S>> {
     Ok(ByteGuard(s, at))
 }
 
+fn corrupt(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
 impl<S: Shared, B: Storage> Delta<S, B> {
-    /// Makes a new, empty delta in `store` (which must be empty) over `base`.
-    pub fn create(store: S, base: B, block_size: u32, base_path: &str) -> Result<Self, DeltaError> {
-        let base_size = base.size()?;
-        let virtual_size = base_size - base_size % block_size as u64;
-        let digest = format::digest(|off, buf| base.read_at(buf, off), base_size)?;
-        let header = Header::new(block_size, virtual_size, base_size, digest, base_path)?;
+    /// Makes a new, empty delta in `store` (which must be empty) over
+    /// `base`, reading all of it once for its digest (`progress` is told the
+    /// bytes done).
+    pub fn create(
+        store: S,
+        base: B,
+        block_size: u32,
+        base_path: &str,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, DeltaError> {
+        let size = base.size()?;
+        let id = format::BaseId {
+            size,
+            sample: format::sample(|off, buf| base.read_at(buf, off), size)?,
+            digest: format::digest(|off, buf| base.read_at(buf, off), size, progress)?,
+        };
+        let header = Header::new(block_size, &id, random_uuid()?, base_path)?;
         store.write_at(&header.encode(), 0)?;
-        // The table slots are all zero: never written, every block unmapped.
+        // Commit slots and table slots all zero: nothing committed, every
+        // block unmapped.
         store.write_at(&[0], header.data_offset - 1)?;
         store.sync()?;
         Self::open(store, base)
     }
 
-    /// Opens a delta as its first (or only) server: checks the header, the
-    /// base's identity and the table, and fills the working area from the
-    /// table.
+    /// Opens a delta as its first (or only) server.
     pub fn open(store: S, base: B) -> Result<Self, DeltaError> {
-        Self::open_with(store, base, true, false)
+        Self::open_with(store, base, Mode::First)
     }
 
-    /// Opens a delta that another server already serves: the working area
-    /// is live and is used as it is.
+    /// Opens a delta that another server has set up: its working area is
+    /// checked and shared.
     pub fn join(store: S, base: B) -> Result<Self, DeltaError> {
-        Self::open_with(store, base, false, false)
+        Self::open_with(store, base, Mode::Join)
     }
 
     /// Opens a delta to merge it into its base: a merge that was
-    /// interrupted left the base partly written, so its digest is not
+    /// interrupted left the base partly written, so its identity is not
     /// checked then (the merge is finished instead).
     pub fn open_for_merge(store: S, base: B) -> Result<Self, DeltaError> {
-        Self::open_with(store, base, true, true)
+        Self::open_with(store, base, Mode::Merge)
     }
 
-    fn open_with(store: S, base: B, init: bool, merging: bool) -> Result<Self, DeltaError> {
-        let mut hb = [0u8; PAGE];
+    /// Reads a delta's durable state without a working area or the base's
+    /// check (`cow info`); `base` is only used for reads.
+    pub fn inspect(store: S, base: B) -> Result<Self, DeltaError> {
+        Self::open_with(store, base, Mode::Inspect)
+    }
+
+    fn open_with(store: S, base: B, mode: Mode) -> Result<Self, DeltaError> {
         let len = store.size()?;
         if len < PAGE as u64 {
             return Err(FormatError::Truncated(len, PAGE as u64).into());
         }
+        let mut hb = [0u8; PAGE];
         store.read_at(&mut hb, 0)?;
         let header = Header::decode(&hb)?;
+        // Before anything is allocated for the table: the file must hold
+        // it (this bounds every allocation below by the file's size).
         if len < header.data_offset {
             return Err(FormatError::Truncated(len, header.data_offset).into());
         }
         let interrupted = header.flags & format::FLAG_MERGING != 0;
-        if interrupted && !merging {
+        if interrupted && mode != Mode::Merge && mode != Mode::Inspect {
             return Err(FormatError::Merging.into());
         }
-        let got = base.size()?;
-        if got != header.base_size {
-            return Err(DeltaError::BaseSize {
-                want: header.base_size,
-                got,
-            });
-        }
-        if !interrupted
-            && format::digest(|off, buf| base.read_at(buf, off), got)? != header.base_digest
-        {
-            return Err(DeltaError::BaseDigest);
-        }
-        let nblocks = header.nblocks();
-        let mut table: Vec<u64> = Vec::with_capacity(nblocks as usize);
-        for p in 0..header.table_pages {
-            let (_, _, entries) = read_page(&store, &header, p)?;
-            let first = p as u64 * ENTRIES_PER_PAGE as u64;
-            let n = (nblocks - first).min(ENTRIES_PER_PAGE as u64) as usize;
-            table.extend_from_slice(&entries[..n]);
-        }
-        // Every mapping must point inside the file, and at its own block.
-        // The length is read after the table: a running server may have
-        // grown the delta meanwhile, and its data precedes the page that
-        // maps it.
-        let len = store.size()?;
-        let mut owner = std::collections::HashMap::new();
-        let mut next_free = 0;
-        for (b, &e) in table.iter().enumerate() {
-            if e == 0 {
-                continue;
+        if mode != Mode::Inspect {
+            let got = base.size()?;
+            if got != header.base_size {
+                return Err(DeltaError::BaseSize {
+                    want: header.base_size,
+                    got,
+                });
             }
-            let d = e - 1;
-            if header.block_offset(d) + header.block_size as u64 > len {
-                return Err(FormatError::EntryOutOfRange { block: b as u64 }.into());
+            if !interrupted
+                && format::sample(|off, buf| base.read_at(buf, off), got)? != header.base_sample
+            {
+                return Err(DeltaError::BaseDigest);
             }
-            if let Some(other) = owner.insert(d, b as u64) {
-                return Err(FormatError::EntryShared(other, b as u64).into());
-            }
-            next_free = next_free.max(d + 1);
         }
-        let map = store.map_shared(header.work_offset(), header.work_len())?;
+        let map = match mode {
+            Mode::Inspect => None,
+            _ => store.map_shared(header.work_offset(), header.work_len())?,
+        };
         let local = if map.is_some() {
             Vec::new()
         } else {
-            (0..1 + nblocks).map(|_| AtomicU64::new(0)).collect()
+            let words = header.work_len() / 8;
+            (0..words).map(|_| AtomicU64::new(0)).collect()
         };
-        let delta = Delta {
+        let mut delta = Delta {
             header,
             store,
             base,
             work: Working { map, local },
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            page_lock: Mutex::new(()),
+            flush_lock: Mutex::new(()),
+            adopted: None,
         };
-        if init || delta.work.map.is_none() {
-            delta.work.words()[0].store(next_free, Ordering::Relaxed);
-            for (w, &e) in delta.table().iter().zip(&table) {
-                w.store(e, Ordering::Relaxed);
-            }
-        }
+        delta.set_up(mode)?;
         Ok(delta)
     }
 
-    /// The working table.
+    /// Fills or checks the working area, with no flush running anywhere.
+    fn set_up(&mut self, mode: Mode) -> Result<(), DeltaError> {
+        let _lock = lock_byte(&self.store, PAGE_LOCK)?;
+        let durable = read_durable(&self.store, &self.header)?;
+        let shared = self.work.map.is_some();
+        let boot = self.store.boot_id();
+        let ours = shared && boot.is_some() && self.marked_for(boot);
+        match mode {
+            Mode::Join if !ours => Err(DeltaError::NotReady),
+            Mode::Join => self
+                .check(&durable)
+                .map(|_| ())
+                .map_err(DeltaError::WorkingArea),
+            Mode::First | Mode::Merge if ours => {
+                // A server of this boot left it (it was killed, or stopped):
+                // its acknowledged writes are here, not all in the table yet.
+                match self.check(&durable) {
+                    Ok(pending) => {
+                        self.adopted = Some(pending);
+                        self.refresh_committed(&durable);
+                        Ok(())
+                    }
+                    Err(why) => Err(DeltaError::WorkingArea(why)),
+                }
+            }
+            _ => {
+                self.build(&durable, boot);
+                Ok(())
+            }
+        }
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        self.work.words()
+    }
+
+    fn pages(&self) -> usize {
+        self.header.table_pages as usize
+    }
+
+    /// The committed version of each table page.
+    fn page_meta(&self) -> &[AtomicU64] {
+        &self.words()[W_CONTROL..W_CONTROL + self.pages()]
+    }
+
+    /// Per table page, a count of changes not yet committed.
+    fn dirty(&self) -> &[AtomicU64] {
+        &self.words()[W_CONTROL + self.pages()..W_CONTROL + 2 * self.pages()]
+    }
+
+    /// The working table: 0 = unmapped, d + 1 = delta block d.
     fn table(&self) -> &[AtomicU64] {
-        &self.work.words()[1..1 + self.header.nblocks() as usize]
+        let at = W_CONTROL + 2 * self.pages();
+        &self.words()[at..at + self.header.nblocks() as usize]
     }
 
     fn next_free(&self) -> &AtomicU64 {
-        &self.work.words()[0]
+        &self.words()[W_NEXT_FREE]
+    }
+
+    /// Whether the working area is set up for this delta in this boot.
+    fn marked_for(&self, boot: Option<[u8; 16]>) -> bool {
+        let w = self.words();
+        let pair = |at: usize, v: &[u8; 16]| {
+            w[at].load(Ordering::Acquire) == u64::from_le_bytes(v[..8].try_into().unwrap())
+                && w[at + 1].load(Ordering::Acquire)
+                    == u64::from_le_bytes(v[8..].try_into().unwrap())
+        };
+        w[W_MARKER].load(Ordering::Acquire) == MARKER
+            && pair(W_UUID, &self.header.uuid)
+            && boot.is_some_and(|b| pair(W_BOOT, &b))
+    }
+
+    /// Builds the working area from the table on disk; the marker last.
+    fn build(&self, d: &Durable, boot: Option<[u8; 16]>) {
+        let w = self.words();
+        w[W_MARKER].store(0, Ordering::Release);
+        for (e, &v) in self.table().iter().zip(&d.table) {
+            e.store(v, Ordering::Relaxed);
+        }
+        for x in self.dirty() {
+            x.store(0, Ordering::Relaxed);
+        }
+        // Entries are d + 1: the largest is the next free block.
+        let next = d.table.iter().copied().max().unwrap_or(0);
+        self.next_free().store(next, Ordering::Relaxed);
+        self.refresh_committed(d);
+        let pair = |at: usize, v: [u8; 16]| {
+            w[at].store(
+                u64::from_le_bytes(v[..8].try_into().unwrap()),
+                Ordering::Relaxed,
+            );
+            w[at + 1].store(
+                u64::from_le_bytes(v[8..].try_into().unwrap()),
+                Ordering::Relaxed,
+            );
+        };
+        pair(W_UUID, self.header.uuid);
+        pair(W_BOOT, boot.unwrap_or_default());
+        w[W_MARKER].store(MARKER, Ordering::Release);
+    }
+
+    /// Takes the committed state (sequence, page versions, hash) from disk.
+    fn refresh_committed(&self, d: &Durable) {
+        let w = self.words();
+        for (m, &v) in self.page_meta().iter().zip(&d.pages) {
+            m.store(v, Ordering::Relaxed);
+        }
+        for (i, chunk) in d.hash.chunks(8).enumerate() {
+            w[W_HASH + i].store(
+                u64::from_le_bytes(chunk.try_into().unwrap()),
+                Ordering::Relaxed,
+            );
+        }
+        w[W_COMMITTED].store(d.committed, Ordering::Release);
+    }
+
+    /// Checks an existing working area against the table on disk: every
+    /// committed mapping is there unchanged, every mapping points at its
+    /// own block below the allocation mark. Marks the pages that hold
+    /// uncommitted mappings dirty; returns how many such mappings there are.
+    fn check(&self, d: &Durable) -> Result<u64, String> {
+        let nblocks = self.header.nblocks();
+        let next = self.next_free().load(Ordering::Acquire);
+        if next > nblocks {
+            return Err(format!("allocation mark {next} past the {nblocks} blocks"));
+        }
+        let mut seen = vec![0u64; (nblocks as usize).div_ceil(64)];
+        let mut pending = 0;
+        for (b, (w, &e)) in self.table().iter().zip(&d.table).enumerate() {
+            let v = w.load(Ordering::Acquire);
+            if e != 0 && v != e {
+                return Err(format!(
+                    "block {b} is mapped to {} on disk, {v} in the working table",
+                    e - 1
+                ));
+            }
+            if v == 0 {
+                continue;
+            }
+            let blk = v - 1;
+            if blk >= next {
+                return Err(format!(
+                    "block {b} maps delta block {blk}, past the allocation mark {next}"
+                ));
+            }
+            let (word, bit) = ((blk / 64) as usize, blk % 64);
+            if seen[word] & (1 << bit) != 0 {
+                return Err(format!("delta block {blk} is mapped twice"));
+            }
+            seen[word] |= 1 << bit;
+            if e == 0 {
+                pending += 1;
+                let page = b / ENTRIES_PER_PAGE;
+                let dirty = &self.dirty()[page];
+                if dirty.load(Ordering::Acquire) == 0 {
+                    dirty.store(1, Ordering::Release);
+                }
+            }
+        }
+        Ok(pending)
     }
 
     /// Marks the delta as being merged (durably), before the base changes.
@@ -214,6 +415,12 @@ impl<S: Shared, B: Storage> Delta<S, B> {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// How many mappings an adopted working area held that were not yet
+    /// committed (None: the working area was built from the table).
+    pub fn adopted(&self) -> Option<u64> {
+        self.adopted
     }
 
     /// Whether virtual block `b` is in the delta.
@@ -233,15 +440,23 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         self.header.block_size as u64
     }
 
-    /// Calls `f(block, offset in block, range in buf)` for each block piece.
+    /// Byte offset of the delta block a table entry `e` (non-zero) names.
+    fn data_at(&self, e: u64) -> io::Result<u64> {
+        self.header
+            .block_offset(e - 1)
+            .ok_or_else(|| corrupt(format!("table entry {e} outside the data area")))
+    }
+
+    /// Calls `f(block, offset in block, range in the request)` for each
+    /// block piece of `len` bytes at `offset`.
     fn pieces(
         &self,
         offset: u64,
-        len: usize,
+        len: u64,
         mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
     ) -> io::Result<()> {
         if offset
-            .checked_add(len as u64)
+            .checked_add(len)
             .is_none_or(|end| end > self.header.virtual_size)
         {
             return Err(io::Error::new(
@@ -251,36 +466,30 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
         let mut done = 0;
         while done < len {
-            let at = offset + done as u64;
+            let at = offset + done;
             let (block, inner) = (at / self.bs(), at % self.bs());
-            let n = ((self.bs() - inner) as usize).min(len - done);
-            f(block, inner, done..done + n)?;
+            let n = (self.bs() - inner).min(len - done);
+            f(block, inner, done as usize..(done + n) as usize)?;
             done += n;
         }
         Ok(())
     }
 
-    fn read_base(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // The virtual size is the base's, rounded down: always inside it.
-        self.base.read_at(buf, offset)
-    }
-
     /// Reads `buf` at virtual `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.pieces(offset, buf.len(), |block, inner, r| {
+        self.pieces(offset, buf.len() as u64, |block, inner, r| {
             match self.table()[block as usize].load(Ordering::Acquire) {
-                0 => self.read_base(&mut buf[r], block * self.bs() + inner),
-                e => self
-                    .store
-                    .read_at(&mut buf[r], self.header.block_offset(e - 1) + inner),
+                // The virtual size is the base's, rounded down: inside it.
+                0 => self.base.read_at(&mut buf[r], block * self.bs() + inner),
+                e => self.store.read_at(&mut buf[r], self.data_at(e)? + inner),
             }
         })
     }
 
     /// Writes `data` at virtual `offset` (durably, with `fua`).
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.pieces(offset, data.len(), |block, inner, r| {
-            self.write_piece(block, inner, &data[r])
+        self.pieces(offset, data.len() as u64, |block, inner, r| {
+            self.write_piece(block, inner, Piece::Data(&data[r]))
         })?;
         if fua {
             self.flush()?;
@@ -288,11 +497,27 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         Ok(())
     }
 
-    fn write_piece(&self, block: u64, inner: u64, data: &[u8]) -> io::Result<()> {
+    /// Makes `len` bytes at `offset` read as zeroes; whole blocks are
+    /// deallocated in the delta (`unmap`) rather than written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.pieces(offset, len, |block, inner, r| {
+            let n = (r.end - r.start) as u64;
+            if unmap && inner == 0 && n == self.bs() {
+                self.write_piece(block, 0, Piece::Hole)
+            } else {
+                self.write_piece(block, inner, Piece::Data(&vec![0u8; n as usize]))
+            }
+        })
+    }
+
+    fn write_piece(&self, block: u64, inner: u64, piece: Piece) -> io::Result<()> {
         let entry = &self.table()[block as usize];
-        let in_place = |mapped: u64| {
-            self.store
-                .write_at(data, self.header.block_offset(mapped - 1) + inner)
+        let in_place = |e: u64| -> io::Result<()> {
+            let at = self.data_at(e)?;
+            match piece {
+                Piece::Data(data) => self.store.write_at(data, at + inner),
+                Piece::Hole => self.store.punch(at, self.bs()),
+            }
         };
         let mapped = entry.load(Ordering::Acquire);
         if mapped != 0 {
@@ -309,50 +534,123 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         if mapped != 0 {
             return in_place(mapped);
         }
-        // First write: base ∪ data into a fresh block, then map it (readers
-        // see the base or the complete new block, never a mix).
-        let mut full = vec![0u8; self.bs() as usize];
-        if data.len() as u64 != self.bs() {
-            self.read_base(&mut full, block * self.bs())?;
+        // First write: base ∪ data (or a hole) into a fresh block, then map
+        // it (readers see the base or the complete new block, never a mix).
+        let d = self.allocate()?;
+        let at = self.data_at(d + 1)?;
+        match piece {
+            Piece::Data(data) => {
+                let mut full = vec![0u8; self.bs() as usize];
+                if data.len() as u64 != self.bs() {
+                    self.base.read_at(&mut full, block * self.bs())?;
+                }
+                full[inner as usize..inner as usize + data.len()].copy_from_slice(data);
+                self.store.write_at(&full, at)?;
+            }
+            Piece::Hole => {
+                // The file covers the block; the block reads as zeroes
+                // (a block allocated before a crash may hold old data).
+                self.store.write_at(&[0], at + self.bs() - 1)?;
+                self.store.punch(at, self.bs())?;
+            }
         }
-        full[inner as usize..inner as usize + data.len()].copy_from_slice(data);
-        let d = self.next_free().fetch_add(1, Ordering::Relaxed);
-        self.store.write_at(&full, self.header.block_offset(d))?;
-        entry.store(d + 1, Ordering::Release);
-        // The working table is memory that dies with the servers: make the
-        // mapping durable now, so that a server killed after acknowledging
-        // the write loses nothing (in-place rewrites are in the page cache
-        // and survive the process).
-        self.persist_block(block)
+        self.publish(block, d);
+        Ok(())
     }
 
-    /// Makes every completed write durable, table included. (Every mapping
-    /// an acknowledged write made is on disk already: see `persist_block`.)
+    /// Takes the next free delta block: there is one per virtual block.
+    fn allocate(&self) -> io::Result<u64> {
+        let nblocks = self.header.nblocks();
+        self.next_free()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < nblocks).then_some(n + 1)
+            })
+            .map_err(|_| {
+                corrupt("the delta has no free block left (its allocation mark is damaged)")
+            })
+    }
+
+    /// Maps `block` to delta block `d` and marks its table page dirty. The
+    /// data is written (in the page cache) before: a flush that sees the
+    /// mapping makes the data durable before the page.
+    fn publish(&self, block: u64, d: u64) {
+        self.table()[block as usize].store(d + 1, Ordering::Release);
+        self.dirty()[block as usize / ENTRIES_PER_PAGE].fetch_add(1, Ordering::Release);
+    }
+
+    /// Makes every acknowledged write durable: the data, then the table
+    /// pages with uncommitted mappings (each into its other slot), then a
+    /// commit record that names their new versions. One flush commits the
+    /// first writes of every server of this delta.
     pub fn flush(&self) -> io::Result<()> {
-        self.store.sync()
-    }
-
-    /// Makes the table page holding `block` durable, with everything the
-    /// working table maps in it (this or another server's first writes):
-    /// data first, then the page, into its other slot.
-    fn persist_block(&self, block: u64) -> io::Result<()> {
-        let p = (block / ENTRIES_PER_PAGE as u64) as u32;
-        let _local = self.page_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _local = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _shared = lock_byte(&self.store, PAGE_LOCK)?;
-        let entries = self.page_entries(p as usize);
+        self.catch_up()?;
+        // Snapshot what is uncommitted before the data sync: every mapping
+        // seen here points at data written before it.
+        let mut snap = Vec::new();
+        for (p, dirty) in self.dirty().iter().enumerate() {
+            let v = dirty.load(Ordering::Acquire);
+            if v != 0 {
+                snap.push((p, v, self.page_entries(p)));
+            }
+        }
         self.store.sync()?;
-        let (seq, slot, on_disk) =
-            read_page(&self.store, &self.header, p).map_err(|e| match e {
-                DeltaError::Io(e) => e,
-                other => io::Error::other(other.to_string()),
-            })?;
-        if entries[..] == on_disk[..] {
+        if snap.is_empty() {
             return Ok(());
         }
-        let bytes = encode_page(seq + 1, p, &entries);
+        let w = self.words();
+        let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
+        let mut hash = [0u8; 32];
+        for (i, chunk) in hash.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&w[W_HASH + i].load(Ordering::Acquire).to_le_bytes());
+        }
+        for (p, _, entries) in &snap {
+            let meta = self.page_meta()[*p].load(Ordering::Acquire);
+            let (old, slot) = (meta >> 1, (meta & 1) as u32);
+            let bytes = encode_page(seq, *p as u32, entries);
+            self.store
+                .write_at(&bytes, self.header.slot_offset(*p as u32, 1 - slot))?;
+            xor_into(&mut hash, &page_hash(*p as u32, old));
+            xor_into(&mut hash, &page_hash(*p as u32, seq));
+        }
+        self.store.sync()?;
         self.store
-            .write_at(&bytes, self.header.slot_offset(p, 1 - slot))?;
-        self.store.sync()
+            .write_at(&Commit { seq, pages: hash }.encode(), Commit::slot(seq))?;
+        self.store.sync()?;
+        // Committed: record it (a server dying here is caught up by the
+        // next flush, `catch_up`), and clear what was committed unless it
+        // changed again meanwhile.
+        for (p, v, _) in &snap {
+            let meta = self.page_meta()[*p].load(Ordering::Acquire);
+            self.page_meta()[*p].store(seq << 1 | (1 - (meta & 1)), Ordering::Release);
+            let _ = self.dirty()[*p].compare_exchange(*v, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        for (i, chunk) in hash.chunks(8).enumerate() {
+            w[W_HASH + i].store(
+                u64::from_le_bytes(chunk.try_into().unwrap()),
+                Ordering::Release,
+            );
+        }
+        w[W_COMMITTED].store(seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// A flusher that died between its commit record and recording it in
+    /// the working area left the committed state behind: take it from disk.
+    fn catch_up(&self) -> io::Result<()> {
+        let committed = self.words()[W_COMMITTED].load(Ordering::Acquire);
+        let on_disk = read_commit(&self.store)
+            .map_err(corrupt)?
+            .map_or(0, |c| c.seq);
+        if on_disk != committed {
+            let d = read_durable(&self.store, &self.header).map_err(|e| match e {
+                DeltaError::Io(e) => e,
+                other => corrupt(other),
+            })?;
+            self.refresh_committed(&d);
+        }
+        Ok(())
     }
 
     /// The working table's entries of page `p`, padded to a full page.
@@ -368,29 +666,113 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     }
 }
 
-/// Reads table page `p`: the intact slot with the higher sequence number.
-fn read_page<S: Storage>(
-    store: &S,
-    h: &Header,
-    p: u32,
-) -> Result<(u64, u32, [u64; ENTRIES_PER_PAGE]), DeltaError> {
-    let mut best: Option<(u64, u32, [u64; ENTRIES_PER_PAGE])> = None;
-    let mut torn = 0;
-    for slot in 0..2 {
+/// What a first write puts in a block.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    Data(&'a [u8]),
+    /// Zeroes, deallocated.
+    Hole,
+}
+
+/// 16 random bytes, to name a new delta.
+fn random_uuid() -> io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut u = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut u)?;
+    Ok(u)
+}
+
+/// The latest commit record, if any was written (a damaged one is an error).
+fn read_commit<S: Storage>(store: &S) -> Result<Option<Commit>, DeltaError> {
+    let mut best: Option<Commit> = None;
+    for slot in 0..2u32 {
         let mut b = [0u8; PAGE];
-        store.read_at(&mut b, h.slot_offset(p, slot))?;
-        match decode_page(&b, p) {
-            Some((seq, e)) if best.is_none_or(|(s, _, _)| seq > s) => best = Some((seq, slot, e)),
-            Some(_) => {}
-            None if b.iter().all(|&x| x == 0) => {}
-            None => torn += 1,
+        store.read_at(&mut b, format::COMMIT_OFFSET + slot as u64 * PAGE as u64)?;
+        if let Some(c) = Commit::decode(&b, slot)? {
+            if best.is_none_or(|x| c.seq > x.seq) {
+                best = Some(c);
+            }
         }
     }
-    match best {
-        Some(found) => Ok(found),
-        // Never written: every block of the page is unmapped. (The first
-        // write of slot A may have been torn: its mapping was not durable.)
-        None if torn < 2 => Ok((0, 1, [0; ENTRIES_PER_PAGE])),
-        None => Err(FormatError::TablePage(p).into()),
+    Ok(best)
+}
+
+/// Reads the committed table: for each page, the intact slot with the
+/// highest sequence number not above the last commit (a slot that is torn,
+/// or written by a flush that did not commit, is ignored). The versions
+/// found must hash to what the commit record says, else a committed page
+/// was damaged: that is refused, never rolled back. Every mapping must
+/// point inside the data area, at a block of its own, within the file.
+fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError> {
+    let commit = read_commit(store)?;
+    let committed = commit.map_or(0, |c| c.seq);
+    let nblocks = h.nblocks();
+    let mut pages = Vec::with_capacity(h.table_pages as usize);
+    let mut table = Vec::with_capacity(nblocks as usize);
+    let mut hash = [0u8; 32];
+    for p in 0..h.table_pages {
+        let mut found: Option<(u64, u32, [u64; ENTRIES_PER_PAGE])> = None;
+        for slot in 0..2 {
+            let mut b = [0u8; PAGE];
+            store.read_at(&mut b, h.slot_offset(p, slot))?;
+            if let Some((seq, e)) = decode_page(&b, p) {
+                if seq <= committed && found.as_ref().is_none_or(|(s, _, _)| seq > *s) {
+                    found = Some((seq, slot, e));
+                }
+            }
+        }
+        // Never committed: every block of the page unmapped (slot B is
+        // "current", so the first write goes to slot A).
+        let (seq, slot, entries) = found.unwrap_or((0, 1, [0; ENTRIES_PER_PAGE]));
+        xor_into(&mut hash, &page_hash(p, seq));
+        pages.push(seq << 1 | slot as u64);
+        let first = p as u64 * ENTRIES_PER_PAGE as u64;
+        let n = (nblocks - first).min(ENTRIES_PER_PAGE as u64) as usize;
+        if entries[n..].iter().any(|&e| e != 0) {
+            return Err(FormatError::TableCorrupt.into());
+        }
+        table.extend_from_slice(&entries[..n]);
     }
+    let want = match commit {
+        Some(c) => c.pages,
+        None => {
+            let mut empty = [0u8; 32];
+            for p in 0..h.table_pages {
+                xor_into(&mut empty, &page_hash(p, 0));
+            }
+            empty
+        }
+    };
+    if hash != want {
+        return Err(FormatError::TableCorrupt.into());
+    }
+    // The length is read after the table: a running server may have grown
+    // the delta meanwhile, and its data precedes the page that maps it.
+    let len = store.size()?;
+    let mut seen = vec![0u64; (nblocks as usize).div_ceil(64)];
+    for (b, &e) in table.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        let d = e - 1;
+        let in_file = h
+            .block_offset(d)
+            .and_then(|off| off.checked_add(h.block_size as u64))
+            .is_some_and(|end| end <= len);
+        if !in_file {
+            return Err(FormatError::EntryOutOfRange { block: b as u64 }.into());
+        }
+        let (word, bit) = ((d / 64) as usize, d % 64);
+        if seen[word] & (1 << bit) != 0 {
+            let other = table.iter().position(|&x| x == e).unwrap_or(0) as u64;
+            return Err(FormatError::EntryShared(other, b as u64).into());
+        }
+        seen[word] |= 1 << bit;
+    }
+    Ok(Durable {
+        committed,
+        pages,
+        hash,
+        table,
+    })
 }

@@ -5,17 +5,29 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"ABUSECOW";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const PAGE: usize = 4096;
 /// Table entries per page (after the 16-byte page header).
 pub const ENTRIES_PER_PAGE: usize = (PAGE - 16) / 8;
 pub const MIN_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 1 << 20;
-const HEADER_CRC_AT: usize = 332;
-const PATH_AT: usize = 76;
-const FLAGS_AT: usize = 328;
+/// The largest virtual size: every offset fits an i64 with room to spare.
+pub const MAX_SIZE: u64 = 1 << 60;
+const UUID_AT: usize = 96;
+const DATA_OFFSET_AT: usize = 112;
+const TABLE_PAGES_AT: usize = 120;
+const FLAGS_AT: usize = 124;
+const PATH_AT: usize = 128;
+const PATH_LEN: usize = 256;
+const HEADER_CRC_AT: usize = PATH_AT + PATH_LEN;
 /// `Header::flags`: a merge into the base started and did not finish.
 pub const FLAG_MERGING: u32 = 1;
+/// Offset of the two commit slots (A, B), one page each.
+pub const COMMIT_OFFSET: u64 = PAGE as u64;
+/// Offset of the first table page slot.
+pub const TABLE_OFFSET: u64 = 3 * PAGE as u64;
+const COMMIT_MAGIC: &[u8; 8] = b"ABUSECMT";
+const COMMIT_CRC_AT: usize = 48;
 
 /// Why a delta cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,9 +44,11 @@ pub enum FormatError {
     Truncated(u64, u64),
     #[error("a merge into the base was interrupted: run `abusectl cow merge` again to finish it")]
     Merging,
-    #[error("table page {0} is corrupt in both slots")]
-    TablePage(u32),
-    #[error("table entry for block {block} points past the end of the delta")]
+    #[error("the delta's commit record (slot {0}) is corrupt")]
+    CommitRecord(u32),
+    #[error("the delta's table is corrupt: the committed versions of its pages are not all there (a page was damaged after it was committed)")]
+    TableCorrupt,
+    #[error("table entry for block {block} points outside the delta's data area")]
     EntryOutOfRange { block: u64 },
     #[error("table entries for blocks {0} and {1} point at the same delta block")]
     EntryShared(u64, u64),
@@ -46,7 +60,13 @@ pub struct Header {
     pub block_size: u32,
     pub virtual_size: u64,
     pub base_size: u64,
+    /// SHA-256 over the base's size and samples of it: checked at every open.
+    pub base_sample: [u8; 32],
+    /// SHA-256 over the whole base (see [`digest`]), taken at create:
+    /// checked on request (`cow info --verify`).
     pub base_digest: [u8; 32],
+    /// Names this delta: the working area records whose it is.
+    pub uuid: [u8; 16],
     pub data_offset: u64,
     pub table_pages: u32,
     pub base_path: String,
@@ -54,76 +74,117 @@ pub struct Header {
     pub flags: u32,
 }
 
+/// A base's identity, as a delta records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseId {
+    pub size: u64,
+    pub sample: [u8; 32],
+    pub digest: [u8; 32],
+}
+
 impl Header {
-    /// A header for a delta of `virtual_size` bytes in blocks of `block_size`.
+    /// A header for a delta over `base` in blocks of `block_size`: its
+    /// virtual size is the base's, rounded down to a whole block.
     pub fn new(
         block_size: u32,
-        virtual_size: u64,
-        base_size: u64,
-        base_digest: [u8; 32],
+        base: &BaseId,
+        uuid: [u8; 16],
         base_path: &str,
     ) -> Result<Self, FormatError> {
+        let virtual_size = base.size - base.size % block_size.max(1) as u64;
+        Self::with_geometry(block_size, virtual_size, base, uuid, base_path)
+    }
+
+    fn with_geometry(
+        block_size: u32,
+        virtual_size: u64,
+        base: &BaseId,
+        uuid: [u8; 16],
+        base_path: &str,
+    ) -> Result<Self, FormatError> {
+        let bad = |why: String| Err(FormatError::Inconsistent(why));
         if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-            return Err(FormatError::Inconsistent(format!(
+            return bad(format!(
                 "block size {block_size} is not a power of two from 4 KiB to 1 MiB"
-            )));
-        }
-        if virtual_size == 0 || !virtual_size.is_multiple_of(block_size as u64) {
-            return Err(FormatError::Inconsistent(format!(
-                "size {virtual_size} is not a positive multiple of the block size {block_size}"
-            )));
-        }
-        let nblocks = virtual_size / block_size as u64;
-        let table_pages = nblocks.div_ceil(ENTRIES_PER_PAGE as u64);
-        let table_pages: u32 = table_pages
-            .try_into()
-            .map_err(|_| FormatError::Inconsistent("too many blocks".into()))?;
-        let work_offset = PAGE as u64 + 2 * PAGE as u64 * table_pages as u64;
-        let data_offset =
-            (work_offset + Self::work_len_for(nblocks)).next_multiple_of(block_size as u64);
-        if base_path.len() >= FLAGS_AT - PATH_AT {
-            return Err(FormatError::Inconsistent(
-                "base path longer than 251 bytes".into(),
             ));
         }
-        Ok(Header {
+        if virtual_size == 0
+            || virtual_size > MAX_SIZE
+            || !virtual_size.is_multiple_of(block_size as u64)
+        {
+            return bad(format!(
+                "size {virtual_size} is not a positive multiple of the block size {block_size} up to {MAX_SIZE}"
+            ));
+        }
+        // The virtual size is the base's, rounded down to a whole block.
+        if base
+            .size
+            .checked_sub(virtual_size)
+            .is_none_or(|d| d >= block_size as u64)
+        {
+            return bad(format!(
+                "size {virtual_size} is not the base's {} rounded down to the block size {block_size}",
+                base.size
+            ));
+        }
+        let nblocks = virtual_size / block_size as u64;
+        let table_pages: u32 = nblocks
+            .div_ceil(ENTRIES_PER_PAGE as u64)
+            .try_into()
+            .map_err(|_| FormatError::Inconsistent("too many blocks".into()))?;
+        if base_path.len() >= PATH_LEN {
+            return bad(format!("base path longer than {} bytes", PATH_LEN - 1));
+        }
+        let mut h = Header {
             block_size,
             virtual_size,
-            base_size,
-            base_digest,
-            data_offset,
+            base_size: base.size,
+            base_sample: base.sample,
+            base_digest: base.digest,
+            uuid,
+            data_offset: 0,
             table_pages,
             base_path: base_path.into(),
             flags: 0,
-        })
+        };
+        // No overflow: nblocks <= 2^48, so every term is far below 2^64.
+        h.data_offset = (h.work_offset() + h.work_len()).next_multiple_of(block_size as u64);
+        Ok(h)
     }
 
     pub fn nblocks(&self) -> u64 {
         self.virtual_size / self.block_size as u64
     }
 
-    fn work_len_for(nblocks: u64) -> u64 {
-        (PAGE as u64 + 8 * nblocks).next_multiple_of(PAGE as u64)
-    }
-
-    /// The working area: a page (the next free delta block, a u64) and the
-    /// working table (a u64 per block), shared by the serving processes.
+    /// The working area (see `delta::Working`): a page of control words,
+    /// then per table page its committed version and a dirty mark, then
+    /// one word per block (the working table).
     pub fn work_offset(&self) -> u64 {
-        PAGE as u64 + 2 * PAGE as u64 * self.table_pages as u64
+        TABLE_OFFSET + 2 * PAGE as u64 * self.table_pages as u64
     }
 
     pub fn work_len(&self) -> u64 {
-        Self::work_len_for(self.nblocks())
+        (PAGE as u64 + 8 * (2 * self.table_pages as u64 + self.nblocks()))
+            .next_multiple_of(PAGE as u64)
     }
 
-    /// Byte offset of delta block `d`.
-    pub fn block_offset(&self, d: u64) -> u64 {
-        self.data_offset + d * self.block_size as u64
+    /// Byte offset of delta block `d`, if it lies inside the data area a
+    /// delta of this geometry can use (one delta block per virtual block).
+    pub fn block_offset(&self, d: u64) -> Option<u64> {
+        (d < self.nblocks()).then(|| self.data_offset + d * self.block_size as u64)
     }
 
     /// Byte offset of slot `slot` (0 = A, 1 = B) of table page `page`.
     pub fn slot_offset(&self, page: u32, slot: u32) -> u64 {
-        PAGE as u64 + (2 * page as u64 + slot as u64) * PAGE as u64
+        TABLE_OFFSET + (2 * page as u64 + slot as u64) * PAGE as u64
+    }
+
+    pub fn base_id(&self) -> BaseId {
+        BaseId {
+            size: self.base_size,
+            sample: self.base_sample,
+            digest: self.base_digest,
+        }
     }
 
     pub fn encode(&self) -> [u8; PAGE] {
@@ -133,11 +194,13 @@ impl Header {
         b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
         b[16..24].copy_from_slice(&self.virtual_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.base_size.to_le_bytes());
-        b[32..64].copy_from_slice(&self.base_digest);
-        b[64..72].copy_from_slice(&self.data_offset.to_le_bytes());
-        b[72..76].copy_from_slice(&self.table_pages.to_le_bytes());
-        b[PATH_AT..PATH_AT + self.base_path.len()].copy_from_slice(self.base_path.as_bytes());
+        b[32..64].copy_from_slice(&self.base_sample);
+        b[64..96].copy_from_slice(&self.base_digest);
+        b[UUID_AT..UUID_AT + 16].copy_from_slice(&self.uuid);
+        b[DATA_OFFSET_AT..DATA_OFFSET_AT + 8].copy_from_slice(&self.data_offset.to_le_bytes());
+        b[TABLE_PAGES_AT..TABLE_PAGES_AT + 4].copy_from_slice(&self.table_pages.to_le_bytes());
         b[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&self.flags.to_le_bytes());
+        b[PATH_AT..PATH_AT + self.base_path.len()].copy_from_slice(self.base_path.as_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
@@ -155,17 +218,22 @@ impl Header {
         if u32_at(8) != VERSION {
             return Err(FormatError::Version(u32_at(8)));
         }
-        let path_bytes = &b[PATH_AT..FLAGS_AT];
+        let path_bytes = &b[PATH_AT..PATH_AT + PATH_LEN];
         let end = path_bytes
             .iter()
             .position(|&c| c == 0)
             .unwrap_or(path_bytes.len());
         let path = String::from_utf8_lossy(&path_bytes[..end]).into_owned();
-        let mut h = Header::new(
+        let base = BaseId {
+            size: u64_at(24),
+            sample: b[32..64].try_into().unwrap(),
+            digest: b[64..96].try_into().unwrap(),
+        };
+        let mut h = Header::with_geometry(
             u32_at(12),
             u64_at(16),
-            u64_at(24),
-            b[32..64].try_into().unwrap(),
+            &base,
+            b[UUID_AT..UUID_AT + 16].try_into().unwrap(),
             &path,
         )?;
         h.flags = u32_at(FLAGS_AT);
@@ -175,12 +243,74 @@ impl Header {
                 h.flags
             )));
         }
-        if h.data_offset != u64_at(64) || h.table_pages != u32_at(72) {
+        if h.data_offset != u64_at(DATA_OFFSET_AT) || h.table_pages != u32_at(TABLE_PAGES_AT) {
             return Err(FormatError::Inconsistent(
                 "table geometry does not match the sizes".into(),
             ));
         }
         Ok(h)
+    }
+}
+
+/// A commit record: flush `seq` made durable the table pages whose
+/// committed versions hash to `pages`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub seq: u64,
+    pub pages: [u8; 32],
+}
+
+impl Commit {
+    /// Its slot: commits alternate, so the previous one survives a crash
+    /// while this one is written.
+    pub fn slot(seq: u64) -> u64 {
+        COMMIT_OFFSET + (seq % 2) * PAGE as u64
+    }
+
+    pub fn encode(&self) -> [u8; PAGE] {
+        let mut b = [0u8; PAGE];
+        b[0..8].copy_from_slice(COMMIT_MAGIC);
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..48].copy_from_slice(&self.pages);
+        let crc = crc32c::crc32c(&b[..COMMIT_CRC_AT]);
+        b[COMMIT_CRC_AT..COMMIT_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `Ok(None)`: never written (all zero). The record lies in one
+    /// 512-byte sector, which a disk writes whole or not at all, so a bad
+    /// checksum is damage, not a torn write.
+    pub fn decode(b: &[u8; PAGE], slot: u32) -> Result<Option<Commit>, FormatError> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let crc = u32::from_le_bytes(b[COMMIT_CRC_AT..COMMIT_CRC_AT + 4].try_into().unwrap());
+        if &b[0..8] != COMMIT_MAGIC || crc != crc32c::crc32c(&b[..COMMIT_CRC_AT]) {
+            return Err(FormatError::CommitRecord(slot));
+        }
+        let seq = u64::from_le_bytes(b[8..16].try_into().unwrap());
+        if seq == 0 || Commit::slot(seq) != COMMIT_OFFSET + slot as u64 * PAGE as u64 {
+            return Err(FormatError::CommitRecord(slot));
+        }
+        Ok(Some(Commit {
+            seq,
+            pages: b[16..48].try_into().unwrap(),
+        }))
+    }
+}
+
+/// One page's share of a commit's page hash: pages combine by XOR, so a
+/// flush updates the hash for the pages it wrote alone.
+pub fn page_hash(index: u32, seq: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(index.to_le_bytes());
+    h.update(seq.to_le_bytes());
+    h.finalize().into()
+}
+
+pub fn xor_into(acc: &mut [u8; 32], h: &[u8; 32]) {
+    for (a, b) in acc.iter_mut().zip(h) {
+        *a ^= b;
     }
 }
 
@@ -216,11 +346,12 @@ pub fn decode_page(b: &[u8; PAGE], index: u32) -> Option<(u64, [u64; ENTRIES_PER
     Some((seq, e))
 }
 
-/// The base's identity: SHA-256 over the SHA-256s of its 1 MiB chunks,
-/// which are hashed in parallel.
+/// The base's full identity: SHA-256 over the SHA-256s of its 1 MiB
+/// chunks, which are hashed in parallel; `progress` is told the bytes done.
 pub fn digest(
     read_chunk: impl Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync,
     size: u64,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> std::io::Result<[u8; 32]> {
     const CHUNK: u64 = 1 << 20;
     let chunks = size.div_ceil(CHUNK);
@@ -230,6 +361,7 @@ pub fn digest(
             let len = CHUNK.min(size - i * CHUNK) as usize;
             let mut buf = vec![0u8; len];
             read_chunk(i * CHUNK, &mut buf)?;
+            progress(len as u64);
             Ok(Sha256::digest(&buf).into())
         })
         .collect::<std::io::Result<_>>()?;
@@ -241,12 +373,55 @@ pub fn digest(
     Ok(top.finalize().into())
 }
 
+/// The base's cheap identity, checked at every open: SHA-256 over its size
+/// and `SAMPLES` pieces of 64 KiB spread evenly over it (the first and the
+/// last included): 4 MiB read whatever the base's size, enough to tell
+/// another image or a rewritten one from the base (`cow info --verify`
+/// compares every byte).
+pub fn sample(
+    read_chunk: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    size: u64,
+) -> std::io::Result<[u8; 32]> {
+    const SAMPLES: u64 = 64;
+    const PIECE: u64 = 64 << 10;
+    let mut h = Sha256::new();
+    h.update(size.to_le_bytes());
+    if size <= SAMPLES * PIECE {
+        // Small enough to take whole.
+        let mut buf = vec![0u8; PIECE as usize];
+        let mut at = 0;
+        while at < size {
+            let n = PIECE.min(size - at) as usize;
+            read_chunk(at, &mut buf[..n])?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        return Ok(h.finalize().into());
+    }
+    let mut buf = vec![0u8; PIECE as usize];
+    for i in 0..SAMPLES {
+        // Evenly spaced starts from 0 to size - PIECE.
+        let at = (size - PIECE) as u128 * i as u128 / (SAMPLES - 1) as u128;
+        read_chunk(at as u64, &mut buf)?;
+        h.update(&buf);
+    }
+    Ok(h.finalize().into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn base(size: u64) -> BaseId {
+        BaseId {
+            size,
+            sample: [7; 32],
+            digest: [8; 32],
+        }
+    }
+
     fn header() -> Header {
-        Header::new(65536, 64 << 20, 64 << 20, [7; 32], "/base.img").unwrap()
+        Header::new(65536, &base(64 << 20), [9; 16], "/base.img").unwrap()
     }
 
     #[test]
@@ -258,9 +433,13 @@ mod tests {
         assert_eq!(h.data_offset % 65536, 0);
         assert!(h.data_offset >= h.work_offset() + h.work_len());
         // Small blocks: the data area starts right after the working area.
-        let small = Header::new(4096, 96 << 10, 96 << 10, [0; 32], "").unwrap();
+        let small = Header::new(4096, &base(96 << 10), [0; 16], "").unwrap();
         assert_eq!(small.data_offset, small.work_offset() + small.work_len());
-        assert_eq!(h.work_offset(), 4096 + 6 * 4096);
+        assert_eq!(h.work_offset(), 3 * 4096 + 6 * 4096);
+        // A base that is not a whole number of blocks: rounded down.
+        let odd = Header::new(65536, &base((64 << 20) + 1000), [0; 16], "").unwrap();
+        assert_eq!(odd.virtual_size, 64 << 20);
+        assert_eq!(odd.block_offset(odd.nblocks()), None, "past the data area");
     }
 
     #[test]
@@ -269,7 +448,7 @@ mod tests {
         let mut bad = b;
         bad[0] = b'X';
         assert_eq!(Header::decode(&bad), Err(FormatError::Magic));
-        for at in [9, 13, 20, 40, 70, 100, 331] {
+        for at in [9, 13, 20, 40, 70, 100, 130, 383] {
             let mut bad = b;
             bad[at] ^= 1;
             assert_eq!(
@@ -282,11 +461,33 @@ mod tests {
 
     #[test]
     fn header_rejects_bad_geometry() {
-        assert!(Header::new(1000, 1 << 20, 0, [0; 32], "").is_err());
-        assert!(Header::new(2048, 1 << 20, 0, [0; 32], "").is_err());
-        assert!(Header::new(2 << 20, 4 << 20, 0, [0; 32], "").is_err());
-        assert!(Header::new(4096, 4097, 0, [0; 32], "").is_err());
-        assert!(Header::new(4096, 0, 0, [0; 32], "").is_err());
+        assert!(Header::new(1000, &base(1 << 20), [0; 16], "").is_err());
+        assert!(Header::new(2048, &base(1 << 20), [0; 16], "").is_err());
+        assert!(Header::new(2 << 20, &base(4 << 20), [0; 16], "").is_err());
+        assert!(Header::new(4096, &base(100), [0; 16], "").is_err());
+        assert!(Header::new(4096, &base(1 << 62), [0; 16], "").is_err());
+        // A virtual size that is not the base's, rounded down.
+        assert!(Header::with_geometry(4096, 8192, &base(1 << 20), [0; 16], "").is_err());
+        assert!(Header::with_geometry(4096, 2 << 20, &base(1 << 20), [0; 16], "").is_err());
+    }
+
+    #[test]
+    fn commit_records_tell_damage_from_never_written() {
+        let c = Commit {
+            seq: 7,
+            pages: [3; 32],
+        };
+        let b = c.encode();
+        assert_eq!(Commit::decode(&b, 1), Ok(Some(c)));
+        assert_eq!(Commit::decode(&[0; PAGE], 0), Ok(None));
+        assert_eq!(
+            Commit::decode(&b, 0),
+            Err(FormatError::CommitRecord(0)),
+            "seq 7 lives in slot 1"
+        );
+        let mut bad = b;
+        bad[20] ^= 1;
+        assert_eq!(Commit::decode(&bad, 1), Err(FormatError::CommitRecord(1)));
     }
 
     #[test]
@@ -315,11 +516,37 @@ mod tests {
                 Ok(())
             }
         };
-        let a = digest(read(&data), data.len() as u64).unwrap();
+        let none = |_| {};
+        let a = digest(read(&data), data.len() as u64, &none).unwrap();
         let mut changed = data.clone();
         changed[2_500_000] ^= 1;
-        assert_ne!(a, digest(read(&changed), changed.len() as u64).unwrap());
-        assert_ne!(a, digest(read(&data), data.len() as u64 - 1).unwrap());
-        assert_eq!(a, digest(read(&data), data.len() as u64).unwrap());
+        assert_ne!(
+            a,
+            digest(read(&changed), changed.len() as u64, &none).unwrap()
+        );
+        assert_ne!(
+            a,
+            digest(read(&data), data.len() as u64 - 1, &none).unwrap()
+        );
+        assert_eq!(a, digest(read(&data), data.len() as u64, &none).unwrap());
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let count = |n| {
+            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        digest(read(&data), data.len() as u64, &count).unwrap();
+        assert_eq!(
+            done.into_inner(),
+            data.len() as u64,
+            "progress covers the base"
+        );
+        // The sample sees the size, the first and last bytes.
+        let s = sample(read(&data), data.len() as u64).unwrap();
+        assert_eq!(s, sample(read(&data), data.len() as u64).unwrap());
+        let mut last = data.clone();
+        *last.last_mut().unwrap() ^= 1;
+        assert_ne!(s, sample(read(&last), last.len() as u64).unwrap());
+        let mut first = data.clone();
+        first[0] ^= 1;
+        assert_ne!(s, sample(read(&first), first.len() as u64).unwrap());
     }
 }

@@ -1,8 +1,9 @@
 //! The cow backend: copy-on-write over a read-only base (docs/cow-format.md).
 //!
 //! Serving processes hold the delta's lock shared (the first one briefly
-//! exclusive, while it sets up the shared working area); `merge` needs it
-//! exclusively, so it refuses while any server has the delta open.
+//! exclusive, while it sets up the shared working area) and the base's
+//! lock shared; `merge` needs both exclusively, so it refuses while any
+//! server has the delta open, or any delta's server reads the base.
 
 pub mod delta;
 pub mod format;
@@ -31,10 +32,28 @@ pub enum CowError {
     Busy(PathBuf),
     #[error("{0}: already exists (remove it, or pick another name)")]
     Exists(PathBuf),
+    #[error("{0}: the base is in use by a cow server (stop it before merging)")]
+    BaseBusy(PathBuf),
+    #[error("{0}: the base is being merged into (wait for the merge to finish)")]
+    BaseMerging(PathBuf),
+    #[error(
+        "{0}: does not match the delta: its contents differ from the base the delta was made over"
+    )]
+    VerifyFailed(PathBuf),
 }
 
 fn io_err(p: &Path) -> impl FnOnce(io::Error) -> CowError + '_ {
     move |e| CowError::Io(p.to_path_buf(), e)
+}
+
+/// Opens the base read-only and takes its lock (without waiting).
+fn lock_base(path: &Path, how: BaseLock) -> Result<Flock<File>, CowError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let (arg, busy): (_, fn(PathBuf) -> CowError) = match how {
+        BaseLock::Shared => (FlockArg::LockSharedNonblock, CowError::BaseMerging),
+        BaseLock::Exclusive => (FlockArg::LockExclusiveNonblock, CowError::BaseBusy),
+    };
+    Flock::lock(file, arg).map_err(|_| busy(path.to_path_buf()))
 }
 
 /// Takes the delta's lock without waiting.
@@ -54,6 +73,9 @@ impl storage::Storage for ReadOnly {
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::PermissionDenied))
     }
+    fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
@@ -62,21 +84,52 @@ impl storage::Storage for ReadOnly {
     }
 }
 
-impl storage::Shared for ReadOnly {}
+impl storage::Shared for ReadOnly {
+    // Read under the delta's flush lock: what `cow info` reads is one
+    // commit, not a mix of two.
+    fn lock_byte(&self, at: u64) -> io::Result<()> {
+        storage::read_lock_byte(&self.0, at)
+    }
+    fn unlock_byte(&self, at: u64) -> io::Result<()> {
+        storage::Shared::unlock_byte(&self.0, at)
+    }
+}
 
 /// What `Cow::inspect` found.
 pub struct Inspection {
     pub header: format::Header,
+    /// Blocks the durable table maps.
     pub mapped: u64,
     pub base_path: PathBuf,
     pub in_use: bool,
 }
 
+/// A base that is not there: `cow info` reads only the delta.
+struct NoBase;
+
+impl storage::Storage for NoBase {
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::NotFound))
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Err(io::Error::from(io::ErrorKind::NotFound))
+    }
+}
+
 /// An open cow device.
 pub struct Cow {
-    delta: Delta<Flock<File>, File>,
+    delta: Delta<Flock<File>, Flock<File>>,
     pub base_path: PathBuf,
 }
+
+/// Attempts to join a delta whose first server is still setting it up.
+const JOIN_ATTEMPTS: u32 = 100;
 
 impl storage::Storage for Flock<File> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -91,6 +144,9 @@ impl storage::Storage for Flock<File> {
     fn size(&self) -> io::Result<u64> {
         storage::Storage::size(&**self)
     }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        storage::Storage::punch(&**self, offset, len)
+    }
 }
 
 impl storage::Shared for Flock<File> {
@@ -103,12 +159,30 @@ impl storage::Shared for Flock<File> {
     fn unlock_byte(&self, at: u64) -> io::Result<()> {
         storage::Shared::unlock_byte(&**self, at)
     }
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        storage::boot_id()
+    }
+}
+
+/// How a cow opener holds the base.
+#[derive(Clone, Copy)]
+enum BaseLock {
+    /// Servers: a merge must not rewrite it under them.
+    Shared,
+    /// Merge: no server of any delta may be reading it.
+    Exclusive,
 }
 
 impl Cow {
-    /// Creates an empty delta `delta` over `base` with `block_size` blocks.
-    pub fn create(base: &Path, delta: &Path, block_size: u32) -> Result<Cow, CowError> {
-        let base_file = File::open(base).map_err(io_err(base))?;
+    /// Creates an empty delta `delta` over `base` with `block_size` blocks
+    /// (reading the whole base once; `progress` is told the bytes done).
+    pub fn create(
+        base: &Path,
+        delta: &Path,
+        block_size: u32,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Cow, CowError> {
+        let base_file = lock_base(base, BaseLock::Shared)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -123,11 +197,23 @@ impl Cow {
             })?;
         let store = lock(file, delta)?;
         let abs = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-        match Delta::create(store, base_file, block_size, &abs.to_string_lossy()) {
-            Ok(d) => Ok(Cow {
-                delta: d,
-                base_path: abs,
-            }),
+        match Delta::create(
+            store,
+            base_file,
+            block_size,
+            &abs.to_string_lossy(),
+            progress,
+        ) {
+            Ok(d) => {
+                let cow = Cow {
+                    delta: d,
+                    base_path: abs,
+                };
+                cow.delta_store()
+                    .relock(FlockArg::LockShared)
+                    .map_err(|e| CowError::Io(delta.to_path_buf(), e.into()))?;
+                Ok(cow)
+            }
             Err(e) => {
                 // Nothing half-made is left behind.
                 let _ = std::fs::remove_file(delta);
@@ -137,30 +223,55 @@ impl Cow {
     }
 
     /// Opens a delta to serve it; the base is the one its header names
-    /// unless given. The first server fills the shared working area (it
-    /// holds the delta's lock exclusively meanwhile); later ones join it.
+    /// unless given. The first server sets up the shared working area (it
+    /// holds the delta's lock exclusively meanwhile, and keeps what a server
+    /// of this boot left there, checked); later ones check it and join.
     pub fn open(delta: &Path, base: Option<&Path>) -> Result<Cow, CowError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(delta)
-            .map_err(io_err(delta))?;
-        let (store, first) = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => (l, true),
-            // Another server has it: wait for its set-up, then share it.
-            Err((file, _)) => (
-                Flock::lock(file, FlockArg::LockShared)
-                    .map_err(|(_, e)| CowError::Io(delta.to_path_buf(), e.into()))?,
-                false,
-            ),
+        let open_file = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(delta)
+                .map_err(io_err(delta))
         };
-        let cow = Self::open_locked(store, delta, base, first)?;
-        if first {
-            cow.delta_store()
-                .relock(FlockArg::LockShared)
-                .map_err(|e| CowError::Io(delta.to_path_buf(), e.into()))?;
+        for _ in 0..JOIN_ATTEMPTS {
+            let (store, first) = match Flock::lock(open_file()?, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => (l, true),
+                // Another server has it (or is setting it up): share it.
+                Err((file, _)) => (
+                    Flock::lock(file, FlockArg::LockShared)
+                        .map_err(|(_, e)| CowError::Io(delta.to_path_buf(), e.into()))?,
+                    false,
+                ),
+            };
+            let (base_path, base_file) = Self::open_base(&*store, delta, base, BaseLock::Shared)?;
+            let d = if first {
+                Delta::open(store, base_file)
+            } else {
+                Delta::join(store, base_file)
+            };
+            match d {
+                Ok(d) => {
+                    let cow = Cow {
+                        delta: d,
+                        base_path,
+                    };
+                    if first {
+                        cow.delta_store()
+                            .relock(FlockArg::LockShared)
+                            .map_err(|e| CowError::Io(delta.to_path_buf(), e.into()))?;
+                    }
+                    return Ok(cow);
+                }
+                // Its first server died while setting it up, or an exclusive
+                // opener (`cow info`'s probe) held it a moment: try again.
+                Err(DeltaError::NotReady) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(CowError::Delta(delta.to_path_buf(), e)),
+            }
         }
-        Ok(cow)
+        Err(CowError::Delta(delta.to_path_buf(), DeltaError::NotReady))
     }
 
     /// Opens a delta no server has open, to merge it.
@@ -171,28 +282,9 @@ impl Cow {
             .open(delta)
             .map_err(io_err(delta))?;
         let store = lock(file, delta)?;
-        let (base_path, base_file) = Self::open_base(&store, delta, base)?;
+        let (base_path, base_file) = Self::open_base(&*store, delta, base, BaseLock::Exclusive)?;
         let d = Delta::open_for_merge(store, base_file)
             .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
-        Ok(Cow {
-            delta: d,
-            base_path,
-        })
-    }
-
-    fn open_locked(
-        store: Flock<File>,
-        delta: &Path,
-        base: Option<&Path>,
-        first: bool,
-    ) -> Result<Cow, CowError> {
-        let (base_path, base_file) = Self::open_base(&store, delta, base)?;
-        let d = if first {
-            Delta::open(store, base_file)
-        } else {
-            Delta::join(store, base_file)
-        };
-        let d = d.map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         Ok(Cow {
             delta: d,
             base_path,
@@ -203,20 +295,29 @@ impl Cow {
         self.delta.store()
     }
 
-    /// The base: `base` if given, else the one the delta's header names;
-    /// returns its path and the file, opened read-only.
+    /// The base's path: `base` if given, else the one the header names.
+    fn base_path(
+        store: &impl storage::Storage,
+        delta: &Path,
+        base: Option<&Path>,
+    ) -> Result<PathBuf, CowError> {
+        match base {
+            Some(b) => Ok(b.to_path_buf()),
+            None => Ok(PathBuf::from(
+                Self::peek_base(store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
+            )),
+        }
+    }
+
+    /// The base, opened read-only and locked as `how` says.
     fn open_base(
         store: &impl storage::Storage,
         delta: &Path,
         base: Option<&Path>,
-    ) -> Result<(PathBuf, File), CowError> {
-        let path = match base {
-            Some(b) => b.to_path_buf(),
-            None => PathBuf::from(
-                Self::peek_base(store).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?,
-            ),
-        };
-        let file = File::open(&path).map_err(io_err(&path))?;
+        how: BaseLock,
+    ) -> Result<(PathBuf, Flock<File>), CowError> {
+        let path = Self::base_path(store, delta, base)?;
+        let file = lock_base(&path, how)?;
         Ok((path, file))
     }
 
@@ -226,9 +327,10 @@ impl Cow {
         Ok(format::Header::decode(&hb)?.base_path)
     }
 
-    /// Reads a delta without changing it, also while a server has it open:
-    /// its header, the blocks its durable table maps, its base, and whether
-    /// a server holds it (dirty: the table on disk may trail the server's).
+    /// Reads a delta without changing it, also while a server has it open,
+    /// and without its base: its header, the blocks its durable table maps,
+    /// and whether a server holds it (dirty: the table on disk may trail
+    /// the server's).
     pub fn inspect(delta: &Path, base: Option<&Path>) -> Result<Inspection, CowError> {
         let file = File::open(delta).map_err(io_err(delta))?;
         let in_use = match Flock::lock(
@@ -241,15 +343,43 @@ impl Cow {
             }
             Err(_) => true,
         };
-        let (base_path, base_file) = Self::open_base(&file, delta, base)?;
-        let d = Delta::open(ReadOnly(file), base_file)
+        let base_path = Self::base_path(&file, delta, base)?;
+        let d = Delta::inspect(ReadOnly(file), NoBase)
             .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
+        let mapped = d.mapped_blocks();
         Ok(Inspection {
             header: d.header().clone(),
-            mapped: d.mapped_blocks(),
+            mapped,
             base_path,
             in_use,
         })
+    }
+
+    /// Reads every byte of `base` and checks it is the base `header` was
+    /// made over (`cow info --verify`); `progress` is told the bytes done.
+    pub fn verify(
+        header: &format::Header,
+        base: &Path,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), CowError> {
+        let file = File::open(base).map_err(io_err(base))?;
+        let size = storage::Storage::size(&file).map_err(io_err(base))?;
+        if size != header.base_size {
+            return Err(CowError::VerifyFailed(base.to_path_buf()));
+        }
+        let read = |off, buf: &mut [u8]| storage::Storage::read_at(&file, buf, off);
+        let digest = format::digest(read, size, progress).map_err(io_err(base))?;
+        if digest != header.base_digest {
+            return Err(CowError::VerifyFailed(base.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// How many acknowledged but not yet committed mappings this opener
+    /// found and kept in the working area (a server of this boot was killed
+    /// or stopped before a FLUSH); None: it was built from the table.
+    pub fn adopted(&self) -> Option<u64> {
+        self.delta.adopted()
     }
 
     pub fn header(&self) -> &format::Header {
@@ -266,7 +396,14 @@ impl Cow {
     /// The delta is first marked as being merged: if the merge is cut short
     /// (the base then half written), the delta refuses to be served and
     /// `merge` runs again from the start, which finishes it.
-    pub fn merge(mut self, delta_path: &Path) -> Result<u64, CowError> {
+    pub fn merge(
+        mut self,
+        delta_path: &Path,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, CowError> {
+        // What a killed server left uncommitted is in the working area:
+        // commit it, so that the delta on disk holds all that is merged.
+        self.delta.flush().map_err(io_err(delta_path))?;
         self.delta.mark_merging().map_err(io_err(delta_path))?;
         let h = self.delta.header().clone();
         let base = OpenOptions::new()
@@ -281,6 +418,7 @@ impl Cow {
                 let off = b * h.block_size as u64;
                 self.delta.read(off, &mut buf)?;
                 base.write_all_at(&buf, off)?;
+                progress(h.block_size as u64);
                 Ok(1)
             })
             .sum::<io::Result<u64>>()
@@ -292,7 +430,9 @@ impl Cow {
         drop(self);
         let tmp = delta_path.with_extension("merging");
         let _ = std::fs::remove_file(&tmp);
-        Cow::create(&base_path, &tmp, h.block_size)?;
+        // `self` (and its exclusive lock on the base) is gone: the new
+        // delta takes the base shared, like any server.
+        Cow::create(&base_path, &tmp, h.block_size, &|_| {})?;
         std::fs::rename(&tmp, delta_path).map_err(io_err(delta_path))?;
         Ok(merged)
     }
@@ -304,7 +444,7 @@ impl Backend for Cow {
     }
 
     fn features(&self) -> u32 {
-        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA
+        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -319,11 +459,12 @@ impl Backend for Cow {
         self.delta.flush()
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(crate::backend::unsupported())
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Discarded blocks read as zeroes (not as the base).
+        self.delta.write_zeroes(offset, len, true)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
-        Err(crate::backend::unsupported())
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.delta.write_zeroes(offset, len, unmap)
     }
 }

@@ -12,6 +12,17 @@ pub trait Storage: Send + Sync {
     /// Everything written so far is durable when this returns.
     fn sync(&self) -> io::Result<()>;
     fn size(&self) -> io::Result<u64>;
+    /// The range reads as zeroes, deallocated where the storage can.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 impl Storage for File {
@@ -39,7 +50,29 @@ impl Storage for File {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        // A block device (a base on LVM, say) reports its size by ioctl.
+        crate::blkdev::size(self)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        use std::os::fd::AsRawFd;
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(self.as_raw_fd(), flags, offset as i64, len as i64) {
+            Ok(()) => Ok(()),
+            // A filesystem that cannot punch holes: write the zeroes.
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = offset;
+                while at < offset + len {
+                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                    self.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -58,6 +91,27 @@ pub trait Shared: Storage {
     fn unlock_byte(&self, _at: u64) -> io::Result<()> {
         Ok(())
     }
+    /// This boot's id: a working area left by a server of this boot is
+    /// live memory (the page cache of the delta) and may be adopted; one
+    /// from another boot is whatever reached the disk before a crash, and
+    /// is rebuilt from the table. None: never adopt.
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+}
+
+/// The kernel's boot id (/proc/sys/kernel/random/boot_id), as 16 bytes.
+pub fn boot_id() -> Option<[u8; 16]> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
 }
 
 fn ofd_lock(file: &File, at: u64, kind: i16, wait: bool) -> io::Result<()> {
@@ -82,6 +136,12 @@ fn ofd_lock(file: &File, at: u64, kind: i16, wait: bool) -> io::Result<()> {
     }
 }
 
+/// A read lock on byte `at` of `file` (which may be open read-only),
+/// waiting for it: excludes the holders of write locks on it.
+pub fn read_lock_byte(file: &File, at: u64) -> io::Result<()> {
+    ofd_lock(file, at, nix::libc::F_RDLCK as i16, true)
+}
+
 impl Shared for File {
     fn map_shared(&self, offset: u64, len: u64) -> io::Result<Option<memmap2::MmapMut>> {
         // SAFETY: the mapped range is the delta's working area, which other
@@ -104,5 +164,9 @@ impl Shared for File {
 
     fn unlock_byte(&self, at: u64) -> io::Result<()> {
         ofd_lock(self, at, nix::libc::F_UNLCK as i16, false)
+    }
+
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        boot_id()
     }
 }

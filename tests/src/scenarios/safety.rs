@@ -80,13 +80,6 @@ pub fn fence_stalled_server() -> Outcome {
     // Wake it: were it alive, its hold would end and its write land.
     let _ = stalled.signal(Signal::SIGCONT);
     std::thread::sleep(Duration::from_secs(6));
-    let pid = stalled.pid();
-    let mut stalled = stalled;
-    let exit = stalled.exit_status(Duration::from_secs(1));
-    ensure!(
-        exit.and_then(|s| s.signal()) == Some(Signal::SIGKILL as i32),
-        "the stalled server was not killed: {exit:?}"
-    );
     let mut back = vec![0u8; 4096];
     std::fs::File::open(img)
         .and_then(|f| f.read_exact_at(&mut back, 0))
@@ -102,6 +95,13 @@ pub fn fence_stalled_server() -> Outcome {
     ensure!(
         dev.as_ref() == new,
         "the device does not read the newer write"
+    );
+    let pid = stalled.pid();
+    let mut stalled = stalled;
+    let exit = stalled.exit_status(Duration::from_secs(1));
+    ensure!(
+        exit.and_then(|s| s.signal()) == Some(Signal::SIGKILL as i32),
+        "the stalled server was not killed: {exit:?}"
     );
     let log = dmesg();
     ensure!(

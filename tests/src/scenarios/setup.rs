@@ -45,10 +45,7 @@ pub fn setup_rules() -> Outcome {
             "size past ABUSE_MAX_SIZE",
             config(ABUSE_MAX_SIZE + 4096, 4096, 16, 0, 0),
         ),
-        (
-            "size that wraps sectors",
-            config(!4095, 4096, 16, 0, 0),
-        ),
+        ("size that wraps sectors", config(!4095, 4096, 16, 0, 0)),
         (
             "FUA without FLUSH",
             config(MIB, 4096, 16, ABUSE_FLAG_FUA, 0),
