@@ -63,7 +63,6 @@ echo 'root:x:0:0:root:/root:/bin/sh' >"$rootfs/etc/passwd"
 echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>"$rootfs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
 append="console=ttyS0 panic=-1 loglevel=4"
-[ -n "$scenario" ] && append+=" ABUSE_SCENARIO=$scenario"
 if [ -n "$script" ]; then
   cp "$script" "$rootfs/guest.sh"
   append+=" ABUSE_CMD=/guest.sh"
@@ -71,49 +70,114 @@ fi
 append+=" ABUSE_GUEST_TIMEOUT=$((timeout - 60))"
 (cd "$rootfs" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.cpio.gz"
 
-echo "vm: booting $flavor kernel ($(basename "$kdir"))"
-log=$work/console.log
-set +e
-timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2G -smp 2 \
-  -kernel "$kdir/arch/x86/boot/bzImage" -initrd "$work/initramfs.cpio.gz" \
-  -append "$append" -nographic -no-reboot -monitor none </dev/null |
-  stdbuf -oL tr -d '\r' | tee "$log" |
-  # Show the guest's own output (not the kernel's, nor the dmesg dump).
-  awk '/abuse-vm: kernel/ { up = 1; sub(/.*abuse-vm:/, "abuse-vm:") }
-       /^==== abuse-vm dmesg/ { skip = 1 } /^==== abuse-vm end/ { skip = 0; next }
-       up && !skip && !/^\[ *[0-9]+\.[0-9]+\]/ && !/^\s*$/ { print; fflush() }'
-qemu_rc=${PIPESTATUS[0]}
-set -e
-[ -n "${ABUSE_VM_LOG:-}" ] && cp "$log" "$ABUSE_VM_LOG"
+passed=0 failed=0
 
-passed=$(grep -c '^PASS ' "$log" || true)
-failed=$(grep -c '^FAIL ' "$log" || true)
-if [ -n "$script" ]; then
-  if grep -q '^abuse-vm: exit 0$' "$log"; then
-    echo "PASS $(basename "$script")"
-    passed=$((passed + 1))
-  else
-    echo "FAIL $(basename "$script"): it exited non-zero"
+# boot NAME APPEND [DISK [CUT]]: boots the VM (with DISK as a virtio disk,
+# cache=none, so a write is on the host's disk when the guest's flush
+# returns); with CUT, kills QEMU (a power cut) a moment after the guest
+# prints CUT. Leaves the console log in $work/NAME.log.
+boot() {
+  local name=$1 extra=$2 disk=${3:-} cut=${4:-} log=$work/$1.log
+  local drive=()
+  [ -n "$disk" ] && drive=(-drive "file=$disk,if=virtio,format=raw,cache=none")
+  echo "vm: booting $flavor kernel ($(basename "$kdir"))${disk:+ with a virtio disk}${cut:+, to be cut}"
+  if [ -n "$cut" ]; then
+    (
+      while ! grep -q "$cut" "$log" 2>/dev/null; do
+        pgrep -f -- "$work/initramfs" >/dev/null || exit 0
+        sleep 0.2
+      done
+      sleep 1
+      pkill -KILL -f -- "$work/initramfs"
+    ) &
+  fi
+  # In a subshell whose own stderr is dropped: a cut QEMU would otherwise
+  # get bash's "Killed" job report. QEMU's stderr is kept in a file.
+  (
+    timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2G -smp 2 \
+      -kernel "$kdir/arch/x86/boot/bzImage" -initrd "$work/initramfs.cpio.gz" "${drive[@]}" \
+      -append "$append $extra" -nographic -no-reboot -monitor none </dev/null 2>"$work/$name.err" |
+      stdbuf -oL tr -d '\r' | tee "$log" |
+      # Show the guest's own output (not the kernel's, nor the dmesg dump).
+      awk '/abuse-vm: kernel/ { up = 1; sub(/.*abuse-vm:/, "abuse-vm:") }
+           /^==== abuse-vm dmesg/ { skip = 1 } /^==== abuse-vm end/ { skip = 0; next }
+           up && !skip && !/^\[ *[0-9]+\.[0-9]+\]/ && !/^\s*$/ { print; fflush() }'
+    echo "${PIPESTATUS[0]}" >"$work/$name.rc"
+  ) 2>/dev/null || true
+  qemu_rc=$(cat "$work/$name.rc" 2>/dev/null || echo "?")
+  if [ -z "$cut" ] && [ -s "$work/$name.err" ]; then
+    sed 's/^/qemu: /' "$work/$name.err"
+  fi
+  wait 2>/dev/null || true
+  [ -n "${ABUSE_VM_LOG:-}" ] && cat "$log" >>"$ABUSE_VM_LOG"
+  return 0
+}
+
+# check NAME: counts the scenarios a boot reported, and scans its dmesg
+# for kernel bug reports (any fails the run).
+check() {
+  local name=$1 log=$work/$1.log bugs
+  passed=$((passed + $(grep -c '^PASS ' "$log" || true)))
+  failed=$((failed + $(grep -c '^FAIL ' "$log" || true)))
+  if [ -n "$script" ]; then
+    if grep -q '^abuse-vm: exit 0$' "$log"; then
+      echo "PASS $(basename "$script")"
+      passed=$((passed + 1))
+    else
+      echo "FAIL $(basename "$script"): it exited non-zero"
+      failed=$((failed + 1))
+    fi
+  elif ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$log"; then
+    echo "FAIL vm_completed ($name): the guest did not finish (qemu exit $qemu_rc; timeout ${timeout}s); last lines:"
+    grep -v '^\s*$' "$log" | tail -n 30 | sed 's/^/    /'
     failed=$((failed + 1))
   fi
-elif ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$log"; then
-  echo "FAIL vm_completed: the guest did not finish (qemu exit $qemu_rc; timeout ${timeout}s); last lines:"
-  grep -v '^\s*$' "$log" | tail -n 30 | sed 's/^/    /'
-  failed=$((failed + 1))
+  bugs=$(sed -n '/^==== abuse-vm dmesg ====$/,/^==== abuse-vm end ====$/p' "$log" |
+    grep -E -f "$root/tests/vm/kernel-bugs.regex" || true)
+  if ! grep -q '^==== abuse-vm end ====$' "$log"; then
+    echo "FAIL dmesg_clean ($name): no dmesg dump from the guest"
+    failed=$((failed + 1))
+  elif [ -n "$bugs" ]; then
+    echo "FAIL dmesg_clean ($name): kernel reported:"
+    echo "$bugs" | head -n 40 | sed 's/^/    /'
+    failed=$((failed + 1))
+  else
+    echo "PASS dmesg_clean ($name)"
+    passed=$((passed + 1))
+  fi
+}
+
+# The power cut takes two boots of its own; the rest run in one.
+power_cut=no
+rest=$scenario
+if [ -z "$script" ]; then
+  case ",$scenario," in
+    ,,) power_cut=yes ;;
+    *,cow_power_cut,*)
+      power_cut=yes
+      rest=$(echo ",$scenario," | sed 's/,cow_power_cut,/,/; s/^,//; s/,$//')
+      ;;
+  esac
 fi
-# Any kernel bug report in the guest fails the run.
-bugs=$(sed -n '/^==== abuse-vm dmesg ====$/,/^==== abuse-vm end ====$/p' "$log" |
-  grep -E -f "$root/tests/vm/kernel-bugs.regex" || true)
-if ! grep -q '^==== abuse-vm end ====$' "$log"; then
-  echo "FAIL dmesg_clean: no dmesg dump from the guest"
-  failed=$((failed + 1))
-elif [ -n "$bugs" ]; then
-  echo "FAIL dmesg_clean: kernel reported:"
-  echo "$bugs" | head -n 40 | sed 's/^/    /'
-  failed=$((failed + 1))
-else
-  echo "PASS dmesg_clean"
-  passed=$((passed + 1))
+if [ -n "$script" ] || [ -z "$scenario" ] || [ -n "$rest" ]; then
+  boot suite "${rest:+ABUSE_SCENARIO=$rest}"
+  check suite
+fi
+if [ "$power_cut" = yes ]; then
+  # ext4 on a cow device whose delta lives on a virtio disk: fsync'd files
+  # are recorded, the VM is killed mid-write, and the next boot checks.
+  disk=$work/disk.img
+  truncate -s 768M "$disk"
+  cut="abuse-vm: cut the power"
+  boot power-cut-1 "ABUSE_SCENARIO=cow_power_cut_write" "$disk" "$cut"
+  if grep -q "$cut" "$work/power-cut-1.log"; then
+    boot power-cut-2 "ABUSE_SCENARIO=cow_power_cut_check" "$disk"
+    check power-cut-2
+  else
+    echo "FAIL cow_power_cut: the first boot never got to the power cut; last lines:"
+    grep -v '^\s*$' "$work/power-cut-1.log" | tail -n 30 | sed 's/^/    /'
+    failed=$((failed + 1))
+  fi
 fi
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

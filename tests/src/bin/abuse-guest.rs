@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use abuse_tests::guest::{ensure_unloaded, Scenario};
-use abuse_tests::scenarios::ALL;
+use abuse_tests::scenarios::{ALL, POWER_CUT};
 
 /// A scenario still running after this is reported failed; the host-side
 /// timeout bounds the whole run if it never returns.
@@ -37,9 +37,10 @@ fn main() {
                 .collect();
         }
     }
+    let known = || ALL.iter().chain(POWER_CUT);
     let unknown: Vec<&String> = wanted
         .iter()
-        .filter(|w| !ALL.iter().any(|s| s.name == w.as_str()))
+        .filter(|w| !known().any(|s| s.name == w.as_str()))
         .collect();
     if !unknown.is_empty() {
         let names: Vec<&str> = ALL.iter().map(|s| s.name).collect();
@@ -50,10 +51,14 @@ fn main() {
         println!("0 passed, 1 failed");
         std::process::exit(1);
     }
-    let selected: Vec<&Scenario> = ALL
-        .iter()
-        .filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.name))
-        .collect();
+    // The power-cut phases run only when named.
+    let selected: Vec<&Scenario> = if wanted.is_empty() {
+        ALL.iter().collect()
+    } else {
+        known()
+            .filter(|s| wanted.iter().any(|w| w == s.name))
+            .collect()
+    };
 
     let (mut passed, mut failed) = (0, 0);
     let mut hung: Option<&str> = None;

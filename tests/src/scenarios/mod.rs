@@ -13,6 +13,18 @@ pub use requests::ioctls_on_fd3;
 
 use crate::guest::Scenario;
 
+/// Scenarios the harness runs in boots of their own (tests/vm/run.sh).
+pub const POWER_CUT: &[Scenario] = &[
+    Scenario {
+        name: "cow_power_cut_write",
+        run: cow::cow_power_cut_write,
+    },
+    Scenario {
+        name: "cow_power_cut_check",
+        run: cow::cow_power_cut_check,
+    },
+];
+
 macro_rules! scenarios {
     ($($module:ident :: $name:ident),* $(,)?) => {
         /// All scenarios, in the order the suite runs them.
@@ -68,4 +80,5 @@ scenarios![
     // The cow server.
     cow::cow_ext4_modify_merge,
     cow::cow_kill_during_fio,
+    cow::cow_block_device_base,
 ];
