@@ -42,7 +42,7 @@ demo: deps kernel
 
 ## fio on ABUSE next to loop and null_blk, on the benchmark kernel.
 bench: deps kernel-bench
-	tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1200
+	tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1500 --disk 1024
 
 lint:
 	cargo fmt --all --check

@@ -3,7 +3,7 @@
 # binaries and the real clients in an initramfs, runs the guest scenarios
 # and scans the guest's dmesg for kernel bug reports.
 #
-#   run.sh [--flavor test|bench] [--scenario a,b] [--script guest.sh] [--timeout SECS]
+#   run.sh [--flavor test|bench] [--scenario a,b] [--script guest.sh] [--timeout SECS] [--disk MB]
 #
 # Prints one line per scenario, then `N passed, N failed` (the dmesg scan
 # counts as one), and exits non-zero on any failure. Parallel-safe: every
@@ -11,13 +11,14 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-flavor=test scenario="" script="" timeout=${ABUSE_VM_TIMEOUT:-1800}
+flavor=test scenario="" script="" timeout=${ABUSE_VM_TIMEOUT:-1800} disk_mb=
 while [ $# -gt 0 ]; do
   case "$1" in
     --flavor) flavor=$2; shift 2 ;;
     --scenario) scenario=$2; shift 2 ;;
     --script) script=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
+    --disk) disk_mb=$2; shift 2 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -160,7 +161,13 @@ if [ -z "$script" ]; then
   esac
 fi
 if [ -n "$script" ] || [ -z "$scenario" ] || [ -n "$rest" ]; then
-  boot suite "${rest:+ABUSE_SCENARIO=$rest}"
+  suite_disk=""
+  if [ -n "$disk_mb" ]; then
+    # A fresh virtio disk (/dev/vda in the guest), for make bench.
+    suite_disk=$work/suite-disk.img
+    truncate -s "${disk_mb}M" "$suite_disk"
+  fi
+  boot suite "${rest:+ABUSE_SCENARIO=$rest}" "$suite_disk"
   check suite
 fi
 if [ "$power_cut" = yes ]; then
