@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps kernel kernel-bench driver host-test vm-test test demo bench lint clean
+.PHONY: all deps bench-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean
 
 all: driver
 	cargo build --workspace --release
@@ -11,6 +11,10 @@ all: driver
 ## Install every tool the build and tests need (idempotent).
 deps:
 	scripts/deps.sh
+
+## The peers make bench compares with: rublk, nbdkit, nbd-client (idempotent).
+bench-deps: deps
+	scripts/bench-deps.sh
 
 ## Build the guest kernels (cached outside the checkout, keyed by config).
 kernel: deps
@@ -40,9 +44,17 @@ test: deps
 demo: deps kernel
 	tests/vm/run.sh --flavor test --script tests/vm/demo.sh --timeout 900
 
-## fio on ABUSE next to loop and null_blk, on the benchmark kernel.
-bench: deps kernel-bench
-	tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1500 --disk 1024
+## fio on ABUSE's servers next to null_blk, loop, ublk and nbd, in one boot of
+## the benchmark kernel (BENCH_RUNS boots: medians); a table with ratios,
+## target/bench/bench.json and target/bench/bench.png.
+BENCH_RUNS ?= 3
+bench: deps bench-deps kernel-bench
+	mkdir -p target/bench
+	for i in $$(seq $(BENCH_RUNS)); do \
+	  rm -f target/bench/run-$$i.log; ABUSE_VM_LOG=target/bench/run-$$i.log tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1500 --disk 1024 || exit 1; \
+	done
+	cargo run --quiet --release -p abuse-bench -- $$(seq -f 'target/bench/run-%g.log' $(BENCH_RUNS)) \
+	  --json target/bench/bench.json --png target/bench/bench.png
 
 lint:
 	cargo fmt --all --check

@@ -1,80 +1,124 @@
 #!/bin/sh
-# make bench: runs inside the VM. fio on ABUSE (file and null servers) next
-# to the kernel's own loop (same backing file) and null_blk, in one run.
-set -e
+# make bench: runs inside the VM (the bench kernel). The same fio jobs on
+# ABUSE's servers and on the peers a user would otherwise pick, in one boot:
+# null_blk, loop (direct I/O), ublk (rublk: null and loop), nbd (nbdkit over
+# a unix socket: memory and file), ABUSE null, file and cow; then cow and
+# file passes on a virtio disk (cache=none) with real fsync costs. Each
+# result is fio's JSON between "==== bench DEVICE JOB" and "==== end"; the
+# host's abuse-bench turns them into the table, the JSON and the chart.
 FIO=/usr/bin/fio
-RUNTIME=${BENCH_RUNTIME:-10}
+RUNTIME=${BENCH_RUNTIME:-8}
+SIZE=256M
 
-# fio_run NAME DEVICE RW: one line "bench: NAME RW iops=N bw=N KiB/s".
-fio_run() {
-  out=$($FIO --name=b --filename="$2" --rw="$3" --bs=4k --ioengine=libaio --direct=1 \
-    --iodepth=32 --numjobs=2 --size=256M --time_based --runtime="$RUNTIME" \
-    --group_reporting --output-format=terse --terse-version=3)
-  # terse v3: field 8 read iops, 7 read bw KiB/s; 49 write iops, 48 write bw.
-  echo "$out" | awk -F';' -v n="$1" -v rw="$3" \
-    '{ printf "bench: %-14s %-10s read %8d IOPS %8d KiB/s   write %8d IOPS %8d KiB/s\n", n, rw, $8, $7, $49, $48 }'
+# job DEVICE JOB PATH: one fio job on PATH.
+job() {
+  case $2 in
+    randread) args="--rw=randread --bs=4k --iodepth=32 --numjobs=2" ;;
+    randwrite) args="--rw=randwrite --bs=4k --iodepth=32 --numjobs=2" ;;
+    qd1) args="--rw=randread --bs=4k --iodepth=1 --numjobs=1" ;;
+    seqread) args="--rw=read --bs=128k --iodepth=16 --numjobs=1" ;;
+    seqwrite) args="--rw=write --bs=128k --iodepth=16 --numjobs=1" ;;
+  esac
+  echo "==== bench $1 $2"
+  $FIO --name=b --filename="$3" $args --ioengine=libaio --direct=1 --size=$SIZE \
+    --time_based --runtime="$RUNTIME" --group_reporting --thread --output-format=json ||
+    echo "bench: $1 $2 failed"
+  echo "==== end"
+}
+
+# all DEVICE PATH: every job on PATH, if it is there.
+all() {
+  if [ ! -b "$2" ]; then
+    echo "bench: $1: $2 is not there, skipped"
+    return
+  fi
+  for j in randread randwrite qd1 seqread seqwrite; do job "$1" $j "$2"; done
+}
+
+# pass DEVICE JOB PATH: 4k random writes covering 64 MiB once, an fsync
+# (a FLUSH) every 32 writes.
+pass() {
+  echo "==== bench $1 $2"
+  $FIO --name=p --filename="$3" --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
+    --iodepth=32 --numjobs=1 --size=64M --fsync=32 --group_reporting --thread --output-format=json ||
+    echo "bench: $1 $2 failed"
+  echo "==== end"
+}
+
+wait_dev() {
+  i=0
+  while [ ! -b "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
 
 insmod /lib/abuse/abuse.ko max_abuse=2
-truncate -s 512M /tmp/bench.img
-dd if=/dev/zero of=/tmp/bench.img bs=1M count=512 conv=notrunc 2>/dev/null
+dd if=/dev/zero of=/tmp/bench.img bs=1M count=256 2>/dev/null
 
+# The kernel's own drivers.
+insmod "$(find /lib/modules -name null_blk.ko | head -1)" gb=1 bs=4096 queue_mode=2 irqmode=0 2>/dev/null
+all null_blk /dev/nullb0
+loop=$(/sbin/losetup -f --show --direct-io=on /tmp/bench.img)
+all loop "$loop"
+/sbin/losetup -d "$loop"
+
+# ublk through rublk (2 queues, as many as CPUs).
+if [ -x /usr/bin/rublk ]; then
+  insmod "$(find /lib/modules -name ublk_drv.ko | head -1)" 2>/dev/null
+  rublk add null -q 2 -d 128 --quiet >/dev/null 2>&1
+  wait_dev /dev/ublkb0
+  all ublk-null /dev/ublkb0
+  rublk del -a >/dev/null 2>&1
+  sleep 1
+  rublk add loop -q 2 -d 128 -f /tmp/bench.img --quiet >/dev/null 2>&1
+  wait_dev /dev/ublkb0
+  all ublk-loop /dev/ublkb0
+  rublk del -a >/dev/null 2>&1
+else
+  echo "bench: rublk is not in the image (make bench-deps), ublk skipped"
+fi
+
+# nbd through nbdkit over a unix socket.
+if [ -x /usr/bin/nbdkit ]; then
+  insmod "$(find /lib/modules -name nbd.ko | head -1)" nbds_max=2 2>/dev/null
+  nbdkit -U /tmp/nbd-m.sock --threads 4 memory 256M
+  nbd-client -unix /tmp/nbd-m.sock /dev/nbd0 -b 4096 >/dev/null 2>&1
+  all nbd-memory /dev/nbd0
+  nbd-client -d /dev/nbd0 >/dev/null 2>&1
+  nbdkit -U /tmp/nbd-f.sock --threads 4 file /tmp/bench.img
+  nbd-client -unix /tmp/nbd-f.sock /dev/nbd1 -b 4096 >/dev/null 2>&1
+  all nbd-file /dev/nbd1
+  nbd-client -d /dev/nbd1 >/dev/null 2>&1
+  pkill nbdkit
+else
+  echo "bench: nbdkit is not in the image (make bench-deps), nbd skipped"
+fi
+
+# ABUSE.
+abusectl server /dev/abctl1 null 256M --threads 4 --setup qs=128 &
+ns=$!
 abusectl server /dev/abctl0 file /tmp/bench.img --threads 4 --setup qs=128 &
 fs=$!
-abusectl server /dev/abctl1 null 512M --threads 4 --setup qs=128 &
-ns=$!
 sleep 1
-loop=$(/sbin/losetup -f --show --direct-io=on /tmp/bench.img)
-modprobe null_blk 2>/dev/null || insmod "$(find /lib/modules -name null_blk.ko | head -1)" gb=1 bs=4096 queue_mode=2 irqmode=0 2>/dev/null || true
-
-for rw in randread randwrite; do
-  fio_run abuse-file /dev/abuse0 $rw
-  fio_run loop "$loop" $rw
-  fio_run abuse-null /dev/abuse1 $rw
-  [ -b /dev/nullb0 ] && fio_run null_blk /dev/nullb0 $rw
-done
-
+all abuse-null /dev/abuse1
+all abuse-file /dev/abuse0
 kill -TERM $fs $ns
-wait $fs $ns || true
-
-# cow: 4 KiB blocks, so each 4k write to a fresh block is a copy-on-write
-# first write. Pass 1 writes every block of 64 MiB once (first writes),
-# pass 2 again (rewrites); the file server does the same, for comparison.
-# fio_pass NAME DEVICE: one pass of 4k random writes covering 64 MiB once.
-fio_pass() {
-  out=$($FIO --name=p --filename="$2" --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
-    --iodepth=32 --numjobs=1 --size=64M --group_reporting --thread --output-format=terse --terse-version=3)
-  echo "$out" | awk -F';' -v n="$1" '{ printf "bench: %-22s randwrite %8d IOPS %8d KiB/s\n", n, $49, $48 }'
-}
+wait $fs $ns
 abusectl reset /dev/abctl0
-dd if=/dev/zero of=/tmp/cow-base.img bs=1M count=64 2>/dev/null
-abusectl cow create --base /tmp/cow-base.img --delta /tmp/bench.cow --block-size 4K
+abusectl reset /dev/abctl1
+dd if=/dev/zero of=/tmp/cow-base.img bs=1M count=256 2>/dev/null
+abusectl cow create --base /tmp/cow-base.img --delta /tmp/bench.cow --block-size 64K
 abusectl server /dev/abctl0 cow /tmp/bench.cow --threads 4 --setup qs=128 &
 cs=$!
 sleep 1
-fio_pass "abuse-cow first writes" /dev/abuse0
-fio_pass "abuse-cow rewrites" /dev/abuse0
+all abuse-cow /dev/abuse0
 kill -TERM $cs
-wait $cs || true
+wait $cs
 abusectl reset /dev/abctl0
-dd if=/dev/zero of=/tmp/file-base.img bs=1M count=64 2>/dev/null
-abusectl server /dev/abctl0 file /tmp/file-base.img --threads 4 --setup qs=128 &
-fs=$!
-sleep 1
-fio_pass "abuse-file pass 1" /dev/abuse0
-fio_pass "abuse-file pass 2" /dev/abuse0
-kill -TERM $fs
-wait $fs || true
-abusectl reset /dev/abctl0
+rm -f /tmp/bench.cow /tmp/cow-base.img
 
-# The same passes with the files on a virtio disk (cache=none), where
-# fdatasync costs what it costs on a real disk, and an fsync (a FLUSH)
-# every 32 writes, so the cow device pays for committing its mappings.
-fio_sync() {
-  out=$($FIO --name=p --filename="$2" --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
-    --iodepth=32 --numjobs=1 --size=64M --fsync=32 --group_reporting --thread --output-format=terse --terse-version=3)
-  echo "$out" | awk -F';' -v n="$1" '{ printf "bench: %-34s randwrite %8d IOPS %8d KiB/s\n", n, $49, $48 }'
-}
+# Durability costs on a virtio disk (cache=none): 4 KiB cow blocks, so
+# every write of the first pass is a first write (a copy-on-write whose
+# mapping a FLUSH commits), the second pass rewrites; the file server does
+# the same passes over a file on the same disk.
 if [ -b /dev/vda ]; then
   /sbin/mke2fs -q -t ext4 -F /dev/vda && mkdir -p /vd && mount /dev/vda /vd
   dd if=/dev/zero of=/vd/cow-base.img bs=1M count=64 2>/dev/null
@@ -82,22 +126,20 @@ if [ -b /dev/vda ]; then
   abusectl server /dev/abctl0 cow /vd/bench.cow --threads 4 --setup qs=128 &
   cs=$!
   sleep 1
-  fio_sync "abuse-cow first writes (virtio,fsync)" /dev/abuse0
-  fio_sync "abuse-cow rewrites (virtio,fsync)" /dev/abuse0
+  pass abuse-cow first-writes /dev/abuse0
+  pass abuse-cow rewrites /dev/abuse0
   kill -TERM $cs
-  wait $cs || true
+  wait $cs
   abusectl reset /dev/abctl0
   dd if=/dev/zero of=/vd/file.img bs=1M count=64 2>/dev/null
   abusectl server /dev/abctl0 file /vd/file.img --threads 4 --setup qs=128 &
   fs=$!
   sleep 1
-  fio_sync "abuse-file pass 1 (virtio,fsync)" /dev/abuse0
-  fio_sync "abuse-file pass 2 (virtio,fsync)" /dev/abuse0
+  pass abuse-file first-writes /dev/abuse0
+  pass abuse-file rewrites /dev/abuse0
   kill -TERM $fs
-  wait $fs || true
+  wait $fs
   abusectl reset /dev/abctl0
   umount /vd
 fi
-/sbin/losetup -d "$loop"
-abusectl reset /dev/abctl1
 echo "bench: done"

@@ -51,6 +51,21 @@ for tool in /sbin/mke2fs /sbin/e2fsck /sbin/sfdisk /sbin/blkdiscard /usr/bin/fio
   [ -x "$tool" ] && copy_tool "$tool"
 done
 ln -sf mke2fs "$rootfs/sbin/mkfs.ext4"
+if [ "$flavor" = bench ]; then
+  # The peers make bench compares with (make bench-deps installs them).
+  rublk=${ABUSE_CACHE:-/var/cache/abuse}/tools/rublk/bin/rublk
+  if [ -x "$rublk" ]; then
+    copy_tool "$rublk"
+    mv "$rootfs$rublk" "$rootfs/usr/bin/rublk"
+  fi
+  for tool in /usr/bin/nbdkit /usr/sbin/nbd-client; do
+    [ -x "$tool" ] && copy_tool "$tool"
+  done
+  for plugin in memory file; do
+    so=/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-$plugin-plugin.so
+    [ -f "$so" ] && copy_tool "$so"
+  done
+fi
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
 # A 32-bit server, for the driver's compat_ioctl.

@@ -1,0 +1,166 @@
+//! The results of one `make bench` boot: fio's JSON for each (device, job),
+//! as tests/vm/bench.sh prints it between `==== bench DEVICE JOB` and
+//! `==== end` lines of the console log.
+
+use serde::Serialize;
+
+/// One fio job on one device.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Result {
+    pub device: String,
+    pub job: String,
+    pub iops: f64,
+    pub mib_s: f64,
+    /// Completion latency percentiles, microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// The jobs, in the order tables and charts show them.
+pub const JOBS: &[(&str, &str)] = &[
+    ("randread", "4k randread QD32x2"),
+    ("randwrite", "4k randwrite QD32x2"),
+    ("qd1", "4k randread QD1"),
+    ("seqread", "128k read"),
+    ("seqwrite", "128k write"),
+    ("first-writes", "cow first writes (4k, fsync/32, virtio)"),
+    ("rewrites", "rewrites (4k, fsync/32, virtio)"),
+];
+
+/// Parses the results out of a console log. A job whose JSON is missing or
+/// unreadable (a peer that would not start) is left out.
+pub fn parse(log: &str) -> Vec<Result> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String, String)> = None;
+    for line in log.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("==== bench ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(d), Some(j)) = (it.next(), it.next()) {
+                current = Some((d.to_string(), j.to_string(), String::new()));
+            }
+        } else if line == "==== end" {
+            if let Some((device, job, json)) = current.take() {
+                if let Some(r) = from_fio(&device, &job, &json) {
+                    out.push(r);
+                }
+            }
+        } else if let Some((_, _, json)) = current.as_mut() {
+            // Kernel messages on the console may land between fio's lines.
+            if is_kernel_line(line) {
+                continue;
+            }
+            json.push_str(line);
+            json.push('\n');
+        }
+    }
+    out
+}
+
+/// `[   12.345678] ...`: a kernel message.
+fn is_kernel_line(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .is_some_and(|(t, _)| {
+            !t.trim().is_empty() && t.trim().chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+}
+
+/// One result from fio's `--output-format=json` (with group_reporting:
+/// one job); reads or writes, whichever the job did.
+fn from_fio(device: &str, job: &str, json: &str) -> Option<Result> {
+    // fio may print notes before the JSON.
+    let start = json.find('{')?;
+    let v: serde_json::Value = serde_json::from_str(&json[start..]).ok()?;
+    let j = v.get("jobs")?.get(0)?;
+    let side = ["read", "write"].iter().map(|s| &j[*s]).max_by(|a, b| {
+        a["io_bytes"]
+            .as_f64()
+            .partial_cmp(&b["io_bytes"].as_f64())
+            .unwrap()
+    })?;
+    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    let iops = side["iops"].as_f64()?;
+    if iops <= 0.0 {
+        return None;
+    }
+    Some(Result {
+        device: device.into(),
+        job: job.into(),
+        iops,
+        mib_s: side["bw"].as_f64().unwrap_or(0.0) / 1024.0,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}
+
+/// The peer an ABUSE device (or another peer) is compared with: the ublk
+/// target that does the same job.
+pub fn ublk_peer(device: &str) -> Option<&'static str> {
+    match device {
+        "abuse-null" | "nbd-memory" | "null_blk" => Some("ublk-null"),
+        "abuse-file" | "abuse-cow" | "loop" | "nbd-file" => Some("ublk-loop"),
+        _ => None,
+    }
+}
+
+/// The figure a job is judged by: latency for QD1, throughput otherwise.
+pub fn headline(r: &Result) -> f64 {
+    match r.job.as_str() {
+        "qd1" => r.p50_us,
+        "seqread" | "seqwrite" => r.mib_s,
+        _ => r.iops,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIO: &str = r#"note: both iodepth >= 1 and synchronous I/O engine are selected
+{
+  "jobs" : [ { "jobname" : "b",
+      "read" : { "io_bytes" : 409600, "bw" : 40960, "iops" : 10240.5,
+                 "clat_ns" : { "percentile" : { "50.000000" : 12000, "99.000000" : 85000 } } },
+      "write" : { "io_bytes" : 0, "bw" : 0, "iops" : 0.0, "clat_ns" : { } } } ]
+}"#;
+
+    #[test]
+    fn parses_the_jobs_between_markers() {
+        let log = format!(
+            "boot noise\n==== bench abuse-null randread\n[   3.14] nbd: a kernel line\n{FIO}\n==== end\n\
+             ==== bench ublk-null randread\nfio: failed\n{{}}\n==== end\n[  1.0] kernel line\n"
+        );
+        let r = parse(&log);
+        assert_eq!(r.len(), 1, "the failed peer is left out: {r:?}");
+        let a = &r[0];
+        assert_eq!(
+            (a.device.as_str(), a.job.as_str()),
+            ("abuse-null", "randread")
+        );
+        assert_eq!(a.iops, 10240.5);
+        assert_eq!(a.mib_s, 40.0);
+        assert_eq!((a.p50_us, a.p99_us), (12.0, 85.0));
+        assert_eq!(headline(a), 10240.5);
+    }
+
+    #[test]
+    fn writes_are_read_from_the_write_side() {
+        let w = FIO
+            .replace("\"io_bytes\" : 409600", "\"io_bytes\" : 0")
+            .replace(
+                "\"write\" : { \"io_bytes\" : 0, \"bw\" : 0, \"iops\" : 0.0",
+                "\"write\" : { \"io_bytes\" : 5, \"bw\" : 2048, \"iops\" : 512.0",
+            );
+        let r = parse(&format!("==== bench loop randwrite\n{w}\n==== end\n"));
+        assert_eq!(r[0].iops, 512.0);
+        assert_eq!(r[0].mib_s, 2.0);
+    }
+
+    #[test]
+    fn every_abuse_device_has_a_ublk_peer() {
+        for d in ["abuse-null", "abuse-file", "abuse-cow"] {
+            assert!(ublk_peer(d).is_some(), "{d}");
+        }
+    }
+}
