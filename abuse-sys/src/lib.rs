@@ -80,6 +80,18 @@ fn ioctl_cause(op: &str, errno: Errno) -> String {
     }
 }
 
+/// The name of a request command (`ABUSE_CMD_*`), for messages.
+pub fn cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        ABUSE_CMD_READ => "READ",
+        ABUSE_CMD_WRITE => "WRITE",
+        ABUSE_CMD_FLUSH => "FLUSH",
+        ABUSE_CMD_DISCARD => "DISCARD",
+        ABUSE_CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        _ => "unknown command",
+    }
+}
+
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -14,16 +14,7 @@ pub enum ResultArg {
     Device,
 }
 
-fn cmd_name(cmd: u16) -> &'static str {
-    match cmd {
-        ABUSE_CMD_READ => "READ",
-        ABUSE_CMD_WRITE => "WRITE",
-        ABUSE_CMD_FLUSH => "FLUSH",
-        ABUSE_CMD_DISCARD => "DISCARD",
-        ABUSE_CMD_WRITE_ZEROES => "WRITE_ZEROES",
-        _ => "?",
-    }
-}
+use abuse_sys::cmd_name;
 
 /// One line per request, as get and put print them.
 pub fn describe(b: &AbuseBio) -> String {

@@ -36,3 +36,21 @@ pub trait Backend: Send + Sync {
 pub fn unsupported() -> io::Error {
     io::Error::from(io::ErrorKind::Unsupported)
 }
+
+/// Writes `len` zero bytes at `offset` through `write_at`, a MiB at a time
+/// from a page-aligned buffer (so that it also serves O_DIRECT files): for
+/// storage that cannot punch holes or zero ranges itself.
+pub fn fill_zeroes(
+    mut write_at: impl FnMut(&[u8], u64) -> io::Result<()>,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let zeros = memmap2::MmapMut::map_anon(len.clamp(1, 1 << 20) as usize)?;
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        write_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}

@@ -220,15 +220,7 @@ impl Backend for FileBackend {
             Ok(()) => Ok(()),
             // Filesystems without ZERO_RANGE (tmpfs): write the zeroes.
             Err(nix::errno::Errno::EOPNOTSUPP) => {
-                // Aligned, so that it works with O_DIRECT too.
-                let zeros = aligned(1 << 20)?;
-                let mut at = offset;
-                while at < offset + len {
-                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                    self.file.write_all_at(&zeros[..n], at)?;
-                    at += n as u64;
-                }
-                Ok(())
+                crate::backend::fill_zeroes(|b, at| self.file.write_all_at(b, at), offset, len)
             }
             Err(e) => Err(e.into()),
         }

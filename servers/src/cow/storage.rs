@@ -14,14 +14,7 @@ pub trait Storage: Send + Sync {
     fn size(&self) -> io::Result<u64>;
     /// The range reads as zeroes, deallocated where the storage can.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        crate::backend::fill_zeroes(|b, at| self.write_at(b, at), offset, len)
     }
 }
 
@@ -62,14 +55,7 @@ impl Storage for File {
             Ok(()) => Ok(()),
             // A filesystem that cannot punch holes: write the zeroes.
             Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut at = offset;
-                while at < offset + len {
-                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                    self.write_all_at(&zeros[..n], at)?;
-                    at += n as u64;
-                }
-                Ok(())
+                crate::backend::fill_zeroes(|b, at| self.write_all_at(b, at), offset, len)
             }
             Err(e) => Err(e.into()),
         }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use abuse_sys::uapi::*;
-use abuse_sys::AbuseBio;
+use abuse_sys::{cmd_name, AbuseBio};
 use nix::errno::Errno;
 
 use super::Stats;
@@ -138,18 +138,6 @@ pub fn execute(
             }
             Some(errno)
         }
-    }
-}
-
-/// The name of a command, for messages.
-pub fn cmd_name(cmd: u16) -> &'static str {
-    match cmd {
-        ABUSE_CMD_READ => "READ",
-        ABUSE_CMD_WRITE => "WRITE",
-        ABUSE_CMD_FLUSH => "FLUSH",
-        ABUSE_CMD_DISCARD => "DISCARD",
-        ABUSE_CMD_WRITE_ZEROES => "WRITE_ZEROES",
-        _ => "unknown command",
     }
 }
 

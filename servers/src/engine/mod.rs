@@ -27,7 +27,7 @@ use nix::errno::Errno;
 
 use crate::backend::Backend;
 pub use device::ControlDevice;
-pub use execute::{cmd_name, errno_of};
+pub use execute::errno_of;
 use execute::{execute, FailureLog};
 
 /// How an engine runs.
