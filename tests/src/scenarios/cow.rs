@@ -281,7 +281,7 @@ pub fn cow_block_device_base() -> Outcome {
     );
     // Read the base through the device; write, read back; discard.
     sh(&format!("cmp {DEV} {lo}"))?;
-    sh(&format!("dd if=/dev/urandom of=/tmp/w bs=64k count=16 2>/dev/null && dd if=/tmp/w of={DEV} bs=64k seek=8 oflag=direct 2>/dev/null && cmp -n 1048576 -i 0:524288 /tmp/w {DEV}"))?;
+    sh(&format!("dd if=/dev/urandom of=/tmp/w bs=64k count=16 2>/dev/null && dd if=/tmp/w of={DEV} bs=64k seek=8 oflag=direct 2>/dev/null && dd if={DEV} of=/tmp/r bs=64k skip=8 count=16 iflag=direct 2>/dev/null && cmp /tmp/w /tmp/r"))?;
     sh(&format!(
         "{BLKDISCARD} -o 524288 -l 1048576 {DEV} && {BLKDISCARD} -z -o 4194304 -l 65536 {DEV}"
     ))?;
