@@ -331,7 +331,9 @@ impl<T: QueueOps> BlockDevice<T> {
             (*set).nr_maps = 1;
             (*set).queue_depth = cfg.queue_depth;
             (*set).numa_node = bindings::NUMA_NO_NODE;
-            (*set).flags = bindings::BLK_MQ_F_SHOULD_MERGE;
+            // No I/O scheduler unless asked for: the servers do their own
+            // ordering, and a scheduler only adds a lock and a hop.
+            (*set).flags = bindings::BLK_MQ_F_SHOULD_MERGE | bindings::BLK_MQ_F_NO_SCHED_BY_DEFAULT;
         }
         // SAFETY: `set` is initialised above and lives in a box that does
         // not move until `Drop` frees the tag set.
@@ -346,6 +348,10 @@ impl<T: QueueOps> BlockDevice<T> {
         lim.logical_block_size = 512;
         lim.physical_block_size = 512;
         lim.max_hw_sectors = cfg.max_bytes >> 9;
+        // Data is copied page by page, never DMA'd: segments cost nothing,
+        // so a request is not split for their sake.
+        lim.max_segments = u16::MAX;
+        lim.max_segment_size = u32::MAX;
         let data = Arc::into_raw(data);
         // SAFETY: the tag set is allocated; `lim` is a valid limits struct;
         // `data` stays valid until `from_raw` in `Drop` (or below).
