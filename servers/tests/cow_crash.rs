@@ -33,6 +33,8 @@ struct MemStore {
     inner: Arc<Mutex<(Vec<u8>, Vec<Op>)>>,
     /// When set to n + 1: the sync after n more successful ones fails.
     fail_sync: Arc<AtomicU32>,
+    /// The next write fails (after the delta block was taken).
+    fail_write: Arc<AtomicU32>,
     gate: Arc<Mutex<Option<Gate>>>,
 }
 
@@ -71,6 +73,9 @@ impl Storage for MemStore {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.fail_write.swap(0, Ordering::SeqCst) == 1 {
+            return Err(io::Error::from_raw_os_error(28));
+        }
         let mut g = self.inner.lock().unwrap();
         let end = offset as usize + buf.len();
         if g.0.len() < end {
@@ -555,6 +560,35 @@ fn discard_and_write_zeroes_read_zero_and_stay_after_a_flush() {
     }
 }
 
+/// A delta block taken by a first write that never mapped it (the write
+/// failed, or its server was killed in between) is lost, and nothing else:
+/// every block of the device can still be written.
+#[test]
+fn a_leaked_delta_block_does_not_fill_the_delta() {
+    let blocks = 20;
+    let base = MemStore::with(pattern(8, blocks * BS));
+    let (store, delta) = create(&base, blocks);
+    for b in [3, 9] {
+        store.fail_write.store(1, Ordering::SeqCst);
+        assert!(delta
+            .write((b * BS) as u64, &pattern(1, BS), false)
+            .is_err());
+    }
+    for b in 0..blocks {
+        delta
+            .write((b * BS) as u64 + 8, &pattern(b as u64 + 100, 100), false)
+            .unwrap();
+    }
+    delta.flush().unwrap();
+    assert_eq!(delta.mapped_blocks(), blocks as u64);
+    let reopened = Delta::open(MemStore::with(store.bytes()), base.clone()).unwrap();
+    for b in 0..blocks {
+        let mut got = vec![0u8; 100];
+        reopened.read((b * BS) as u64 + 8, &mut got).unwrap();
+        assert_eq!(got, pattern(b as u64 + 100, 100), "block {b}");
+    }
+}
+
 #[test]
 fn concurrent_first_writes_to_one_block_all_survive() {
     let blocks = 24;
@@ -985,6 +1019,36 @@ mod files {
         let mut buf = vec![0u8; BS];
         c.read(0, &mut buf).unwrap();
         assert!(buf[..512].iter().all(|&x| x == 9u8.wrapping_mul(8) + 1));
+    }
+
+    /// A server joins while another is busy taking and mapping blocks:
+    /// the check of the working area must not mistake that for damage.
+    #[test]
+    fn joining_while_another_server_writes() {
+        let (_dir, _base, delta, _) = setup(45);
+        let a = Arc::new(Cow::open(&delta, None).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (a, stop) = (a.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        let blk = i % BLOCKS as u64;
+                        a.write(blk * BS as u64, &[i as u8; 512], false).unwrap();
+                        i += 3;
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..20 {
+            let b = Cow::open(&delta, None).unwrap_or_else(|e| panic!("joining a busy delta: {e}"));
+            drop(b);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
     }
 
     /// Merge takes the base exclusively: refused while a server of another

@@ -360,13 +360,12 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     /// own block below the allocation mark. Marks the pages that hold
     /// uncommitted mappings dirty; returns how many such mappings there are.
     fn check(&self, d: &Durable) -> Result<u64, String> {
-        let nblocks = self.header.nblocks();
-        let next = self.next_free().load(Ordering::Acquire);
-        if next > nblocks {
-            return Err(format!("allocation mark {next} past the {nblocks} blocks"));
-        }
-        let mut seen = vec![0u64; (nblocks as usize).div_ceil(64)];
+        // Other servers may be allocating and mapping meanwhile: mappings
+        // only ever appear, each below the mark when it appears, so the mark
+        // read after the scan bounds every mapping the scan saw.
+        let mut seen = std::collections::HashSet::new();
         let mut pending = 0;
+        let mut highest = None;
         for (b, (w, &e)) in self.table().iter().zip(&d.table).enumerate() {
             let v = w.load(Ordering::Acquire);
             if e != 0 && v != e {
@@ -379,16 +378,10 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 continue;
             }
             let blk = v - 1;
-            if blk >= next {
-                return Err(format!(
-                    "block {b} maps delta block {blk}, past the allocation mark {next}"
-                ));
-            }
-            let (word, bit) = ((blk / 64) as usize, blk % 64);
-            if seen[word] & (1 << bit) != 0 {
+            if !seen.insert(blk) {
                 return Err(format!("delta block {blk} is mapped twice"));
             }
-            seen[word] |= 1 << bit;
+            highest = highest.max(Some((blk, b)));
             if e == 0 {
                 pending += 1;
                 let page = b / ENTRIES_PER_PAGE;
@@ -397,6 +390,15 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                     dirty.store(1, Ordering::Release);
                 }
             }
+        }
+        let next = self.next_free().load(Ordering::Acquire);
+        if let Some((blk, b)) = highest.filter(|(blk, _)| *blk >= next) {
+            return Err(format!(
+                "block {b} maps delta block {blk}, past the allocation mark {next}"
+            ));
+        }
+        if self.header.block_offset(next).is_none() {
+            return Err(format!("allocation mark {next} past the largest delta"));
         }
         Ok(pending)
     }
@@ -558,15 +560,15 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         Ok(())
     }
 
-    /// Takes the next free delta block: there is one per virtual block.
+    /// Takes the next free delta block.
     fn allocate(&self) -> io::Result<u64> {
-        let nblocks = self.header.nblocks();
+        let h = &self.header;
         self.next_free()
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < nblocks).then_some(n + 1)
+                h.block_offset(n).map(|_| n + 1)
             })
             .map_err(|_| {
-                corrupt("the delta has no free block left (its allocation mark is damaged)")
+                corrupt("the delta has no room for another block (its allocation mark is damaged)")
             })
     }
 
@@ -749,7 +751,7 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
     // The length is read after the table: a running server may have grown
     // the delta meanwhile, and its data precedes the page that maps it.
     let len = store.size()?;
-    let mut seen = vec![0u64; (nblocks as usize).div_ceil(64)];
+    let mut seen = std::collections::HashSet::with_capacity(table.len());
     for (b, &e) in table.iter().enumerate() {
         if e == 0 {
             continue;
@@ -762,12 +764,10 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
         if !in_file {
             return Err(FormatError::EntryOutOfRange { block: b as u64 }.into());
         }
-        let (word, bit) = ((d / 64) as usize, d % 64);
-        if seen[word] & (1 << bit) != 0 {
+        if !seen.insert(d) {
             let other = table.iter().position(|&x| x == e).unwrap_or(0) as u64;
             return Err(FormatError::EntryShared(other, b as u64).into());
         }
-        seen[word] |= 1 << bit;
     }
     Ok(Durable {
         committed,

@@ -168,10 +168,18 @@ impl Header {
             .next_multiple_of(PAGE as u64)
     }
 
-    /// Byte offset of delta block `d`, if it lies inside the data area a
-    /// delta of this geometry can use (one delta block per virtual block).
+    /// Byte offset of delta block `d`, if the block fits an `off_t`. There
+    /// is no other bound: a block a killed server allocated but never
+    /// mapped is lost (until a merge starts a fresh delta), so a delta may
+    /// hold more blocks than the device has; a table entry must still point
+    /// within the file.
     pub fn block_offset(&self, d: u64) -> Option<u64> {
-        (d < self.nblocks()).then(|| self.data_offset + d * self.block_size as u64)
+        d.checked_mul(self.block_size as u64)
+            .and_then(|o| o.checked_add(self.data_offset))
+            .filter(|o| {
+                o.checked_add(self.block_size as u64)
+                    .is_some_and(|end| end <= i64::MAX as u64)
+            })
     }
 
     /// Byte offset of slot `slot` (0 = A, 1 = B) of table page `page`.
@@ -439,7 +447,11 @@ mod tests {
         // A base that is not a whole number of blocks: rounded down.
         let odd = Header::new(65536, &base((64 << 20) + 1000), [0; 16], "").unwrap();
         assert_eq!(odd.virtual_size, 64 << 20);
-        assert_eq!(odd.block_offset(odd.nblocks()), None, "past the data area");
+        assert!(
+            odd.block_offset(odd.nblocks()).is_some(),
+            "leaked blocks need room past nblocks"
+        );
+        assert_eq!(odd.block_offset(u64::MAX / 2), None, "past an off_t");
     }
 
     #[test]

@@ -43,7 +43,24 @@ fn transient(errno: i32) -> bool {
 /// Calls `op`, retrying transient failures with a short backoff; a panic
 /// becomes an EIO failure of this request alone (the backend is shared by
 /// every worker: one bad request must not take them all down).
-fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), i32> {
+/// Why a request failed: the errno the kernel gets, and what the backend
+/// said when that is more than the errno (a corrupt delta, a panic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub errno: i32,
+    pub detail: Option<String>,
+}
+
+impl Failure {
+    fn errno(errno: Errno) -> Self {
+        Failure {
+            errno: errno as i32,
+            detail: None,
+        }
+    }
+}
+
+fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), Failure> {
     let mut delay = Duration::from_millis(1);
     for n in 1.. {
         match catch_unwind(AssertUnwindSafe(&mut *op)) {
@@ -51,15 +68,26 @@ fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), 
             Ok(Err(e)) => {
                 let errno = errno_of(&e);
                 if !transient(errno) || n >= TRANSIENT_ATTEMPTS {
-                    return Err(errno);
+                    let detail = e.raw_os_error().is_none().then(|| e.to_string());
+                    return Err(Failure { errno, detail });
                 }
                 stats.retries.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(delay);
                 delay *= 4;
             }
-            Err(_) => {
+            Err(panic) => {
                 stats.panics.fetch_add(1, Ordering::Relaxed);
-                return Err(Errno::EIO as i32);
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                return Err(Failure {
+                    errno: Errno::EIO as i32,
+                    detail: Some(format!(
+                        "the backend panicked: {}",
+                        what.unwrap_or_default()
+                    )),
+                });
             }
         }
     }
@@ -76,7 +104,7 @@ pub fn execute(
     base: u64,
     stats: &Stats,
     with_errno: bool,
-) -> Option<i32> {
+) -> Option<Failure> {
     let offset = bio.sector << ABUSE_SECTOR_SHIFT;
     let len = bio.len as u64;
     if bio.flags & ABUSE_BIO_REQUEUED != 0 {
@@ -93,7 +121,7 @@ pub fn execute(
                 stats.reads.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_read.fetch_add(len, Ordering::Relaxed);
             }),
-            None => Err(Errno::EIO as i32),
+            None => Err(Failure::errno(Errno::EIO)),
         },
         ABUSE_CMD_WRITE if !ro => match buf.get(payload) {
             Some(data) => attempt(&mut || backend.write(offset, data, fua), stats).map(|()| {
@@ -103,7 +131,7 @@ pub fn execute(
                     stats.fua.fetch_add(1, Ordering::Relaxed);
                 }
             }),
-            None => Err(Errno::EIO as i32),
+            None => Err(Failure::errno(Errno::EIO)),
         },
         ABUSE_CMD_FLUSH => attempt(&mut || backend.flush(), stats).map(|()| {
             stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -119,8 +147,10 @@ pub fn execute(
                 stats.write_zeroes.fetch_add(1, Ordering::Relaxed);
             })
         }
-        ABUSE_CMD_WRITE | ABUSE_CMD_DISCARD | ABUSE_CMD_WRITE_ZEROES => Err(Errno::EROFS as i32),
-        _ => Err(Errno::EOPNOTSUPP as i32),
+        ABUSE_CMD_WRITE | ABUSE_CMD_DISCARD | ABUSE_CMD_WRITE_ZEROES => {
+            Err(Failure::errno(Errno::EROFS))
+        }
+        _ => Err(Failure::errno(Errno::EOPNOTSUPP)),
     };
     bio.flags &= !ABUSE_BIO_ERRNO;
     bio.error = 0;
@@ -129,14 +159,14 @@ pub fn execute(
             bio.result = ABUSE_RESULT_OKAY;
             None
         }
-        Err(errno) => {
+        Err(f) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             bio.result = ABUSE_RESULT_MEDIA_FAILURE;
             if with_errno {
                 bio.flags |= ABUSE_BIO_ERRNO;
-                bio.error = errno as u32;
+                bio.error = f.errno as u32;
             }
-            Some(errno)
+            Some(f)
         }
     }
 }
@@ -157,7 +187,7 @@ impl FailureLog {
     }
 
     /// Logs (or counts) the failure of `bio` with `errno` on `device`.
-    pub fn failed(&self, device: &std::path::Path, bio: &AbuseBio, errno: i32) {
+    pub fn failed(&self, device: &std::path::Path, bio: &AbuseBio, f: &Failure) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.0.elapsed() >= Duration::from_secs(1) {
             *st = (Instant::now(), 0, st.2);
@@ -180,8 +210,11 @@ impl FailureLog {
             cmd_name(bio.cmd),
             bio.len,
             bio.sector << ABUSE_SECTOR_SHIFT,
-            Errno::from_raw(errno).desc(),
+            Errno::from_raw(f.errno).desc(),
         );
+        if let Some(d) = &f.detail {
+            eprintln!("abuse server: {}:   {d}", device.display());
+        }
     }
 }
 

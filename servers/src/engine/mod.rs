@@ -287,7 +287,7 @@ fn worker<C: ControlDevice>(ctl: &C, batch: usize, shared: &Shared) -> Result<()
         let base = buf.as_ptr() as u64;
         for bio in &mut bios[..n] {
             let stats = &shared.stats;
-            if let Some(errno) = execute(
+            if let Some(failure) = execute(
                 &*shared.backend,
                 bio,
                 &mut buf,
@@ -295,7 +295,7 @@ fn worker<C: ControlDevice>(ctl: &C, batch: usize, shared: &Shared) -> Result<()
                 stats,
                 shared.with_errno,
             ) {
-                shared.log.failed(ctl.path(), bio, errno);
+                shared.log.failed(ctl.path(), bio, &failure);
             }
         }
         complete(ctl, &bios[..n], shared)?;

@@ -488,13 +488,13 @@ fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
     let base = buf.as_ptr() as u64;
     let mut r = bio(ABUSE_CMD_READ, 0, 8192, base, 0);
     assert_eq!(
-        execute(&Null::new(1 << 20), &mut r, &mut buf, base, &stats, true),
+        execute(&Null::new(1 << 20), &mut r, &mut buf, base, &stats, true).map(|f| f.errno),
         Some(Errno::EIO as i32)
     );
     assert_eq!(r.result, ABUSE_RESULT_MEDIA_FAILURE);
     let mut u = bio(99, 0, 0, 0, 0);
     assert_eq!(
-        execute(&Null::new(4096), &mut u, &mut buf, base, &stats, true),
+        execute(&Null::new(4096), &mut u, &mut buf, base, &stats, true).map(|f| f.errno),
         Some(Errno::EOPNOTSUPP as i32)
     );
     assert_eq!(
