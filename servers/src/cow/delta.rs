@@ -580,16 +580,16 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         self.dirty()[block as usize / ENTRIES_PER_PAGE].fetch_add(1, Ordering::Release);
     }
 
-    /// Makes every acknowledged write durable: the data, then the table
-    /// pages with uncommitted mappings (each into its other slot), then a
-    /// commit record that names their new versions. One flush commits the
+    /// Makes every acknowledged write durable: the data and the table pages
+    /// with uncommitted mappings (each into its other slot), then a commit
+    /// record that names their new versions. One flush commits the
     /// first writes of every server of this delta.
     pub fn flush(&self) -> io::Result<()> {
         let _local = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _shared = lock_byte(&self.store, PAGE_LOCK)?;
         self.catch_up()?;
-        // Snapshot what is uncommitted before the data sync: every mapping
-        // seen here points at data written before it.
+        // Snapshot what is uncommitted: every mapping seen here points at
+        // data written before it.
         let mut snap = Vec::new();
         for (p, dirty) in self.dirty().iter().enumerate() {
             let v = dirty.load(Ordering::Acquire);
@@ -597,10 +597,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 snap.push((p, v, self.page_entries(p)));
             }
         }
-        self.store.sync()?;
         if snap.is_empty() {
-            return Ok(());
+            return self.store.sync();
         }
+        // The pages go to their other slots with the next sequence number:
+        // until a commit record names it they are ignored, so one sync makes
+        // the data and the pages durable together, and only then is the
+        // commit written (two syncs a flush, not three).
         let w = self.words();
         let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
         let mut hash = [0u8; 32];
