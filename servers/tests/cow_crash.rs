@@ -215,8 +215,7 @@ fn no_progress() -> &'static (dyn Fn(u64) + Sync) {
     &|_| {}
 }
 
-fn create(base: &MemStore, blocks: usize) -> (MemStore, Delta<MemStore, MemStore>) {
-    let _ = blocks;
+fn create(base: &MemStore) -> (MemStore, Delta<MemStore, MemStore>) {
     let store = MemStore::default();
     let d = Delta::create(
         store.clone(),
@@ -271,7 +270,7 @@ fn every_crash_point_is_consistent() {
     let blocks = 2 * ENTRIES_PER_PAGE + 40;
     let base_bytes = pattern(999, blocks * BS);
     let base = MemStore::with(base_bytes.clone());
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     assert_eq!(delta.header().table_pages, 3);
     let start = store.bytes();
     let created = store.log().len();
@@ -364,7 +363,7 @@ fn every_crash_point_is_consistent() {
 fn acknowledged_writes_survive_flushes_racing_first_writes() {
     let blocks = ENTRIES_PER_PAGE + 10;
     let base = MemStore::with(pattern(3, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     let delta = Arc::new(delta);
     let start = store.bytes();
     let created = store.log().len();
@@ -419,19 +418,18 @@ fn acknowledged_writes_survive_flushes_racing_first_writes() {
 fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
     let blocks = 40;
     let base = MemStore::with(pattern(4, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     let start = store.bytes();
     let created = store.log().len();
     let mut n = 0u64;
     // Each of a committing flush's two syncs fails once (data and pages,
     // commit).
     for skip in 0..2 {
-        for b in 0..4 {
+        for _ in 0..4 {
             delta
                 .write((n * BS as u64) + 100, &pattern(n + 50, 700), false)
                 .unwrap();
             n += 1;
-            let _ = b;
         }
         store.fail_sync_after(skip);
         assert!(
@@ -462,7 +460,7 @@ fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
 fn damage_is_refused_and_tearing_is_not_damage() {
     let blocks = 40;
     let base = MemStore::with(pattern(5, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     delta.write(0, &pattern(6, BS), false).unwrap();
     delta.flush().unwrap();
     delta.write(BS as u64, &pattern(7, BS), false).unwrap();
@@ -523,7 +521,7 @@ fn damage_is_refused_and_tearing_is_not_damage() {
 fn discard_and_write_zeroes_read_zero_and_stay_after_a_flush() {
     let blocks = 16;
     let base = MemStore::with(pattern(9, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     let start = store.bytes();
     let created = store.log().len();
     delta.write(2 * BS as u64, &pattern(1, BS), false).unwrap();
@@ -568,7 +566,7 @@ fn discard_and_write_zeroes_read_zero_and_stay_after_a_flush() {
 fn a_leaked_delta_block_does_not_fill_the_delta() {
     let blocks = 20;
     let base = MemStore::with(pattern(8, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     for b in [3, 9] {
         store.fail_write.store(1, Ordering::SeqCst);
         assert!(delta
@@ -595,7 +593,7 @@ fn concurrent_first_writes_to_one_block_all_survive() {
     let blocks = 24;
     for round in 0..20u64 {
         let base = MemStore::with(vec![0x55; blocks * BS]);
-        let (_, delta) = create(&base, blocks);
+        let (_, delta) = create(&base);
         let delta = Arc::new(delta);
         let threads = 8;
         let barrier = Arc::new(Barrier::new(threads));
@@ -639,7 +637,7 @@ fn concurrent_first_writes_to_one_block_all_survive() {
 fn reads_racing_first_writes_see_old_or_new_never_a_mix() {
     let blocks = 24;
     let base = MemStore::with(vec![0xAA; blocks * BS]);
-    let (_, delta) = create(&base, blocks);
+    let (_, delta) = create(&base);
     let delta = Arc::new(delta);
     let writer = {
         let delta = delta.clone();
@@ -677,7 +675,7 @@ fn reads_racing_first_writes_see_old_or_new_never_a_mix() {
 fn wrong_base_corrupt_and_truncated_deltas_are_refused() {
     let blocks = 24;
     let base = MemStore::with(pattern(5, blocks * BS));
-    let (store, delta) = create(&base, blocks);
+    let (store, delta) = create(&base);
     delta.write(0, &[9; BS], true).unwrap();
     let good = store.bytes();
 
@@ -727,7 +725,7 @@ mod fuzz {
     fn valid() -> (MemStore, Vec<u8>, Header) {
         let blocks = 30;
         let base = MemStore::with(pattern(31, blocks * BS));
-        let (store, delta) = create(&base, blocks);
+        let (store, delta) = create(&base);
         for b in 0..6 {
             delta
                 .write((b * 5 * BS) as u64, &pattern(b as u64, BS), false)

@@ -151,6 +151,13 @@ pub fn cow_kill_during_fio() -> Outcome {
 const DISK_MNT: &str = "/vd";
 const MANIFEST: &str = "/vd/manifest";
 
+/// A cow server of the power-cut delta on the virtio disk, setting the
+/// device up (both boots).
+fn serve_power_cut_delta() -> Result<Server, String> {
+    let delta = format!("{DISK_MNT}/pc.cow");
+    Server::abusectl(CTL, &["cow", &delta, "--threads", "4", "--setup", ""])
+}
+
 /// Power cut, first boot: ext4 on a cow device whose base and delta live
 /// on a virtio disk (cache=none). Files are written and fsync'd one by
 /// one, each recorded (with its checksum) in a manifest on the virtio
@@ -168,17 +175,7 @@ pub fn cow_power_cut_write() -> Outcome {
     sh(&format!(
         "abusectl cow create --base {DISK_MNT}/base.img --delta {DISK_MNT}/pc.cow --block-size 64K"
     ))?;
-    let _server = Server::abusectl(
-        CTL,
-        &[
-            "cow",
-            &format!("{DISK_MNT}/pc.cow"),
-            "--threads",
-            "4",
-            "--setup",
-            "",
-        ],
-    )?;
+    let _server = serve_power_cut_delta()?;
     sh(&format!(
         "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && mkdir /mnt/d"
     ))?;
@@ -221,17 +218,7 @@ pub fn cow_power_cut_write() -> Outcome {
 pub fn cow_power_cut_check() -> Outcome {
     insmod("max_abuse=1")?;
     sh(&format!("mkdir -p {DISK_MNT} && mount /dev/vda {DISK_MNT}"))?;
-    let server = Server::abusectl(
-        CTL,
-        &[
-            "cow",
-            &format!("{DISK_MNT}/pc.cow"),
-            "--threads",
-            "4",
-            "--setup",
-            "",
-        ],
-    )?;
+    let server = serve_power_cut_delta()?;
     sh(&format!("mount {DEV} /mnt && umount /mnt"))?;
     e2fsck_clean(DEV).map_err(|e| format!("after the power cut: {e}"))?;
     sh(&format!("mount {DEV} /mnt"))?;

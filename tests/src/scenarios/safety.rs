@@ -121,6 +121,22 @@ pub fn fence_stalled_server() -> Outcome {
     teardown()
 }
 
+/// Opens the device (which reads its partition table) and waits for
+/// /dev/abuse0p1 to appear.
+fn scan_partitions(when: &str) -> Outcome {
+    sh(&format!(
+        "dd if={DEV} of=/dev/null bs=4k count=1 2>/dev/null"
+    ))?;
+    ensure!(
+        wait_for(Duration::from_secs(5), || std::path::Path::new(
+            "/dev/abuse0p1"
+        )
+        .exists()),
+        "no /dev/abuse0p1 after {when}"
+    );
+    Ok(())
+}
+
 /// RESET leaves nothing of the old configuration: a filesystem mounted
 /// across it is shut down and SET_STATUS refuses (EBUSY, "still open:
 /// unmount it first") until it is unmounted; partitions are dropped; the
@@ -139,17 +155,7 @@ pub fn reset_leaves_nothing_behind() -> Outcome {
         read_trimmed("/sys/block/abuse0/diskseq"),
         status()?.generation,
     );
-    // The next open scans the table.
-    sh(&format!(
-        "dd if={DEV} of=/dev/null bs=4k count=1 2>/dev/null"
-    ))?;
-    ensure!(
-        wait_for(Duration::from_secs(5), || std::path::Path::new(
-            "/dev/abuse0p1"
-        )
-        .exists()),
-        "no /dev/abuse0p1"
-    );
+    scan_partitions("the first setup")?;
     sh(&format!(
         "{MKFS_EXT4} -q -F /dev/abuse0p1 && mount /dev/abuse0p1 /mnt && echo old > /mnt/f && sync"
     ))?;
@@ -225,16 +231,7 @@ pub fn reset_leaves_nothing_behind() -> Outcome {
     crate::guest::kill_servers();
     control(CTL)?.reset().map_err(|e| e.to_string())?;
     let _server = Server::abusectl(CTL, &["file", "/tmp/a.img", "--setup", ""])?;
-    sh(&format!(
-        "dd if={DEV} of=/dev/null bs=4k count=1 2>/dev/null"
-    ))?;
-    ensure!(
-        wait_for(Duration::from_secs(5), || std::path::Path::new(
-            "/dev/abuse0p1"
-        )
-        .exists()),
-        "no /dev/abuse0p1 after setting a.img up again"
-    );
+    scan_partitions("setting a.img up again")?;
     control(CTL)?.reset().map_err(|e| e.to_string())?;
     ensure!(
         !std::path::Path::new("/sys/block/abuse0/abuse0p1").exists(),
