@@ -11,7 +11,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define ABUSE_VERSION 2
+#define ABUSE_VERSION 3
 
 /* The ioctl numbers assume the asm-generic _IOC layout, as the Rust uapi does. */
 #if defined(__powerpc__) || defined(__mips__) || defined(__sparc__) 
@@ -51,6 +51,7 @@
 #define ABUSE_MAX_BLOCK_SIZE       4096
 #define ABUSE_DEFAULT_QUEUE_DEPTH  128
 #define ABUSE_MAX_QUEUE_DEPTH      1024
+#define ABUSE_MAX_QUEUES           32
 #define ABUSE_MAX_BATCH            256
 #define ABUSE_MAX_BIO_BYTES        (1U << 20)
 #define ABUSE_DATA_ALIGN           4096
@@ -81,7 +82,9 @@ struct abuse_status {
 	__u64 requeues;
 	__u64 timeouts;
 	__u64 generation;	/* changes on every configure and RESET */
-	__u64 reserved[7];
+	__u32 queues;		/* hardware queues; SET_STATUS: 0 = one per CPU */
+	__u32 max_queues;
+	__u64 reserved[6];
 };
 
 /* One request. */
@@ -106,10 +109,26 @@ struct abuse_xfer {
 	__u64 reserved[4];
 };
 
+/* SERVE: complete bios[0..put], then fetch up to count, sleeping up to
+ * wait_ms when none is pending. Writes back put and count. */
+struct abuse_serve {
+	__u64 bios;
+	__u64 data;
+	__u64 data_len;
+	__u32 put;
+	__u32 count;
+	__u32 queue;
+	__u32 wait_ms;
+	__u32 flags;
+	__u32 reserved0;
+	__u64 reserved[2];
+};
+
 #define ABUSE_GET_STATUS  _IOR('A', 0x20, struct abuse_status)
 #define ABUSE_SET_STATUS  _IOW('A', 0x21, struct abuse_status)
 #define ABUSE_RESET       _IO('A', 0x23)
 #define ABUSE_GET_BIO     _IOWR('A', 0x24, struct abuse_xfer)
 #define ABUSE_PUT_BIO     _IOWR('A', 0x25, struct abuse_xfer)
+#define ABUSE_SERVE       _IOWR('A', 0x26, struct abuse_serve)
 
 #endif /* _UAPI_LINUX_ABUSE_H */

@@ -24,6 +24,7 @@ mod raw {
     nix::ioctl_none_bad!(reset, ABUSE_RESET as ioctl_num_type);
     nix::ioctl_readwrite_bad!(get_bio, ABUSE_GET_BIO as ioctl_num_type, AbuseXfer);
     nix::ioctl_readwrite_bad!(put_bio, ABUSE_PUT_BIO as ioctl_num_type, AbuseXfer);
+    nix::ioctl_readwrite_bad!(serve, ABUSE_SERVE as ioctl_num_type, AbuseServe);
 }
 
 /// What failed, on which device, and the kernel's errno.
@@ -73,7 +74,7 @@ fn ioctl_cause(op: &str, errno: Errno) -> String {
         }
         Errno::ENOTTY => "not supported by this abuse module".into(),
         Errno::EINVAL if op == "SET_STATUS" => {
-            "invalid configuration (size, bs, qs, timeout or flags)".into()
+            "invalid configuration (size, bs, qs, queues, timeout or flags)".into()
         }
         Errno::ENXIO if op != "SET_STATUS" => "device is not configured".into(),
         e => e.desc().to_string(),
@@ -212,6 +213,41 @@ impl Control {
         match unsafe { raw::put_bio(self.file.as_raw_fd(), &mut xfer) } {
             Ok(_) => Ok(xfer.count as usize),
             Err(e) => Err(self.err("PUT_BIO", e, xfer.count as usize)),
+        }
+    }
+
+    /// ABUSE_SERVE: completes `bios[..put]`, then fetches up to `bios.len()`
+    /// pending requests into `bios` (payloads in `data`), from hardware
+    /// queue `queue` first, sleeping up to `wait` when none is pending.
+    /// Returns how many were fetched (0: none came within `wait`, or a
+    /// signal arrived). On failure, [`Error::Ioctl::done`] tells how many of
+    /// the `put` entries completed.
+    pub fn serve(
+        &self,
+        bios: &mut [AbuseBio],
+        put: usize,
+        data: &mut [u8],
+        queue: u32,
+        wait: Duration,
+    ) -> Result<usize> {
+        assert!(put <= bios.len(), "put {put} > {} entries", bios.len());
+        let mut x = AbuseServe {
+            bios: bios.as_mut_ptr() as u64,
+            data: data.as_mut_ptr() as u64,
+            data_len: data.len() as u64,
+            put: put as u32,
+            count: bios.len().min(u32::MAX as usize) as u32,
+            queue,
+            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads the first `put` entries of `bios` (and
+        // READ payloads from their `addr`, failing with EFAULT on a bad one),
+        // then writes at most `count` entries into `bios` and `data_len`
+        // bytes into `data`, both exclusively borrowed here.
+        match unsafe { raw::serve(self.file.as_raw_fd(), &mut x) } {
+            Ok(_) => Ok(x.count as usize),
+            Err(e) => Err(self.err("SERVE", e, x.put as usize)),
         }
     }
 

@@ -12,8 +12,9 @@
 /// The ioctl type byte, `'A'`, as the original ABUSE registered it.
 pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
 /// Protocol version reported in [`AbuseStatus::version`]. 2: configuration
-/// generations, errnos on PUT_BIO, fencing timeouts.
-pub const ABUSE_VERSION: u32 = 2;
+/// generations, errnos on PUT_BIO, fencing timeouts. 3: several hardware
+/// queues, a per-queue depth, and ABUSE_SERVE.
+pub const ABUSE_VERSION: u32 = 3;
 
 // The ioctl numbers below use the asm-generic `_IOC` layout (x86, arm64,
 // riscv, ...). Architectures with another layout would get numbers the
@@ -89,7 +90,11 @@ pub const ABUSE_RESULT_DEVICE_FAILURE: u32 = 2;
 pub const ABUSE_MIN_BLOCK_SIZE: u32 = 512;
 pub const ABUSE_MAX_BLOCK_SIZE: u32 = 4096;
 pub const ABUSE_DEFAULT_QUEUE_DEPTH: u32 = 128;
+/// The largest queue depth (per hardware queue).
 pub const ABUSE_MAX_QUEUE_DEPTH: u32 = 1024;
+/// The most hardware queues a device can have (also at most the kernel's
+/// possible CPUs: GET_STATUS reports the limit in `max_queues`).
+pub const ABUSE_MAX_QUEUES: u32 = 32;
 /// Largest number of requests one GET_BIO or PUT_BIO handles.
 pub const ABUSE_MAX_BATCH: u32 = 256;
 /// Largest data payload of one request.
@@ -122,7 +127,8 @@ pub struct AbuseStatus {
     pub size: u64,
     /// Logical block size: 512..=4096, a power of two.
     pub block_size: u32,
-    /// Requests the kernel lets be outstanding at once (blk-mq tag depth).
+    /// Requests the kernel lets be outstanding at once on each hardware
+    /// queue (pending or fetched); more wait in the block layer.
     pub queue_depth: u32,
     /// `ABUSE_FLAG_*`.
     pub flags: u32,
@@ -157,8 +163,14 @@ pub struct AbuseStatus {
     /// SET_STATUS that configures the device and on every RESET, so a server
     /// can tell that the device was reset or reconfigured under it.
     pub generation: u64,
+    /// Hardware queues (blk-mq): each has its own lock, pending FIFO and
+    /// wait queue, and takes the requests of some CPUs. SET_STATUS: 0 means
+    /// one per online CPU (at most `max_queues`).
+    pub queues: u32,
+    /// Reported: the most `queues` SET_STATUS accepts.
+    pub max_queues: u32,
     /// Must be zero.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 6],
 }
 
 /// One request, as GET_BIO hands it out and PUT_BIO completes it.
@@ -209,6 +221,41 @@ pub struct AbuseXfer {
     pub reserved: [u64; 4],
 }
 
+/// ABUSE_SERVE argument: completes a batch and fetches the next in one call.
+///
+/// First completes `bios[0..put]` in order as PUT_BIO does (stopping at the
+/// first entry that fails), then fetches up to `count` pending requests into
+/// `bios` (from `queue`'s FIFO first, then the others), as GET_BIO does.
+/// When none is pending it sleeps up to `wait_ms`, woken (one sleeper per
+/// new request) when one is queued; a signal or the timeout ends the sleep
+/// with none fetched, which is not an error. It writes back in `put` how
+/// many completed and in `count` how many it fetched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbuseServe {
+    /// User address of an array of [`AbuseBio`] of `count` entries.
+    pub bios: u64,
+    /// User address of the data buffer.
+    pub data: u64,
+    /// Size of the data buffer in bytes.
+    pub data_len: u64,
+    /// In: entries of `bios` to complete. Out: how many completed.
+    pub put: u32,
+    /// In: room in `bios` for fetched requests. Out: how many fetched.
+    pub count: u32,
+    /// The hardware queue to fetch from first and to sleep on (taken
+    /// modulo the device's queues): a locality hint, never a session.
+    pub queue: u32,
+    /// How long to sleep when nothing is pending (0: do not sleep).
+    pub wait_ms: u32,
+    /// Must be zero.
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+    /// Must be zero.
+    pub reserved: [u64; 2],
+}
+
 // The Linux ioctl encoding (asm-generic, as on x86 and arm64).
 const IOC_NONE: u32 = 0;
 const IOC_WRITE: u32 = 1;
@@ -237,7 +284,15 @@ pub const ABUSE_PUT_BIO: u32 = ioc(
     core::mem::size_of::<AbuseXfer>(),
 );
 
+/// Complete a batch and fetch the next, sleeping if none is pending.
+pub const ABUSE_SERVE: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x26,
+    core::mem::size_of::<AbuseServe>(),
+);
+
 // Layout is ABI: a change here must be a deliberate version bump.
 const _: () = assert!(core::mem::size_of::<AbuseStatus>() == 152);
 const _: () = assert!(core::mem::size_of::<AbuseBio>() == 40);
 const _: () = assert!(core::mem::size_of::<AbuseXfer>() == 64);
+const _: () = assert!(core::mem::size_of::<AbuseServe>() == 64);

@@ -56,6 +56,8 @@ fn expectations() -> Vec<(String, u64)> {
             requeues,
             timeouts,
             generation,
+            queues,
+            max_queues,
             reserved
         ]
     );
@@ -68,6 +70,11 @@ fn expectations() -> Vec<(String, u64)> {
         AbuseXfer,
         "abuse_xfer",
         [bios, data, data_len, count, flags, reserved]
+    );
+    layout!(
+        AbuseServe,
+        "abuse_serve",
+        [bios, data, data_len, put, count, queue, wait_ms, flags, reserved0, reserved]
     );
     constants!(
         ABUSE_VERSION,
@@ -96,6 +103,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_MAX_BLOCK_SIZE,
         ABUSE_DEFAULT_QUEUE_DEPTH,
         ABUSE_MAX_QUEUE_DEPTH,
+        ABUSE_MAX_QUEUES,
         ABUSE_MAX_BATCH,
         ABUSE_MAX_BIO_BYTES,
         ABUSE_DATA_ALIGN,
@@ -109,6 +117,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_RESET,
         ABUSE_GET_BIO,
         ABUSE_PUT_BIO,
+        ABUSE_SERVE,
     );
     v
 }
@@ -215,5 +224,9 @@ fn ioctl_numbers_match_nix_encoding() {
     assert_eq!(
         ABUSE_PUT_BIO as ioctl_num_type,
         request_code_readwrite!(b'A', 0x25, std::mem::size_of::<AbuseXfer>())
+    );
+    assert_eq!(
+        ABUSE_SERVE as ioctl_num_type,
+        request_code_readwrite!(b'A', 0x26, std::mem::size_of::<AbuseServe>())
     );
 }

@@ -32,7 +32,8 @@ enum Command {
         after_help = "Options (comma- or space-separated; sizes take K/M/G/T):\n  \
         size=N       capacity (required), a multiple of bs\n  \
         bs=N         block size: 512, 1024, 2048 or 4096 (default 4096)\n  \
-        qs=N         queue depth, 1-1024 (default 128)\n  \
+        qs=N         queue depth per hardware queue, 1-1024 (default 128)\n  \
+        queues=N     hardware queues, 1-32 (default one per online CPU)\n  \
         timeout=S    seconds a server may hold a request before it is killed and its\n               \
         requests go to another server (default 30, at least 1, 0 = never)\n  \
         ro | rw      read-only or read-write (default rw)\n  \

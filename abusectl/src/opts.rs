@@ -1,4 +1,4 @@
-//! `abusectl setup` options: `size=1G,bs=4096,qs=128,ro,timeout=30,...`,
+//! `abusectl setup` options: `size=1G,bs=4096,qs=128,queues=2,ro,timeout=30,...`,
 //! comma- or space-separated.
 
 use abuse_sys::uapi::*;
@@ -11,6 +11,8 @@ pub struct SetupOpts {
     pub size: Option<u64>,
     pub block_size: Option<u32>,
     pub queue_depth: Option<u32>,
+    /// Hardware queues; None: one per online CPU.
+    pub queues: Option<u32>,
     pub timeout_ms: Option<u32>,
     /// `ro` or `rw`, if given.
     pub read_only: Option<bool>,
@@ -85,6 +87,7 @@ impl SetupOpts {
                     )
                 }
                 "qs" | "queue_depth" => o.queue_depth = Some(parse_u32(key, need()?)?),
+                "queues" => o.queues = Some(parse_u32(key, need()?)?),
                 "timeout" => {
                     o.timeout_ms = Some(
                         parse_u32(key, need()?)?
@@ -99,7 +102,7 @@ impl SetupOpts {
                     Some((_, f)) if val.is_none() => o.features |= f,
                     _ => {
                         return Err(format!(
-                            "unknown option '{item}' (known: size=, bs=, qs=, timeout=, ro, rw, reconnect, flush, fua, discard, write_zeroes)"
+                            "unknown option '{item}' (known: size=, bs=, qs=, queues=, timeout=, ro, rw, reconnect, flush, fua, discard, write_zeroes)"
                         ))
                     }
                 },
@@ -137,6 +140,11 @@ impl SetupOpts {
                 return Err(format!("qs={qs}: must be 1 to {ABUSE_MAX_QUEUE_DEPTH}"));
             }
         }
+        if let Some(q) = self.queues {
+            if !(1..=ABUSE_MAX_QUEUES).contains(&q) {
+                return Err(format!("queues={q}: must be 1 to {ABUSE_MAX_QUEUES}"));
+            }
+        }
         if self.features & ABUSE_FLAG_FUA != 0 && self.features & ABUSE_FLAG_FLUSH == 0 {
             return Err("fua needs flush (FUA writes through a cache the server flushes)".into());
         }
@@ -155,6 +163,7 @@ impl SetupOpts {
             size,
             block_size: self.bs(),
             queue_depth: self.queue_depth.unwrap_or(ABUSE_DEFAULT_QUEUE_DEPTH),
+            queues: self.queues.unwrap_or(0),
             flags: self.features | ro,
             timeout_ms: self.timeout_ms.unwrap_or(ABUSE_DEFAULT_TIMEOUT_MS),
             ..Default::default()
@@ -178,6 +187,7 @@ impl SetupOpts {
         };
         fixed("size", self.size, cur.size)?;
         fixed("bs", self.block_size.map(u64::from), cur.block_size.into())?;
+        fixed("queues", self.queues.map(u64::from), cur.queues.into())?;
         fixed(
             "timeout (ms)",
             self.timeout_ms.map(u64::from),

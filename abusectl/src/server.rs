@@ -22,9 +22,14 @@ pub struct ServerArgs {
     backend: String,
     /// The backend's arguments.
     args: Vec<String>,
-    /// Worker threads.
-    #[arg(long, default_value_t = 4)]
-    threads: usize,
+    /// Worker threads, each fetching from its own hardware queue first
+    /// [default: one per hardware queue of the device].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Threads that run a batch's requests at once [default: 4 for file
+    /// and cow, none for null]; 0 runs them one by one in the worker.
+    #[arg(long, value_name = "N")]
+    io_threads: Option<usize>,
     /// Requests per fetch and per completion.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -152,8 +157,9 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
     }
     let cfg = EngineConfig {
         ctl: a.ctl.clone(),
-        threads: a.threads,
+        threads: a.threads.unwrap_or(0),
         batch: a.batch,
+        io_threads: a.io_threads,
     };
     let result = abuse_servers::serve(&cfg, backend, stop, stats.clone());
     save(&a.stats_file, &stats);

@@ -20,6 +20,7 @@ pub struct Info {
     pub size: u64,
     pub block_size: u32,
     pub queue_depth: u32,
+    pub queues: u32,
     pub flags: Vec<&'static str>,
     pub timeout_ms: u32,
     pub pending: u32,
@@ -56,6 +57,7 @@ impl Info {
             size: st.size,
             block_size: st.block_size,
             queue_depth: st.queue_depth,
+            queues: st.queues,
             flags: FLAG_NAMES
                 .iter()
                 .filter(|(f, _)| st.flags & f != 0)
@@ -99,7 +101,11 @@ impl Info {
             self.size
         );
         let _ = writeln!(s, "  block size:  {}", self.block_size);
-        let _ = writeln!(s, "  queue depth: {}", self.queue_depth);
+        let _ = writeln!(
+            s,
+            "  queues:      {} x depth {}",
+            self.queues, self.queue_depth
+        );
         let flags = if self.flags.is_empty() {
             "-".to_string()
         } else {

@@ -41,8 +41,23 @@ fn run() -> Result<(), String> {
         runs.len()
     );
     print!("{}", report::table(&rows));
+    let stats: Vec<results::ServerStats> = logs
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|s| results::parse_stats(&s))
+        .collect();
+    for s in &stats {
+        println!(
+            "{}: {} requests in {} batches: {:.1} requests per batch (per ABUSE_SERVE call)",
+            s.device,
+            s.requests,
+            s.batches,
+            s.per_batch()
+        );
+    }
     if let Some(p) = json {
-        let v = serde_json::json!({ "runs": runs.len(), "rows": rows, "raw": runs });
+        let v =
+            serde_json::json!({ "runs": runs.len(), "rows": rows, "raw": runs, "servers": stats });
         std::fs::write(&p, serde_json::to_string_pretty(&v).expect("serialisable"))
             .map_err(|e| format!("{}: {e}", p.display()))?;
         println!("JSON: {}", p.display());

@@ -57,6 +57,53 @@ pub fn parse(log: &str) -> Vec<Result> {
     out
 }
 
+/// An ABUSE server's counters over a whole device's jobs, as bench.sh
+/// prints its stats file between `==== stats DEVICE` and `==== end`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerStats {
+    pub device: String,
+    pub requests: u64,
+    /// Batches run: each fetched by one ABUSE_SERVE call, which also
+    /// completed the batch before it.
+    pub batches: u64,
+}
+
+impl ServerStats {
+    /// Requests per batch, so per system call on the fast path.
+    pub fn per_batch(&self) -> f64 {
+        self.requests as f64 / self.batches.max(1) as f64
+    }
+}
+
+/// The server counters in a console log.
+pub fn parse_stats(log: &str) -> Vec<ServerStats> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in log.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(dev) = line.strip_prefix("==== stats ") {
+            current = Some((dev.trim().to_string(), String::new()));
+        } else if line.starts_with("==== ") {
+            if let Some((device, json)) = current.take() {
+                let v: Option<serde_json::Value> = serde_json::from_str(json.trim()).ok();
+                let get = |k: &str| v.as_ref().and_then(|v| v[k].as_u64());
+                if let (Some(requests), Some(batches)) = (get("requests"), get("batches")) {
+                    out.push(ServerStats {
+                        device,
+                        requests,
+                        batches,
+                    });
+                }
+            }
+        } else if let Some((_, json)) = current.as_mut() {
+            if !is_kernel_line(line) {
+                json.push_str(line);
+            }
+        }
+    }
+    out
+}
+
 /// `[   12.345678] ...`: a kernel message.
 fn is_kernel_line(line: &str) -> bool {
     line.strip_prefix('[')
@@ -124,6 +171,17 @@ mod tests {
                  "clat_ns" : { "percentile" : { "50.000000" : 12000, "99.000000" : 85000 } } },
       "write" : { "io_bytes" : 0, "bw" : 0, "iops" : 0.0, "clat_ns" : { } } } ]
 }"#;
+
+    #[test]
+    fn server_stats_give_requests_per_batch() {
+        let log = "==== stats abuse-null\n{\"requests\": 120, \"batches\": 10}\n==== end\n==== stats x\nnot json\n==== end\n";
+        let s = parse_stats(log);
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].device.as_str(), s[0].per_batch()),
+            ("abuse-null", 12.0)
+        );
+    }
 
     #[test]
     fn parses_the_jobs_between_markers() {

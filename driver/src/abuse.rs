@@ -10,6 +10,7 @@ use kernel::{c_str, prelude::*, sync::Arc};
 mod control;
 mod device;
 mod queue;
+mod requests;
 mod sys;
 mod transfer;
 #[allow(dead_code, unreachable_pub)]

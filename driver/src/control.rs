@@ -36,7 +36,7 @@ impl FileOps for Control {
 
     fn release(data: KBox<OpenControl>) {
         // A crashed or exiting server's fetched requests go to the next one.
-        data.device.queue().release(data.opener);
+        data.device.requests().release(data.opener);
     }
 
     fn ioctl(data: &OpenControl, cmd: u32, arg: usize) -> Result<isize> {
@@ -59,8 +59,9 @@ impl FileOps for Control {
                 dev.reset()?;
                 Ok(0)
             }
-            ABUSE_GET_BIO => transfer::get_bio(dev.queue(), data.opener, arg),
-            ABUSE_PUT_BIO => transfer::put_bio(dev.queue(), arg),
+            ABUSE_GET_BIO => transfer::get_bio(dev.requests(), data.opener, arg),
+            ABUSE_PUT_BIO => transfer::put_bio(dev.requests(), arg),
+            ABUSE_SERVE => transfer::serve(dev.requests(), data.opener, arg),
             _ => Err(ENOTTY),
         }
     }

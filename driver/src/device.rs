@@ -1,18 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 //! One ABUSE device: /dev/abuseN, its queue, and its configuration.
 
-use crate::queue::{Live, Queue};
+use crate::queue::Live;
+use crate::requests::Requests;
 use crate::sys::{
     blk::{BlockDevice, DiskConfig, Limits},
     chrdev::encode_dev,
-    msecs_to_jiffies, ModuleRef, PollTable,
+    msecs_to_jiffies, online_cpus, possible_cpus, ModuleRef, PollTable,
 };
 use crate::uapi::*;
 use kernel::{new_mutex, prelude::*, sync::{Arc, Mutex}};
 
-/// How long SET_STATUS(RECONNECT) waits for in-flight requests before a
-/// queue-depth change gives up with EBUSY.
-const DEPTH_CHANGE_WAIT_MS: u32 = 1000;
 /// blk-mq's timer period when requests never time out (it must tick anyway).
 const IDLE_TIMER_MS: u32 = 30_000;
 
@@ -22,6 +20,7 @@ struct Config {
     size: u64,
     block_size: u32,
     queue_depth: u32,
+    queues: u32,
     flags: u32,
     timeout_ms: u32,
 }
@@ -39,8 +38,8 @@ struct Setup {
 pub(crate) struct Device {
     index: u32,
     partitions: bool,
-    queue: Arc<Queue>,
-    disk: BlockDevice<Queue>,
+    requests: Arc<Requests>,
+    disk: BlockDevice<Requests>,
     /// Serialises SET_STATUS and RESET (they sleep: queue freezes, limits).
     #[pin]
     setup: Mutex<Setup>,
@@ -50,7 +49,12 @@ pub(crate) struct Device {
 /// settable flags, besides those GET_STATUS reports (ignored, so that a
 /// GET_STATUS result can be passed back).
 fn known_fields(st: &AbuseStatus) -> bool {
-    st.reserved == [0; 7] && st.flags & !(ABUSE_FLAG_SETTABLE | ABUSE_FLAG_REPORTED) == 0
+    st.reserved == [0; 6] && st.flags & !(ABUSE_FLAG_SETTABLE | ABUSE_FLAG_REPORTED) == 0
+}
+
+/// One hardware queue per online CPU, at most `max`.
+fn default_queues(max: u32) -> u32 {
+    online_cpus().clamp(1, max)
 }
 
 /// A request timeout: 0 (never) or at least the minimum.
@@ -59,12 +63,19 @@ fn valid_timeout(ms: u32) -> bool {
 }
 
 /// What the data path needs of a configuration.
-fn live(flags: u32, sectors: u64, timeout_ms: u32) -> Live {
-    Live { flags, sectors, timeout_ms, timeout_jiffies: msecs_to_jiffies(timeout_ms) }
+fn live(cfg: &Config) -> Live {
+    Live {
+        flags: cfg.flags,
+        sectors: cfg.size >> ABUSE_SECTOR_SHIFT,
+        timeout_ms: cfg.timeout_ms,
+        timeout_jiffies: msecs_to_jiffies(cfg.timeout_ms),
+        depth: cfg.queue_depth,
+    }
 }
 
-/// Checks a SET_STATUS request for a fresh setup.
-fn validate(st: &AbuseStatus) -> Result {
+/// Checks a SET_STATUS request for a fresh setup of a device that can have
+/// up to `max_queues` hardware queues.
+fn validate(st: &AbuseStatus, max_queues: u32) -> Result {
     let bs = st.block_size;
     let ok = known_fields(st)
         && bs.is_power_of_two()
@@ -74,6 +85,7 @@ fn validate(st: &AbuseStatus) -> Result {
         && st.size % bs as u64 == 0
         && (1..=ABUSE_MAX_QUEUE_DEPTH).contains(&st.queue_depth)
         && valid_timeout(st.timeout_ms)
+        && st.queues <= max_queues
         // FUA means "write through the cache": it needs one (FLUSH).
         && (st.flags & ABUSE_FLAG_FUA == 0 || st.flags & ABUSE_FLAG_FLUSH != 0);
     if ok { Ok(()) } else { Err(EINVAL) }
@@ -82,14 +94,22 @@ fn validate(st: &AbuseStatus) -> Result {
 impl Device {
     /// Creates /dev/abuseN (capacity 0) for device `index`.
     pub(crate) fn new(index: u32, major: u32, minors: u32) -> Result<Arc<Self>> {
-        let queue = Arc::pin_init(Queue::new(index, ABUSE_MAX_QUEUE_DEPTH)?, GFP_KERNEL)?;
-        let cfg = DiskConfig { major, minors, queue_depth: ABUSE_MAX_QUEUE_DEPTH, max_bytes: ABUSE_MAX_BIO_BYTES };
-        let disk = BlockDevice::new(&cfg, "abuse", index, queue.clone())?;
+        let max = possible_cpus().clamp(1, ABUSE_MAX_QUEUES);
+        let active = default_queues(max);
+        let requests = Arc::new(Requests::new(index, max, active, ABUSE_MAX_QUEUE_DEPTH)?, GFP_KERNEL)?;
+        let cfg = DiskConfig {
+            major,
+            minors,
+            hw_queues: active,
+            queue_depth: ABUSE_MAX_QUEUE_DEPTH,
+            max_bytes: ABUSE_MAX_BIO_BYTES,
+        };
+        let disk = BlockDevice::new(&cfg, "abuse", index, requests.clone())?;
         Arc::pin_init(
             try_pin_init!(Self {
                 index,
                 partitions: minors > 1,
-                queue,
+                requests,
                 disk,
                 setup <- new_mutex!(Setup { config: None, generation: 0, _pin: None }, "abuse_setup"),
             }),
@@ -97,8 +117,8 @@ impl Device {
         )
     }
 
-    pub(crate) fn queue(&self) -> &Queue {
-        &self.queue
+    pub(crate) fn requests(&self) -> &Requests {
+        &self.requests
     }
 
     /// ABUSE_GET_STATUS.
@@ -107,7 +127,7 @@ impl Device {
             let setup = self.setup.lock();
             (setup.config, setup.generation)
         };
-        let (pending, in_flight, c) = self.queue.snapshot();
+        let (pending, in_flight, c) = self.requests.snapshot();
         let mut st = AbuseStatus {
             block_size: ABUSE_MIN_BLOCK_SIZE,
             index: self.index,
@@ -122,6 +142,8 @@ impl Device {
             requeues: c.requeues,
             timeouts: c.timeouts,
             generation,
+            queues: self.disk.hw_queues(),
+            max_queues: self.requests.max(),
             ..Default::default()
         };
         if let Some(cfg) = cfg {
@@ -140,7 +162,7 @@ impl Device {
         if let Some(cur) = setup.config {
             return self.reconnect(&mut setup, cur, st);
         }
-        validate(st)?;
+        validate(st, self.requests.max())?;
         if self.disk.openers() > 0 {
             // Held open from the previous configuration (a filesystem
             // mounted across RESET): it must not see the new one.
@@ -148,7 +170,10 @@ impl Device {
         }
         let pin = ModuleRef::get().ok_or(ENODEV)?;
         let flags = st.flags & !(ABUSE_FLAG_RECONNECT | ABUSE_FLAG_REPORTED);
-        self.disk.set_depth(st.queue_depth, msecs_to_jiffies(DEPTH_CHANGE_WAIT_MS))?;
+        // Unconfigured, so nothing is in flight: the freeze is immediate.
+        let queues = if st.queues == 0 { default_queues(self.requests.max()) } else { st.queues };
+        self.disk.set_hw_queues(queues);
+        self.requests.set_active(self.disk.hw_queues());
         self.disk.set_limits(&Limits {
             block_size: st.block_size,
             max_bytes: ABUSE_MAX_BIO_BYTES,
@@ -160,8 +185,16 @@ impl Device {
         let timer_ms = if st.timeout_ms == 0 { IDLE_TIMER_MS } else { (st.timeout_ms / 2).max(1) };
         self.disk.set_timeout(msecs_to_jiffies(timer_ms) as u32);
         self.disk.set_read_only(flags & ABUSE_FLAG_READ_ONLY != 0);
+        let cfg = Config {
+            size: st.size,
+            block_size: st.block_size,
+            queue_depth: st.queue_depth,
+            queues: self.disk.hw_queues(),
+            flags,
+            timeout_ms: st.timeout_ms,
+        };
+        self.requests.set_live(Some(live(&cfg)));
         let sectors = st.size >> ABUSE_SECTOR_SHIFT;
-        self.queue.set_live(Some(live(flags, sectors, st.timeout_ms)));
         // A new medium, as loop does on configure: new disk sequence number,
         // media-change event, nothing cached from before.
         self.disk.media_changed();
@@ -171,20 +204,15 @@ impl Device {
             self.disk.request_partition_scan();
         }
         self.disk.uevent_change();
-        setup.config = Some(Config {
-            size: st.size,
-            block_size: st.block_size,
-            queue_depth: st.queue_depth,
-            flags,
-            timeout_ms: st.timeout_ms,
-        });
+        setup.config = Some(cfg);
         setup.generation += 1;
         setup._pin = Some(pin);
         Ok(())
     }
 
     /// SET_STATUS on a configured device: with RECONNECT, only read-only and
-    /// the queue depth change; every other field must be 0 or unchanged.
+    /// the queue depth change; every other field must be 0 or unchanged. A
+    /// smaller depth than the requests held applies as they complete.
     fn reconnect(&self, setup: &mut Setup, cur: Config, st: &AbuseStatus) -> Result {
         if st.flags & ABUSE_FLAG_RECONNECT == 0 {
             return Err(EBUSY);
@@ -195,19 +223,18 @@ impl Device {
             && same(st.size, cur.size)
             && same(st.block_size.into(), cur.block_size.into())
             && same(st.timeout_ms.into(), cur.timeout_ms.into())
+            && same(st.queues.into(), cur.queues.into())
             && st.flags & fixed == cur.flags & fixed
             && st.queue_depth <= ABUSE_MAX_QUEUE_DEPTH;
         if !ok {
             return Err(EINVAL);
         }
         let depth = if st.queue_depth == 0 { cur.queue_depth } else { st.queue_depth };
-        if depth != cur.queue_depth {
-            self.disk.set_depth(depth, msecs_to_jiffies(DEPTH_CHANGE_WAIT_MS))?;
-        }
         let flags = (cur.flags & !ABUSE_FLAG_READ_ONLY) | (st.flags & ABUSE_FLAG_READ_ONLY);
         self.disk.set_read_only(flags & ABUSE_FLAG_READ_ONLY != 0);
-        self.queue.set_live(Some(live(flags, cur.size >> ABUSE_SECTOR_SHIFT, cur.timeout_ms)));
-        setup.config = Some(Config { queue_depth: depth, flags, ..cur });
+        let cfg = Config { queue_depth: depth, flags, ..cur };
+        self.requests.set_live(Some(live(&cfg)));
+        setup.config = Some(cfg);
         Ok(())
     }
 
@@ -218,8 +245,8 @@ impl Device {
             return Ok(());
         }
         // Stop accepting first, so nothing new arrives while failing.
-        self.queue.set_live(None);
-        self.queue.fail_all()?;
+        self.requests.set_live(None);
+        self.requests.fail_all()?;
         // Nothing of this configuration stays visible (as loop's clear):
         // page cache dropped and capacity 0, udev told, a filesystem still
         // mounted shut down (its writes fail: the queue is not live), the
@@ -242,6 +269,6 @@ impl Device {
 
     /// `poll()`.
     pub(crate) fn poll(&self, table: &PollTable) -> u32 {
-        self.queue.poll(table)
+        self.requests.poll(table)
     }
 }

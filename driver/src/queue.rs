@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-//! A device's requests: a FIFO of pending ones and a table, indexed by tag,
-//! of every request the driver holds, with its generation and who fetched it.
+//! One hardware queue's requests: a FIFO of pending ones and a table,
+//! indexed by tag, of every request the driver holds on it, with its
+//! generation and who fetched it, under the queue's own lock, with the
+//! queue's own wait queue.
 //!
 //! Every request is in exactly one place: in its slot (pending or fetched),
 //! or out of it in the hands of one GET/PUT that is copying its data
@@ -15,8 +17,8 @@
 //! kills the process that fetched the request and keeps the request; the
 //! request is requeued when that process's file is released.
 
-use crate::sys::blk::{Op, QueueOps, Request, Status};
-use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, PollTable, Process};
+use crate::sys::blk::{NewRequest, Op, Request, Status};
+use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, Process};
 use crate::uapi::*;
 use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
 
@@ -56,10 +58,14 @@ struct Slot {
     fenced: bool,
 }
 
-impl Slot {
-    fn id(&self, tag: u32) -> u64 {
-        ((self.gen as u64) << 32) | tag as u64
-    }
+/// A request id: generation (32 bits), hardware queue (16), tag (16).
+pub(crate) fn make_id(gen: u32, queue: u32, tag: u32) -> u64 {
+    ((gen as u64) << 32) | ((queue as u64 & 0xffff) << 16) | (tag as u64 & 0xffff)
+}
+
+/// (generation, hardware queue, tag) of an id.
+pub(crate) fn split_id(id: u64) -> (u32, u32, u32) {
+    ((id >> 32) as u32, ((id >> 16) & 0xffff) as u32, (id & 0xffff) as u32)
 }
 
 /// The configuration the data path needs.
@@ -71,6 +77,8 @@ pub(crate) struct Live {
     /// 0: fetched requests never time out.
     pub(crate) timeout_ms: u32,
     pub(crate) timeout_jiffies: u64,
+    /// Requests held at once (pending or fetched); more wait in blk-mq.
+    pub(crate) depth: u32,
 }
 
 /// Counters reported by GET_STATUS.
@@ -100,6 +108,8 @@ struct State {
     ring: KVec<u32>,
     head: usize,
     pending: usize,
+    /// Slots not free: what `Live::depth` bounds.
+    used: u32,
     counters: Counters,
 }
 
@@ -138,6 +148,12 @@ impl State {
         self.pending -= 1;
     }
 
+    /// Frees a slot whose request has ended or is about to.
+    fn free(&mut self, tag: u32) {
+        self.slots[tag as usize].at = Where::Free;
+        self.used -= 1;
+    }
+
     /// Hands a fetched request out again (new generation, REQUEUED).
     fn requeue(&mut self, tag: u32) {
         let slot = &mut self.slots[tag as usize];
@@ -161,24 +177,32 @@ pub(crate) struct Taken {
     pub(crate) bio: AbuseBio,
 }
 
-/// Requests a GET holds while copying, with room to fail them.
+/// Requests one GET takes out at a time: a fixed chunk, so that fetching
+/// allocates nothing (a GET takes several chunks for a large batch).
+pub(crate) const CHUNK: usize = 16;
+
+/// Requests a GET holds while copying.
 pub(crate) struct Batch {
-    items: KVec<Taken>,
-    failed: KVec<Request>,
+    items: [Option<Taken>; CHUNK],
+    len: usize,
 }
 
 impl Batch {
-    /// Room for `n` requests.
-    pub(crate) fn new(n: usize) -> Result<Self> {
-        Ok(Self { items: KVec::with_capacity(n, GFP_KERNEL)?, failed: KVec::with_capacity(n, GFP_KERNEL)? })
+    pub(crate) fn new() -> Self {
+        Self { items: core::array::from_fn(|_| None), len: 0 }
     }
 
-    pub(crate) fn items(&self) -> &[Taken] {
-        &self.items
+    pub(crate) fn items(&self) -> impl Iterator<Item = &Taken> {
+        self.items[..self.len].iter().flatten()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, t: Taken) {
+        self.items[self.len] = Some(t);
+        self.len += 1;
     }
 }
 
@@ -190,11 +214,13 @@ pub(crate) enum PutError {
     Mismatch,
 }
 
-/// The requests of one device: blk-mq's queue data.
+/// One hardware queue of a device.
 #[pin_data]
 pub(crate) struct Queue {
     /// N of /dev/abuseN, for the log.
     index: u32,
+    /// Which hardware queue (in request ids).
+    hw: u32,
     #[pin]
     state: SpinLock<State>,
     #[pin]
@@ -227,8 +253,8 @@ fn accepts(live: &Live, cmd: u16) -> bool {
 }
 
 impl Queue {
-    /// A queue with room for `depth` tags.
-    pub(crate) fn new(index: u32, depth: u32) -> Result<impl PinInit<Self, Error>> {
+    /// Hardware queue `hw` of device `index`, with room for `depth` tags.
+    pub(crate) fn new(index: u32, hw: u32, depth: u32) -> Result<impl PinInit<Self, Error>> {
         let mut slots = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
         let mut ring = KVec::with_capacity(depth as usize, GFP_KERNEL)?;
         for _ in 0..depth {
@@ -257,10 +283,12 @@ impl Queue {
             ring,
             head: 0,
             pending: 0,
+            used: 0,
             counters: Counters::default(),
         };
         Ok(try_pin_init!(Self {
             index,
+            hw,
             state <- new_spinlock!(state, "abuse_queue"),
             waiters <- WaitQueue::new(c_str!("abuse_waiters"), kernel::static_lock_class!()),
         }))
@@ -279,22 +307,21 @@ impl Queue {
         (st.pending as u32, in_flight as u32, st.counters)
     }
 
-    /// Takes pending requests, oldest first, into `batch` (up to its
-    /// capacity) whose payloads fit one after the other, each aligned to
-    /// ABUSE_DATA_ALIGN, in `data_len` bytes. Each `bio.addr` is the
-    /// payload's offset into that buffer.
+    /// Takes up to `max` (at most [`CHUNK`]) pending requests, oldest
+    /// first, into `batch`, whose payloads fit one after the other, each
+    /// aligned to ABUSE_DATA_ALIGN, from offset `*used` of a `data_len`
+    /// bytes buffer. Each `bio.addr` is the payload's offset into that
+    /// buffer; `*used` ends past the last payload.
     ///
     /// Returns true if it stopped because the next payload did not fit.
-    pub(crate) fn take_pending(&self, data_len: u64, batch: &mut Batch) -> bool {
+    pub(crate) fn take_pending(&self, data_len: u64, used: &mut u64, max: usize, batch: &mut Batch) -> bool {
         let mut st = self.state.lock();
-        let mut used = 0u64;
-        // `len < capacity` makes every push below infallible.
-        while batch.items.len() < batch.items.capacity() {
+        while batch.len < max.min(CHUNK) {
             let Some(tag) = st.front() else { break };
             let slot = &mut st.slots[tag as usize];
             let need = if matches!(slot.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) { slot.len as u64 } else { 0 };
             let off = used.next_multiple_of(ABUSE_DATA_ALIGN as u64);
-            if need > 0 && off + need > data_len {
+            if need > 0 && off.checked_add(need).is_none_or(|end| end > data_len) {
                 return true;
             }
             let Some(rq) = slot.rq.take() else { break };
@@ -302,7 +329,7 @@ impl Queue {
             slot.owner = 0;
             slot.fetcher = None;
             let bio = AbuseBio {
-                id: slot.id(tag),
+                id: make_id(slot.gen, self.hw, tag),
                 sector: slot.sector,
                 addr: if need > 0 { off } else { 0 },
                 len: slot.len,
@@ -312,10 +339,10 @@ impl Queue {
                 error: 0,
             };
             if need > 0 {
-                used = off + need;
+                *used = off + need;
             }
             st.pop_front();
-            let _ = batch.items.push(Taken { tag, rq, bio }, GFP_ATOMIC);
+            batch.push(Taken { tag, rq, bio });
         }
         false
     }
@@ -335,23 +362,21 @@ impl Queue {
     /// generation (user space may have seen their ids).
     pub(crate) fn unfetch(&self, batch: Batch) {
         self.put_back(batch, None);
-        self.waiters.wake_all();
     }
 
     /// Returns taken requests to their slots: fetched by `to`, or (None)
     /// pending again in a new generation. Those a RESET aborted meanwhile
     /// are failed.
     fn put_back(&self, batch: Batch, to: Option<(u64, &Process)>) {
-        let Batch { items, mut failed } = batch;
+        let mut failed: [Option<Request>; CHUNK] = core::array::from_fn(|_| None);
         let now = jiffies();
         let mut st = self.state.lock();
         let mut requeued = 0;
-        for t in items.into_iter() {
+        for (i, t) in batch.items.into_iter().flatten().enumerate() {
             let slot = &mut st.slots[t.tag as usize];
             if core::mem::replace(&mut slot.abort, false) {
-                slot.at = Where::Free;
-                // `failed` has the batch's capacity: cannot fail.
-                let _ = failed.push(t.rq, GFP_ATOMIC);
+                st.free(t.tag);
+                failed[i] = Some(t.rq);
                 continue;
             }
             slot.rq = Some(t.rq);
@@ -374,15 +399,14 @@ impl Queue {
         // They went to the front one by one: restore their order.
         st.reverse_front(requeued);
         drop(st);
-        for rq in failed {
+        for rq in failed.into_iter().flatten() {
             rq.end(Status::IoErr);
         }
     }
 
-    /// Takes the fetched request `bio` names for a PUT.
-    pub(crate) fn take_fetched(&self, bio: &AbuseBio) -> Result<Taken, PutError> {
-        let tag = (bio.id & 0xffff_ffff) as u32;
-        let gen = (bio.id >> 32) as u32;
+    /// Takes the fetched request `bio` names (by its `gen` and `tag`) for a
+    /// PUT.
+    pub(crate) fn take_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<Taken, PutError> {
         let mut st = self.state.lock();
         let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
         if slot.gen != gen || slot.at != Where::Fetched {
@@ -396,24 +420,53 @@ impl Queue {
         Ok(Taken { tag, rq, bio: *bio })
     }
 
+    /// Completes the fetched request `bio` names when there is nothing to
+    /// copy (not a successful READ): checked, freed and counted in one pass
+    /// under the lock.
+    pub(crate) fn complete_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
+        let mut st = self.state.lock();
+        let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
+        if slot.gen != gen || slot.at != Where::Fetched {
+            return Err(PutError::Stale);
+        }
+        if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
+            return Err(PutError::Mismatch);
+        }
+        let rq = slot.rq.take().ok_or(PutError::Stale)?;
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.owner = 0;
+        slot.orphaned = false;
+        let fetcher = slot.fetcher.take();
+        st.free(tag);
+        st.counters.completed += 1;
+        if status.is_err() {
+            st.counters.errors += 1;
+        }
+        drop(st);
+        drop(fetcher);
+        rq.end(status);
+        Ok(())
+    }
+
     /// A PUT could not copy a READ's data: the request stays fetched, or,
-    /// if its owner's file was released meanwhile, is handed out again.
-    pub(crate) fn untake(&self, t: Taken) {
+    /// if its owner's file was released meanwhile, is handed out again
+    /// (returns true: a server must be woken).
+    pub(crate) fn untake(&self, t: Taken) -> bool {
         let mut st = self.state.lock();
         let slot = &mut st.slots[t.tag as usize];
         if core::mem::replace(&mut slot.abort, false) {
-            slot.at = Where::Free;
+            st.free(t.tag);
             drop(st);
             t.rq.end(Status::IoErr);
-            return;
+            return false;
         }
         slot.rq = Some(t.rq);
         slot.at = Where::Fetched;
         if slot.orphaned {
             st.requeue(t.tag);
-            drop(st);
-            self.waiters.wake_all();
+            return true;
         }
+        false
     }
 
     /// Completes a request taken by `take_fetched`.
@@ -421,11 +474,11 @@ impl Queue {
         let mut st = self.state.lock();
         let slot = &mut st.slots[t.tag as usize];
         let aborted = core::mem::replace(&mut slot.abort, false);
-        slot.at = Where::Free;
         slot.gen = slot.gen.wrapping_add(1);
         slot.owner = 0;
         slot.orphaned = false;
         let fetcher = slot.fetcher.take();
+        st.free(t.tag);
         if !aborted {
             st.counters.completed += 1;
             if status.is_err() {
@@ -443,13 +496,14 @@ impl Queue {
         let slots = self.state.lock().slots.len();
         let mut failed = KVec::with_capacity(slots, GFP_KERNEL)?;
         let mut st = self.state.lock();
-        let mut n = 0u64;
+        let (mut n, mut freed) = (0u64, 0u32);
         for slot in st.slots.iter_mut() {
             match slot.at {
                 Where::Free => continue,
                 Where::Busy => slot.abort = true,
                 Where::Pending | Where::Fetched => {
                     slot.at = Where::Free;
+                    freed += 1;
                     slot.owner = 0;
                     slot.fetcher = None;
                     if let Some(rq) = slot.rq.take() {
@@ -463,6 +517,7 @@ impl Queue {
         }
         st.head = 0;
         st.pending = 0;
+        st.used -= freed;
         st.counters.completed += n;
         st.counters.errors += n;
         drop(st);
@@ -476,8 +531,8 @@ impl Queue {
     /// The open file `opener` is gone (its process exited, or was killed by
     /// the timeout): what it fetched goes to the next server. A request of
     /// its that another file's PUT is copying is marked, and requeued if that
-    /// PUT gives it back.
-    pub(crate) fn release(&self, opener: u64) {
+    /// PUT gives it back. Returns whether any was requeued.
+    pub(crate) fn release(&self, opener: u64) -> bool {
         let mut st = self.state.lock();
         let mut any = false;
         for tag in 0..st.slots.len() as u32 {
@@ -494,22 +549,26 @@ impl Queue {
                 Where::Free | Where::Pending => {}
             }
         }
-        drop(st);
-        if any {
-            self.waiters.wake_all();
-        }
+        any
     }
 
     /// `poll()`: readable while requests are pending.
-    pub(crate) fn poll(&self, table: &PollTable) -> u32 {
-        use crate::sys::poll_events::*;
-        self.waiters.register(table);
-        if self.has_pending() { IN | RDNORM | MSG } else { 0 }
+    /// Which hardware queue this is.
+    pub(crate) fn hw(&self) -> u32 {
+        self.hw
+    }
+
+    /// The queue's wait queue: servers sleep on it, pollers register on it.
+    pub(crate) fn waiters(&self) -> &WaitQueue {
+        &self.waiters
     }
 }
 
-impl QueueOps for Queue {
-    fn queue_rq(&self, rq: Request) {
+impl Queue {
+    /// Takes a new request: ends it at once if the device refuses it, gives
+    /// it back if the queue holds `depth` requests already, else queues it.
+    /// Returns whether it was queued (a server must be woken).
+    pub(crate) fn queue_rq(&self, rq: NewRequest) -> Result<bool, NewRequest> {
         let cmd = cmd_of(rq.op());
         let mut st = self.state.lock();
         // Unconfigured (a race with RESET) or a write to a read-only
@@ -533,8 +592,11 @@ impl QueueOps for Queue {
             st.counters.completed += 1;
             st.counters.errors += 1;
             drop(st);
-            rq.end(status);
-            return;
+            rq.start().end(status);
+            return Ok(false);
+        }
+        if st.live.is_some_and(|live| st.used >= live.depth) {
+            return Err(rq);
         }
         let tag = rq.tag();
         let mut flags = 0;
@@ -546,9 +608,15 @@ impl QueueOps for Queue {
         }
         let Some(slot) = st.slots.get_mut(tag as usize) else {
             drop(st);
-            rq.end(Status::IoErr);
-            return;
+            rq.start().end(Status::IoErr);
+            return Ok(false);
         };
+        if slot.at != Where::Free {
+            // blk-mq never reuses a tag the driver still holds.
+            drop(st);
+            rq.start().end(Status::IoErr);
+            return Ok(false);
+        }
         slot.gen = slot.gen.wrapping_add(1);
         slot.at = Where::Pending;
         slot.sector = sector;
@@ -559,13 +627,14 @@ impl QueueOps for Queue {
         slot.orphaned = false;
         slot.fenced = false;
         slot.owner = 0;
-        slot.rq = Some(rq);
+        slot.rq = Some(rq.start());
+        st.used += 1;
         st.push_back(tag);
-        drop(st);
-        self.waiters.wake_all();
+        Ok(true)
     }
 
-    fn timeout(&self, tag: u32) {
+    /// blk-mq's timer fired for the request with `tag`.
+    pub(crate) fn timeout(&self, tag: u32) {
         let mut st = self.state.lock();
         let Some(live) = st.live else { return };
         if live.timeout_jiffies == 0 {

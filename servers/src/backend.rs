@@ -30,6 +30,12 @@ pub trait Backend: Send + Sync {
     fn check_block_size(&self, _block_size: u32) -> io::Result<()> {
         Ok(())
     }
+    /// Threads the engine runs a batch's requests on at once: calls that
+    /// block (disk I/O, syncs) should not wait for one another. 0: the
+    /// calls are quick, run them one by one in the worker.
+    fn io_threads(&self) -> usize {
+        4
+    }
 }
 
 /// An error for an operation a backend does not advertise.

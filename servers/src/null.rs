@@ -22,6 +22,11 @@ impl Backend for Null {
         self.size
     }
 
+    fn io_threads(&self) -> usize {
+        // Nothing blocks: a hand-off would cost more than the work.
+        0
+    }
+
     fn features(&self) -> u32 {
         ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
     }

@@ -92,26 +92,37 @@ else
   echo "bench: nbdkit is not in the image (make bench-deps), nbd skipped"
 fi
 
-# ABUSE.
-abusectl server /dev/abctl1 null 256M --threads 4 --setup qs=128 &
+# stats DEVICE FILE: a server's counters (requests per batch: per call).
+stats() {
+  echo "==== stats $1"
+  cat "$2"
+  echo
+  echo "==== end"
+}
+
+# ABUSE: one hardware queue per CPU (2, as rublk's -q 2), one worker each.
+abusectl server /dev/abctl1 null 256M --setup qs=128 --stats-file /tmp/null.stats &
 ns=$!
-abusectl server /dev/abctl0 file /tmp/bench.img --threads 4 --setup qs=128 &
+abusectl server /dev/abctl0 file /tmp/bench.img --setup qs=128 --stats-file /tmp/file.stats &
 fs=$!
 sleep 1
 all abuse-null /dev/abuse1
 all abuse-file /dev/abuse0
 kill -TERM $fs $ns
 wait $fs $ns
+stats abuse-null /tmp/null.stats
+stats abuse-file /tmp/file.stats
 abusectl reset /dev/abctl0
 abusectl reset /dev/abctl1
 dd if=/dev/zero of=/tmp/cow-base.img bs=1M count=256 2>/dev/null
 abusectl cow create --base /tmp/cow-base.img --delta /tmp/bench.cow --block-size 64K
-abusectl server /dev/abctl0 cow /tmp/bench.cow --threads 4 --setup qs=128 &
+abusectl server /dev/abctl0 cow /tmp/bench.cow --setup qs=128 --stats-file /tmp/cow.stats &
 cs=$!
 sleep 1
 all abuse-cow /dev/abuse0
 kill -TERM $cs
 wait $cs
+stats abuse-cow /tmp/cow.stats
 abusectl reset /dev/abctl0
 rm -f /tmp/bench.cow /tmp/cow-base.img
 
@@ -123,7 +134,7 @@ if [ -b /dev/vda ]; then
   /sbin/mke2fs -q -t ext4 -F /dev/vda && mkdir -p /vd && mount /dev/vda /vd
   dd if=/dev/zero of=/vd/cow-base.img bs=1M count=64 2>/dev/null
   abusectl cow create --base /vd/cow-base.img --delta /vd/bench.cow --block-size 4K
-  abusectl server /dev/abctl0 cow /vd/bench.cow --threads 4 --setup qs=128 &
+  abusectl server /dev/abctl0 cow /vd/bench.cow --setup qs=128 &
   cs=$!
   sleep 1
   pass abuse-cow first-writes /dev/abuse0
@@ -132,7 +143,7 @@ if [ -b /dev/vda ]; then
   wait $cs
   abusectl reset /dev/abctl0
   dd if=/dev/zero of=/vd/file.img bs=1M count=64 2>/dev/null
-  abusectl server /dev/abctl0 file /vd/file.img --threads 4 --setup qs=128 &
+  abusectl server /dev/abctl0 file /vd/file.img --setup qs=128 &
   fs=$!
   sleep 1
   pass abuse-file first-writes /dev/abuse0

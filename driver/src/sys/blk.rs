@@ -87,25 +87,21 @@ pub(crate) enum Op {
     Other(u32),
 }
 
-/// A started request the driver owns: it must be ended exactly once.
-/// Dropping it ends it with an I/O error, so none is ever leaked.
-pub(crate) struct Request {
+/// A request blk-mq hands to `queue_rq`, not yet started: the driver either
+/// starts it (taking ownership) or gives it back for later.
+pub(crate) struct NewRequest {
     rq: NonNull<bindings::request>,
 }
 
-// SAFETY: a started request may be completed from any context and thread.
-unsafe impl Send for Request {}
-// SAFETY: the accessors only read fields fixed while the driver owns it.
-unsafe impl Sync for Request {}
-
-impl Request {
+impl NewRequest {
     fn raw(&self) -> &bindings::request {
-        // SAFETY: `rq` is a started request owned by `self` (type invariant),
-        // valid until it is ended.
+        // SAFETY: `rq` is the request of the ongoing `queue_rq` call, valid
+        // for as long as it lasts (type invariant).
         unsafe { self.rq.as_ref() }
     }
 
-    /// The blk-mq tag: unique among the requests outstanding on the device.
+    /// The blk-mq tag: unique among the requests outstanding on its
+    /// hardware queue.
     pub(crate) fn tag(&self) -> u32 {
         self.raw().tag as u32
     }
@@ -141,6 +137,43 @@ impl Request {
     /// WRITE_ZEROES that must not deallocate.
     pub(crate) fn is_nounmap(&self) -> bool {
         self.raw().cmd_flags & bindings::REQ_NOUNMAP != 0
+    }
+
+    /// Starts the request (its timer runs from now): the driver owns it.
+    pub(crate) fn start(self) -> Request {
+        let rq = self.rq;
+        core::mem::forget(self);
+        // SAFETY: `rq` is valid and not started; starting it makes it ours
+        // to end.
+        unsafe { bindings::blk_mq_start_request(rq.as_ptr()) };
+        // INVARIANT: started, and owned by the new handle alone.
+        Request { rq }
+    }
+}
+
+impl Drop for NewRequest {
+    fn drop(&mut self) {
+        // Neither started nor given back: it must still end.
+        Request { rq: self.rq }.end(Status::IoErr);
+    }
+}
+
+/// A started request the driver owns: it must be ended exactly once.
+/// Dropping it ends it with an I/O error, so none is ever leaked.
+pub(crate) struct Request {
+    rq: NonNull<bindings::request>,
+}
+
+// SAFETY: a started request may be completed from any context and thread.
+unsafe impl Send for Request {}
+// SAFETY: the accessors only read fields fixed while the driver owns it.
+unsafe impl Sync for Request {}
+
+impl Request {
+    fn raw(&self) -> &bindings::request {
+        // SAFETY: `rq` is a started request owned by `self` (type invariant),
+        // valid until it is ended.
+        unsafe { self.rq.as_ref() }
     }
 
     /// Copies the request's data (a WRITE's payload) to user memory.
@@ -223,11 +256,13 @@ impl Drop for Request {
 
 /// What the driver does with its requests.
 pub(crate) trait QueueOps: Send + Sync + Sized + 'static {
-    /// Takes a new request; must not sleep (atomic context).
-    fn queue_rq(&self, rq: Request);
-    /// blk-mq's timer fired for the request with `tag`; the request stays
-    /// the driver's and its timer is re-armed.
-    fn timeout(&self, tag: u32);
+    /// Takes a new request on hardware queue `hw`; must not sleep (atomic
+    /// context). Giving it back (`Err`) means "no room now": blk-mq keeps
+    /// it and dispatches it again when one of the queue's requests ends.
+    fn queue_rq(&self, hw: u32, rq: NewRequest) -> Result<(), NewRequest>;
+    /// blk-mq's timer fired for the request with `tag` on hardware queue
+    /// `hw`; the request stays the driver's and its timer is re-armed.
+    fn timeout(&self, hw: u32, tag: u32);
 }
 
 struct OpsTable<T>(PhantomData<T>);
@@ -250,24 +285,31 @@ impl<T: QueueOps> OpsTable<T> {
         // is the `T` that `BlockDevice::new` stored, alive until the disk is
         // deleted, which waits for all dispatch to finish.
         let data = unsafe { &*(*(*hctx).queue).queuedata.cast::<T>() };
-        // SAFETY: `bd->rq` is a request handed to us for dispatch.
-        let rq = unsafe { (*bd).rq };
-        // SAFETY: `rq` is valid; starting it makes it ours to end.
-        unsafe { bindings::blk_mq_start_request(rq) };
-        // INVARIANT: the request is started and owned by the new handle.
-        data.queue_rq(Request {
-            // SAFETY: blk-mq never passes a null request.
-            rq: unsafe { NonNull::new_unchecked(rq) },
-        });
-        bindings::BLK_STS_OK as bindings::blk_status_t
+        // SAFETY: `bd->rq` is a request handed to us for dispatch; `hctx`
+        // is live.
+        let (rq, hw) = unsafe { ((*bd).rq, (*hctx).queue_num) };
+        // INVARIANT: the request is valid for the call and not started.
+        // SAFETY: blk-mq never passes a null request.
+        let new = NewRequest { rq: unsafe { NonNull::new_unchecked(rq) } };
+        match data.queue_rq(hw, new) {
+            Ok(()) => bindings::BLK_STS_OK as bindings::blk_status_t,
+            Err(back) => {
+                // Not started: blk-mq keeps it and dispatches it again when
+                // one of this queue's requests ends (SCHED_RESTART).
+                core::mem::forget(back);
+                bindings::BLK_STS_DEV_RESOURCE
+            }
+        }
     }
 
     /// # Safety
     /// Called by blk-mq's timeout work with a started request of this queue.
     unsafe extern "C" fn timeout(rq: *mut bindings::request) -> bindings::blk_eh_timer_return {
-        // SAFETY: `rq` and its queue are live while the handler runs.
-        let (data, tag) = unsafe { (&*(*(*rq).q).queuedata.cast::<T>(), (*rq).tag as u32) };
-        data.timeout(tag);
+        // SAFETY: `rq`, its queue and hardware context are live while the
+        // handler runs.
+        let (data, hw, tag) =
+            unsafe { (&*(*(*rq).q).queuedata.cast::<T>(), (*(*rq).mq_hctx).queue_num, (*rq).tag as u32) };
+        data.timeout(hw, tag);
         bindings::blk_eh_timer_return_BLK_EH_RESET_TIMER
     }
 }
@@ -294,6 +336,9 @@ pub(crate) struct DiskConfig {
     pub(crate) major: u32,
     /// 1 disables partitions.
     pub(crate) minors: u32,
+    /// Hardware queues at creation (see `set_hw_queues`).
+    pub(crate) hw_queues: u32,
+    /// Tags per hardware queue.
     pub(crate) queue_depth: u32,
     pub(crate) max_bytes: u32,
 }
@@ -327,7 +372,7 @@ impl<T: QueueOps> BlockDevice<T> {
         unsafe {
             set.write(core::mem::zeroed());
             (*set).ops = &OpsTable::<T>::OPS;
-            (*set).nr_hw_queues = 1;
+            (*set).nr_hw_queues = cfg.hw_queues;
             (*set).nr_maps = 1;
             (*set).queue_depth = cfg.queue_depth;
             (*set).numa_node = bindings::NUMA_NO_NODE;
@@ -445,37 +490,22 @@ impl<T: QueueOps> BlockDevice<T> {
         unsafe { bindings::blk_queue_rq_timeout(self.queue(), jiffies.max(1)) };
     }
 
-    /// Sets the tag depth (`blk_mq_update_nr_requests` for a queue without a
-    /// scheduler, which is not exported): freezes the queue, resizes every
-    /// hardware queue's tag bitmap and unfreezes. Fails with EBUSY if
-    /// requests stay in flight for `wait_jiffies`, changing nothing.
-    pub(crate) fn set_depth(&self, depth: u32, wait_jiffies: u64) -> Result {
-        let q = self.queue();
-        // SAFETY: the tag set lives as long as `self`.
-        let max = unsafe { (*self.tag_set.get()).queue_depth };
-        if depth == 0 || depth > max {
-            return Err(EINVAL);
+    /// The number of hardware queues.
+    pub(crate) fn hw_queues(&self) -> u32 {
+        // SAFETY: the tag set lives as long as `self`; the count changes
+        // only in `set_hw_queues`, which the caller serialises.
+        unsafe { (*self.tag_set.get()).nr_hw_queues }
+    }
+
+    /// Changes the number of hardware queues (`blk_mq_update_nr_hw_queues`:
+    /// freezes the queue, waits for requests in flight, remaps the CPUs).
+    /// Call without requests held by the driver (an unconfigured device),
+    /// since the freeze waits for them.
+    pub(crate) fn set_hw_queues(&self, n: u32) {
+        if n != self.hw_queues() {
+            // SAFETY: the tag set is live and used by this disk's queue only.
+            unsafe { bindings::blk_mq_update_nr_hw_queues(self.tag_set.get(), n as i32) };
         }
-        // SAFETY: the queue is live; freeze/unfreeze are balanced below.
-        unsafe { bindings::blk_freeze_queue_start(q) };
-        // SAFETY: as above.
-        let frozen = unsafe { bindings::blk_mq_freeze_queue_wait_timeout(q, wait_jiffies as _) } > 0;
-        if frozen {
-            // SAFETY: the queue is frozen: no tag is allocated or freed, so
-            // the bitmaps may be resized (what blk_mq_tag_update_depth does).
-            // Each hardware queue uses its tag set's `tags[i]` (unshared).
-            unsafe {
-                let set = self.tag_set.get();
-                for i in 0..(*set).nr_hw_queues as usize {
-                    let tags = *(*set).tags.add(i);
-                    bindings::sbitmap_queue_resize(&raw mut (*tags).bitmap_tags, depth);
-                }
-                (*q).nr_requests = depth as _;
-            }
-        }
-        // SAFETY: balances `blk_freeze_queue_start`.
-        unsafe { bindings::blk_mq_unfreeze_queue(q) };
-        if frozen { Ok(()) } else { Err(EBUSY) }
     }
 
     /// Marks the disk read-only or writable.

@@ -65,6 +65,21 @@ impl Process {
     }
 }
 
+/// The number of online CPUs (`num_online_cpus`).
+pub(crate) fn online_cpus() -> u32 {
+    // SAFETY: `__num_online_cpus` is an `atomic_t` the CPU hotplug code
+    // updates; an atomic read of it is what `num_online_cpus()` does.
+    let n = unsafe { core::sync::atomic::AtomicI32::from_ptr(&raw mut bindings::__num_online_cpus.counter) };
+    n.load(core::sync::atomic::Ordering::Relaxed).max(1) as u32
+}
+
+/// The number of possible CPU ids (`nr_cpu_ids`): blk-mq's most hardware
+/// queues.
+pub(crate) fn possible_cpus() -> u32 {
+    // SAFETY: `nr_cpu_ids` is set during boot and never changes after.
+    unsafe { bindings::nr_cpu_ids }
+}
+
 /// `capable(CAP_SYS_ADMIN)` for the current task.
 pub(crate) fn capable_sys_admin() -> bool {
     // SAFETY: `capable` only inspects the current task's credentials.
@@ -114,6 +129,10 @@ unsafe impl kernel::types::FromBytes for crate::uapi::AbuseBio {}
 unsafe impl kernel::types::AsBytes for crate::uapi::AbuseXfer {}
 // SAFETY: as above.
 unsafe impl kernel::types::FromBytes for crate::uapi::AbuseXfer {}
+// SAFETY: as above.
+unsafe impl kernel::types::AsBytes for crate::uapi::AbuseServe {}
+// SAFETY: as above.
+unsafe impl kernel::types::FromBytes for crate::uapi::AbuseServe {}
 
 /// The current value of `jiffies`.
 pub(crate) fn jiffies() -> u64 {

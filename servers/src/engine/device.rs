@@ -15,6 +15,20 @@ pub trait ControlDevice: Send + 'static {
     fn put_bios(&self, bios: &[AbuseBio]) -> abuse_sys::Result<usize>;
     /// Waits until requests are pending or `timeout` passes.
     fn wait(&self, timeout: Duration) -> abuse_sys::Result<()>;
+    /// ABUSE_SERVE: completes `bios[..put]`, then fetches into `bios`
+    /// (hardware queue `queue` first), waiting up to `wait` if none is
+    /// pending; how many were fetched. By default (kernels before protocol
+    /// version 3, the host tests' fake) PUT_BIO, GET_BIO and poll.
+    fn serve(
+        &self,
+        bios: &mut [AbuseBio],
+        put: usize,
+        data: &mut [u8],
+        _queue: u32,
+        wait: Duration,
+    ) -> abuse_sys::Result<usize> {
+        serve_compat(self, bios, put, data, wait)
+    }
     /// The node's path, for messages.
     fn path(&self) -> &std::path::Path;
 }
@@ -39,4 +53,35 @@ impl ControlDevice for Control {
     fn path(&self) -> &std::path::Path {
         Control::path(self)
     }
+
+    fn serve(
+        &self,
+        bios: &mut [AbuseBio],
+        put: usize,
+        data: &mut [u8],
+        queue: u32,
+        wait: Duration,
+    ) -> abuse_sys::Result<usize> {
+        Control::serve(self, bios, put, data, queue, wait)
+    }
+}
+
+/// ABUSE_SERVE's work in three calls: PUT_BIO, GET_BIO, and, if nothing
+/// was pending, poll and GET_BIO again.
+pub fn serve_compat<C: ControlDevice + ?Sized>(
+    ctl: &C,
+    bios: &mut [AbuseBio],
+    put: usize,
+    data: &mut [u8],
+    wait: Duration,
+) -> abuse_sys::Result<usize> {
+    if put > 0 {
+        ctl.put_bios(&bios[..put])?;
+    }
+    let n = ctl.get_bios(bios, data)?;
+    if n > 0 || wait.is_zero() {
+        return Ok(n);
+    }
+    ctl.wait(wait)?;
+    ctl.get_bios(bios, data)
 }

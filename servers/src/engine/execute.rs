@@ -94,9 +94,9 @@ fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), 
     unreachable!()
 }
 
-/// Runs `bio` on the backend and fills in its PUT result (and errno, when
-/// `with_errno`: the kernel understands ABUSE_BIO_ERRNO). Returns the
-/// errno of a failure.
+/// Runs `bio` on the backend with its payload inside `buf`, whose first
+/// byte is at user address `base`; see [`execute_payload`].
+#[cfg(test)]
 pub fn execute(
     backend: &dyn Backend,
     bio: &mut AbuseBio,
@@ -105,25 +105,72 @@ pub fn execute(
     stats: &Stats,
     with_errno: bool,
 ) -> Option<Failure> {
+    // The kernel placed the payload at `addr`, inside `buf`.
+    let start = bio.addr.wrapping_sub(base) as usize;
+    let payload = buf.get_mut(start..start.saturating_add(bio.len as usize));
+    execute_payload(backend, bio, payload, stats, with_errno)
+}
+
+/// The payloads of a batch, each split off the buffer (they never
+/// overlap: the kernel places them one after the other), so that the
+/// requests can run at once. A payload outside the buffer is `None`.
+pub fn split_payloads<'a>(
+    bios: &'a mut [AbuseBio],
+    buf: &'a mut [u8],
+    base: u64,
+) -> Vec<(&'a mut AbuseBio, Option<&'a mut [u8]>)> {
+    let mut rest = buf;
+    let mut at = 0usize;
+    bios.iter_mut()
+        .map(|bio| {
+            if !matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) {
+                return (bio, None);
+            }
+            let len = bio.len as usize;
+            let start = bio.addr.wrapping_sub(base) as usize;
+            if len == 0 {
+                return (bio, Some(<&mut [u8]>::default()));
+            }
+            let fits = start >= at && start.saturating_add(len) <= at + rest.len();
+            if !fits {
+                return (bio, None);
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+            let (payload, tail) = tail.split_at_mut(len);
+            rest = tail;
+            at = start + len;
+            (bio, Some(payload))
+        })
+        .collect()
+}
+
+/// Runs `bio` on the backend and fills in its PUT result (and errno, when
+/// `with_errno`: the kernel understands ABUSE_BIO_ERRNO). `payload` is
+/// the READ's or WRITE's data (None: outside the buffer, an EIO). Returns
+/// the failure, if any.
+pub fn execute_payload(
+    backend: &dyn Backend,
+    bio: &mut AbuseBio,
+    payload: Option<&mut [u8]>,
+    stats: &Stats,
+    with_errno: bool,
+) -> Option<Failure> {
     let offset = bio.sector << ABUSE_SECTOR_SHIFT;
     let len = bio.len as u64;
     if bio.flags & ABUSE_BIO_REQUEUED != 0 {
         stats.requeued.fetch_add(1, Ordering::Relaxed);
     }
-    // The kernel placed the payload at `addr`, inside `buf`.
-    let start = bio.addr.wrapping_sub(base) as usize;
-    let payload = start..start.saturating_add(bio.len as usize);
     let fua = bio.flags & ABUSE_BIO_FUA != 0;
     let ro = backend.read_only();
     let result = match bio.cmd {
-        ABUSE_CMD_READ => match buf.get_mut(payload) {
+        ABUSE_CMD_READ => match payload {
             Some(data) => attempt(&mut || backend.read(offset, data), stats).map(|()| {
                 stats.reads.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_read.fetch_add(len, Ordering::Relaxed);
             }),
             None => Err(Failure::errno(Errno::EIO)),
         },
-        ABUSE_CMD_WRITE if !ro => match buf.get(payload) {
+        ABUSE_CMD_WRITE if !ro => match payload {
             Some(data) => attempt(&mut || backend.write(offset, data, fua), stats).map(|()| {
                 stats.writes.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_written.fetch_add(len, Ordering::Relaxed);

@@ -1,7 +1,11 @@
-//! The server engine: worker threads that each poll the control node, fetch
-//! a batch, run it on the backend and complete it. Stateless like the
-//! protocol: workers share nothing but the backend and the counters, and
-//! other engines (in other processes) may serve the same device.
+//! The server engine: worker threads (one per hardware queue by default)
+//! that each complete a batch and fetch the next in one call (ABUSE_SERVE,
+//! sleeping in the kernel when nothing is pending) and run it on the
+//! backend; a blocking backend's batch runs on a pool of I/O threads, so
+//! a FLUSH or a slow read does not hold up the requests beside it.
+//! Stateless like the protocol: workers share nothing but the backend and
+//! the counters, and other engines (in other processes) may serve the same
+//! device.
 //!
 //! It serves one configuration: the one it checked at start (size and
 //! features within the backend's). When the device is reset or
@@ -26,17 +30,21 @@ use memmap2::MmapMut;
 use nix::errno::Errno;
 
 use crate::backend::Backend;
-pub use device::ControlDevice;
+pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
-use execute::{execute, FailureLog};
+use execute::{execute_payload, split_payloads, FailureLog};
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub ctl: PathBuf,
+    /// Worker threads; 0: one per hardware queue of the device.
     pub threads: usize,
-    /// Requests per GET_BIO/PUT_BIO.
+    /// Requests per fetch and completion.
     pub batch: usize,
+    /// Threads running a batch's requests at once; None: the backend's
+    /// choice ([`Backend::io_threads`]), 0: in the worker, one by one.
+    pub io_threads: Option<usize>,
 }
 
 /// This engine's own counters (each process has its own).
@@ -96,10 +104,12 @@ pub enum EngineError {
     },
     #[error("a worker thread panicked")]
     Panicked,
+    #[error("cannot start the I/O threads: {0}")]
+    Pool(String),
 }
 
-/// How long a worker sleeps in poll() before checking for shutdown and for
-/// a change of configuration.
+/// How long a worker sleeps in the kernel before checking for shutdown and
+/// for a change of configuration.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest backoff between retries of an ioctl failing with ENOMEM/EAGAIN.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
@@ -181,25 +191,42 @@ pub fn serve_with<C: ControlDevice>(
     let st = first.status()?;
     check_device(first.path(), &st, &*backend)?;
     let batch = cfg.batch.clamp(1, ABUSE_MAX_BATCH as usize);
+    let io_threads = cfg.io_threads.unwrap_or_else(|| backend.io_threads());
+    let pool = (io_threads > 0)
+        .then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(io_threads)
+                .thread_name(|i| format!("abuse-io-{i}"))
+                .build()
+        })
+        .transpose()
+        .map_err(|e| EngineError::Pool(e.to_string()))?;
+    let threads = match cfg.threads {
+        0 => (st.queues as usize).max(1),
+        n => n,
+    };
     let shared = Arc::new(Shared {
         backend,
         stop,
         stats,
         generation: st.generation,
         with_errno: st.version >= 2,
+        combined: st.version >= 3,
+        pool,
         failure: Mutex::new(None),
         log: FailureLog::new(),
     });
     let mut ctls = vec![first];
-    for _ in 1..cfg.threads.max(1) {
+    for _ in 1..threads {
         ctls.push(open()?);
     }
     let workers: Vec<_> = ctls
         .into_iter()
-        .map(|ctl| {
+        .enumerate()
+        .map(|(i, ctl)| {
             let shared = shared.clone();
             std::thread::spawn(move || {
-                if let Err(e) = worker(&ctl, batch, &shared) {
+                if let Err(e) = worker(&ctl, i as u32, batch, &shared) {
                     shared.fail(e);
                 }
             })
@@ -227,6 +254,10 @@ struct Shared {
     generation: u64,
     /// The kernel takes errnos on PUT_BIO (protocol version 2).
     with_errno: bool,
+    /// The kernel has ABUSE_SERVE (protocol version 3).
+    combined: bool,
+    /// Runs a batch's requests at once (None: one by one in the worker).
+    pool: Option<rayon::ThreadPool>,
     /// The first worker failure: it stops the others and is reported.
     failure: Mutex<Option<EngineError>>,
     log: FailureLog,
@@ -265,7 +296,12 @@ fn retry<T>(
     }
 }
 
-fn worker<C: ControlDevice>(ctl: &C, batch: usize, shared: &Shared) -> Result<(), EngineError> {
+fn worker<C: ControlDevice>(
+    ctl: &C,
+    queue: u32,
+    batch: usize,
+    shared: &Shared,
+) -> Result<(), EngineError> {
     let mut bios = vec![AbuseBio::default(); batch];
     // Page-aligned (an anonymous mapping), so the file backend may use
     // O_DIRECT on the payloads the kernel places in it.
@@ -273,35 +309,78 @@ fn worker<C: ControlDevice>(ctl: &C, batch: usize, shared: &Shared) -> Result<()
         .map_err(|e| EngineError::Buffer(ctl.path().to_path_buf(), e))?;
     let stop = &*shared.stop;
     let mut last_check = Instant::now();
+    // Entries of `bios` run and waiting to be completed by the next call.
+    let mut held = 0;
+    let mut delay = Duration::from_millis(1);
     while !stop.load(Ordering::Relaxed) {
-        let n = retry(stop, || ctl.get_bios(&mut bios, &mut buf))?;
+        let served = if shared.combined {
+            ctl.serve(&mut bios, held, &mut buf, queue, POLL_INTERVAL)
+        } else {
+            serve_compat(ctl, &mut bios, held, &mut buf, POLL_INTERVAL)
+        };
+        let n = match served {
+            Ok(n) => n,
+            Err(e) => {
+                // What completed is done; a stale entry (the device was
+                // reset, or failed with DEVICE_FAILURE) is skipped; a
+                // transient failure is retried after a backoff.
+                let done = match &e {
+                    abuse_sys::Error::Ioctl { done, .. } => (*done).min(held),
+                    _ => 0,
+                };
+                let skip = match e.errno() {
+                    Errno::ESTALE if done < held => {
+                        shared.stats.stale.fetch_add(1, Ordering::Relaxed);
+                        done + 1
+                    }
+                    Errno::EINTR | Errno::ENOMEM | Errno::EAGAIN => {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(MAX_BACKOFF);
+                        done
+                    }
+                    _ => return Err(e.into()),
+                };
+                bios.copy_within(skip..held, 0);
+                held -= skip;
+                continue;
+            }
+        };
+        held = 0;
+        delay = Duration::from_millis(1);
         if n == 0 {
             // Idle: is the device still the one this engine was started for?
             if last_check.elapsed() >= POLL_INTERVAL {
                 check_generation(ctl, shared.generation)?;
                 last_check = Instant::now();
             }
-            retry(stop, || ctl.wait(POLL_INTERVAL))?;
             continue;
         }
-        let base = buf.as_ptr() as u64;
-        for bio in &mut bios[..n] {
-            let stats = &shared.stats;
-            if let Some(failure) = execute(
-                &*shared.backend,
-                bio,
-                &mut buf,
-                base,
-                stats,
-                shared.with_errno,
-            ) {
-                shared.log.failed(ctl.path(), bio, &failure);
-            }
-        }
-        complete(ctl, &bios[..n], shared)?;
+        run_batch(ctl.path(), &mut bios[..n], &mut buf, shared);
+        held = n;
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
     }
+    complete(ctl, &bios[..held], shared)?;
     Ok(())
+}
+
+/// Runs a fetched batch on the backend, on the I/O threads if there are
+/// several requests and a pool, and fills in each request's result.
+fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shared: &Shared) {
+    let base = buf.as_ptr() as u64;
+    let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| {
+        let (backend, stats) = (&*shared.backend, &*shared.stats);
+        if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.with_errno) {
+            shared.log.failed(path, bio, &failure);
+        }
+    };
+    let jobs = split_payloads(bios, buf, base);
+    match &shared.pool {
+        Some(pool) if jobs.len() > 1 => {
+            use rayon::iter::{IntoParallelIterator, ParallelIterator};
+            pool.install(|| jobs.into_par_iter().for_each(run));
+        }
+        _ => jobs.into_iter().for_each(run),
+    }
 }
 
 /// Fails if the device was reset or reconfigured since the engine started.

@@ -281,6 +281,7 @@ fn start(fake: &Fake, backend: Arc<dyn Backend>, threads: usize, batch: usize) -
         ctl: fake.path.clone(),
         threads,
         batch,
+        io_threads: None,
     };
     let (f, s, st) = (fake.clone(), stop.clone(), stats.clone());
     let handle =
@@ -509,4 +510,50 @@ fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
         (ABUSE_RESULT_MEDIA_FAILURE, 0, 0)
     );
     assert_eq!(stats.errors.load(Ordering::Relaxed), 3);
+}
+
+/// A batch's payloads are split off the buffer one by one, so they can run
+/// at once; one outside the buffer, or overlapping the one before, gets
+/// none (and fails with EIO) instead of aliasing another's.
+#[test]
+fn payloads_split_disjoint() {
+    let mut buf = vec![0u8; 4 * 4096];
+    let base = buf.as_ptr() as u64;
+    let bio = |cmd, addr: u64, len| AbuseBio {
+        cmd,
+        addr,
+        len,
+        ..Default::default()
+    };
+    let mut bios = [
+        bio(ABUSE_CMD_WRITE, base, 4096),
+        bio(ABUSE_CMD_FLUSH, 0, 0),
+        bio(ABUSE_CMD_READ, base + 8192, 4096),
+        bio(ABUSE_CMD_READ, base + 8192, 4096), // overlaps the one before
+        bio(ABUSE_CMD_READ, base + 12288, 8192), // runs past the end
+    ];
+    let jobs = super::execute::split_payloads(&mut bios, &mut buf, base);
+    let lens: Vec<Option<usize>> = jobs
+        .iter()
+        .map(|(_, p)| p.as_ref().map(|p| p.len()))
+        .collect();
+    assert_eq!(lens, [Some(4096), None, Some(4096), None, None]);
+    let stats = Stats::default();
+    let results: Vec<u32> = jobs
+        .into_iter()
+        .map(|(b, p)| {
+            super::execute::execute_payload(&Null::new(1 << 20), b, p, &stats, true);
+            b.result
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ABUSE_RESULT_OKAY,
+            ABUSE_RESULT_OKAY,
+            ABUSE_RESULT_OKAY,
+            ABUSE_RESULT_MEDIA_FAILURE,
+            ABUSE_RESULT_MEDIA_FAILURE
+        ]
+    );
 }

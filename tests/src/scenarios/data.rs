@@ -166,7 +166,8 @@ pub fn batching() -> Outcome {
 }
 
 /// Queue depth 4 and 64 concurrent writers: no errors (back-pressure, not
-/// failure), and all data verifies.
+/// failure), at most 4 requests held per hardware queue, and all data
+/// verifies.
 pub fn back_pressure() -> Outcome {
     insmod("max_abuse=1")?;
     backing("/tmp/bp.img", 64 * MIB)?;
@@ -222,8 +223,12 @@ pub fn back_pressure() -> Outcome {
     }
     drop(f);
     let peak = peak.load(Ordering::Relaxed);
-    ensure!(peak <= 4, "{peak} requests outstanding with queue depth 4");
     let st = control(CTL)?.status().map_err(|e| e.to_string())?;
+    ensure!(
+        peak <= 4 * st.queues,
+        "{peak} requests outstanding with queue depth 4 on {} queues",
+        st.queues
+    );
     ensure!(st.errors == 0, "{} requests failed", st.errors);
     drop(server);
     teardown()

@@ -6,6 +6,7 @@ mod module;
 mod recovery;
 mod requests;
 mod safety;
+mod serve;
 mod servers;
 mod setup;
 
@@ -60,6 +61,10 @@ scenarios![
     setup::rmmod_while_configured,
     requests::poll_readiness,
     requests::fuzz_ioctls,
+    // The fast path: SERVE, wake-one, several hardware queues.
+    serve::serve_rules,
+    serve::serve_wakes_one,
+    serve::queues_served_by_any,
     // Protocol safety (reconfiguration, errors, servers that notice).
     safety::reset_leaves_nothing_behind,
     safety::status_round_trip_reconnect,

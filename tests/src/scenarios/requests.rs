@@ -540,6 +540,8 @@ pub fn fuzz_ioctls() -> Outcome {
                     let dir = (r >> 20) & 3;
                     let req = if r % 97 == 0 {
                         (r >> 11) as u32
+                    } else if r % 11 == 0 {
+                        ABUSE_SERVE
                     } else {
                         ((dir << 30) | (size << 16) | (u64::from(b'A') << 8) | nr) as u32
                     };
@@ -603,6 +605,31 @@ pub fn fuzz_ioctls() -> Outcome {
                     let mut scratch = [0u64; 512];
                     // SAFETY: AbuseXfer is plain old data, smaller than scratch.
                     unsafe { std::ptr::write(scratch.as_mut_ptr().cast::<AbuseXfer>(), x) };
+                    if req == ABUSE_SERVE {
+                        // Honest room (the kernel may fill `count` entries),
+                        // random completions, a short sleep at most.
+                        let count = if x.bios == bios.as_ptr() as u64 {
+                            x.count.min(8)
+                        } else {
+                            x.count
+                        };
+                        let serve = AbuseServe {
+                            bios: x.bios,
+                            data: x.data,
+                            data_len: x.data_len,
+                            put: (next() % 10) as u32,
+                            count,
+                            queue: next() as u32,
+                            wait_ms: (next() % 20) as u32,
+                            flags: x.flags,
+                            reserved0: if r % 41 == 0 { next() as u32 } else { 0 },
+                            reserved: [x.reserved[0], 0],
+                        };
+                        // SAFETY: as above.
+                        unsafe {
+                            std::ptr::write(scratch.as_mut_ptr().cast::<AbuseServe>(), serve)
+                        };
+                    }
                     let arg = match (r >> 13) % 8 {
                         0 => next() as usize,
                         1 => 0,
@@ -618,7 +645,7 @@ pub fn fuzz_ioctls() -> Outcome {
                     }
                     // A GET that succeeded took real requests: closing the
                     // file hands them to the real server (requeue on release).
-                    if req == ABUSE_GET_BIO && ret == 0 {
+                    if (req == ABUSE_GET_BIO || req == ABUSE_SERVE) && ret == 0 {
                         ctl = Control::open(CTL).map_err(|e| e.to_string())?;
                     }
                 }
