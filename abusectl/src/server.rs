@@ -18,7 +18,9 @@ use crate::opts::{parse_size, SetupOpts};
 pub struct ServerArgs {
     /// The control node, e.g. /dev/abctl0.
     ctl: PathBuf,
-    /// The backend: `null [SIZE]`, `file PATH` or `cow DELTA [BASE]`.
+    /// The backend: `null [SIZE]`, `file PATH`, `cow DELTA [BASE]` or
+    /// `nbd ADDRESS` (unix:PATH, nbd://HOST[:PORT][/EXPORT],
+    /// nbd+unix:///EXPORT?socket=PATH).
     backend: String,
     /// The backend's arguments.
     args: Vec<String>,
@@ -73,10 +75,16 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
             }
             Ok(Arc::new(cow))
         }
+        ("nbd", [addr]) => {
+            let addr = abuse_servers::nbd::Address::parse(addr)?;
+            let nbd = abuse_servers::nbd::Nbd::connect(addr).map_err(|e| e.to_string())?;
+            Ok(Arc::new(nbd))
+        }
+        ("nbd", _) => Err("usage: abusectl server CTL nbd unix:PATH | nbd://HOST[:PORT][/EXPORT] | nbd+unix:///EXPORT?socket=PATH".into()),
         ("cow", _) => Err("usage: abusectl server CTL cow DELTA [BASE]".into()),
         ("null", _) => Err("usage: abusectl server CTL null [SIZE]".into()),
         ("file", _) => Err("usage: abusectl server CTL file PATH".into()),
-        (other, _) => Err(format!("unknown backend '{other}' (null, file, cow)")),
+        (other, _) => Err(format!("unknown backend '{other}' (null, file, cow, nbd)")),
     }
 }
 

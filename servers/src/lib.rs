@@ -9,6 +9,7 @@ pub mod blkdev;
 pub mod cow;
 pub mod engine;
 pub mod file;
+pub mod nbd;
 pub mod null;
 
 pub use backend::Backend;

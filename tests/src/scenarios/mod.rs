@@ -1,5 +1,6 @@
 //! Every VM scenario, by name. Each proves one rule of the design.
 
+mod backends;
 mod cow;
 mod data;
 mod module;
@@ -86,4 +87,7 @@ scenarios![
     cow::cow_ext4_modify_merge,
     cow::cow_kill_during_fio,
     cow::cow_block_device_base,
+    // Storage users already have.
+    backends::nbd_backend,
+    backends::nbd_errors_reach_the_reader,
 ];

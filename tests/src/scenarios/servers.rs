@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 const FIO: &str = "/usr/bin/fio";
 
 /// fio randwrite with crc32c verification over `jobs` × `per_job` bytes.
-fn fio_verify(jobs: u32, per_job_mib: u32, extra: &str) -> Result<String, String> {
+pub(crate) fn fio_verify(jobs: u32, per_job_mib: u32, extra: &str) -> Result<String, String> {
     sh(&format!(
         "{FIO} --name=verify --filename={DEV} --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
          --iodepth=16 --numjobs={jobs} --size={per_job_mib}M --offset_increment={per_job_mib}M \

@@ -1,0 +1,335 @@
+//! One conformance suite every backend runs: file, cow and nbd (against an
+//! in-process NBD server). A new backend gets a `#[test]` that calls
+//! [`conformance`] on it and is checked the same way: read-after-write at
+//! odd offsets and lengths, flush, discard and write-zeroes reading zero,
+//! concurrent overlapping writes never torn inside a block, and I/O past
+//! the end failing cleanly.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use abuse_servers::cow::Cow;
+use abuse_servers::file::{FileBackend, FileOptions};
+use abuse_servers::nbd::{Address, Nbd};
+use abuse_servers::Backend;
+use abuse_sys::uapi::*;
+
+const SIZE: u64 = 4 << 20;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The checks every backend passes.
+fn conformance(b: &(dyn Backend + Sync)) {
+    assert!(b.size() >= SIZE, "backend smaller than the test");
+    // Read-after-write, at block, sector and odd offsets.
+    for (i, &(off, len)) in [
+        (0, 4096),
+        (8192, 65536),
+        (512 * 3, 512),
+        (SIZE - 4096, 4096),
+        (1 << 20, 1 << 20),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let data = pattern(i as u64, len);
+        b.write(off, &data, false).unwrap();
+        let mut back = vec![0; len];
+        b.read(off, &mut back).unwrap();
+        assert_eq!(back, data, "read-after-write at {off}+{len}");
+    }
+    // FUA writes and FLUSH, when advertised.
+    if b.features() & ABUSE_FLAG_FLUSH != 0 {
+        b.write(4096, &pattern(99, 4096), b.features() & ABUSE_FLAG_FUA != 0)
+            .unwrap();
+        b.flush().unwrap();
+        let mut back = vec![0; 4096];
+        b.read(4096, &mut back).unwrap();
+        assert_eq!(back, pattern(99, 4096), "after flush");
+    } else {
+        assert!(b.flush().is_err(), "flush not advertised but accepted");
+    }
+    // WRITE_ZEROES and DISCARD read back as zeroes.
+    for (what, feature) in [
+        ("write_zeroes", ABUSE_FLAG_WRITE_ZEROES),
+        ("discard", ABUSE_FLAG_DISCARD),
+    ] {
+        if b.features() & feature == 0 {
+            continue;
+        }
+        let off = 2 << 20;
+        b.write(off, &pattern(7, 65536), false).unwrap();
+        if feature == ABUSE_FLAG_DISCARD {
+            b.discard(off + 4096, 32768).unwrap();
+        } else {
+            b.write_zeroes(off + 4096, 32768, false).unwrap();
+        }
+        let mut back = vec![1; 65536];
+        b.read(off, &mut back).unwrap();
+        let want: Vec<u8> = pattern(7, 65536)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if (4096..4096 + 32768).contains(&i) {
+                    0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        assert!(
+            back == want,
+            "{what}: the range does not read zero, or more was cleared"
+        );
+    }
+    // Concurrent overlapping writes: every block ends up one writer's.
+    let region = 3 << 20;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                for round in 0..20 {
+                    let _ = round;
+                    b.write(region, &pattern(1000 + t, 16384), false).unwrap();
+                }
+            });
+        }
+    });
+    let mut back = vec![0; 16384];
+    b.read(region, &mut back).unwrap();
+    for blk in 0..4 {
+        let got = &back[blk * 4096..(blk + 1) * 4096];
+        assert!(
+            (0..4u64).any(|t| got == &pattern(1000 + t, 16384)[blk * 4096..(blk + 1) * 4096]),
+            "block {blk} of a contended region is torn"
+        );
+    }
+    // Past the end: an error, not a panic or a short read taken as data.
+    let mut buf = vec![0; 8192];
+    assert!(
+        b.read(b.size() - 4096, &mut buf).is_err(),
+        "read past the end succeeded"
+    );
+}
+
+#[test]
+fn file_backend_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    let b = FileBackend::open(&path, FileOptions::default()).unwrap();
+    conformance(&b);
+}
+
+#[test]
+fn cow_backend_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, pattern(5, SIZE as usize)).unwrap();
+    let delta = dir.path().join("d.cow");
+    let b = Cow::create(&base, &delta, 4096, &|_| {}).unwrap();
+    conformance(&b);
+    // Untouched blocks still read the base.
+    let mut back = vec![0; 4096];
+    b.read(SIZE - 8192, &mut back).unwrap();
+    assert_eq!(
+        back,
+        pattern(5, SIZE as usize)[(SIZE - 8192) as usize..][..4096]
+    );
+}
+
+#[test]
+fn nbd_backend_conforms() {
+    let server = FakeNbd::start(SIZE, true);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    assert_eq!(
+        b.connections(),
+        4,
+        "multi-conn server: one connection per I/O thread"
+    );
+    conformance(&b);
+}
+
+#[test]
+fn nbd_single_connection_conforms() {
+    let server = FakeNbd::start(SIZE, false);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    assert_eq!(b.connections(), 1);
+    conformance(&b);
+}
+
+/// A dropped connection is remade and the request retried: the caller
+/// sees no error and no data is lost.
+#[test]
+fn nbd_reconnects_after_a_drop() {
+    let server = FakeNbd::start(SIZE, false);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    b.write(0, &pattern(1, 4096), false).unwrap();
+    server.drop_next.store(true, Ordering::SeqCst);
+    b.write(4096, &pattern(2, 4096), false).unwrap();
+    server.drop_next.store(true, Ordering::SeqCst);
+    let mut back = vec![0; 8192];
+    b.read(0, &mut back).unwrap();
+    assert_eq!(&back[..4096], &pattern(1, 4096)[..]);
+    assert_eq!(&back[4096..], &pattern(2, 4096)[..]);
+    assert_eq!(b.reconnects(), 2);
+}
+
+/// An error the server reports is the request's errno, not a reconnect.
+#[test]
+fn nbd_server_errors_are_errnos() {
+    let server = FakeNbd::start(SIZE, false);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    let mut buf = vec![0; 4096];
+    let e = b.read(SIZE, &mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(22), "{e}");
+    assert_eq!(b.reconnects(), 0);
+}
+
+#[test]
+fn nbd_unknown_export_is_a_clear_error() {
+    let server = FakeNbd::start(SIZE, false);
+    let addr = format!("nbd+unix:///nosuch?socket={}", server.path.display());
+    let e = Nbd::connect(Address::parse(&addr).unwrap())
+        .err()
+        .expect("connected to a missing export");
+    assert!(e.to_string().contains("no such export"), "{e}");
+}
+
+/// A minimal NBD server: fixed newstyle, NBD_OPT_GO for the export "",
+/// simple replies, READ/WRITE/FLUSH/TRIM/WRITE_ZEROES over memory.
+struct FakeNbd {
+    path: PathBuf,
+    drop_next: Arc<AtomicBool>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeNbd {
+    fn start(size: u64, multi_conn: bool) -> FakeNbd {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let disk = Arc::new(Mutex::new(vec![0u8; size as usize]));
+        let drop_next = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        {
+            let drop_next = drop_next.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { return };
+                    let (disk, drop_next, requests) =
+                        (disk.clone(), drop_next.clone(), requests.clone());
+                    std::thread::spawn(move || {
+                        let _ = serve_conn(conn, &disk, multi_conn, &drop_next, &requests);
+                    });
+                }
+            });
+        }
+        FakeNbd {
+            path,
+            drop_next,
+            _dir: dir,
+        }
+    }
+}
+
+fn rd<const N: usize>(s: &mut UnixStream) -> io::Result<[u8; N]> {
+    let mut b = [0; N];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn serve_conn(
+    mut s: UnixStream,
+    disk: &Mutex<Vec<u8>>,
+    multi_conn: bool,
+    drop_next: &AtomicBool,
+    requests: &AtomicU64,
+) -> io::Result<()> {
+    s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
+    s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())?;
+    s.write_all(&3u16.to_be_bytes())?;
+    let _client_flags = rd::<4>(&mut s)?;
+    let _magic = rd::<8>(&mut s)?;
+    let opt = u32::from_be_bytes(rd::<4>(&mut s)?);
+    let len = u32::from_be_bytes(rd::<4>(&mut s)?) as usize;
+    let mut data = vec![0; len];
+    s.read_exact(&mut data)?;
+    assert_eq!(opt, 7, "the client asks with NBD_OPT_GO");
+    let name_len = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+    let name = &data[4..4 + name_len];
+    let reply = |s: &mut UnixStream, kind: u32, body: &[u8]| -> io::Result<()> {
+        s.write_all(&0x0003_e889_0455_65a9u64.to_be_bytes())?;
+        s.write_all(&7u32.to_be_bytes())?;
+        s.write_all(&kind.to_be_bytes())?;
+        s.write_all(&(body.len() as u32).to_be_bytes())?;
+        s.write_all(body)
+    };
+    if !name.is_empty() {
+        return reply(&mut s, (1 << 31) | 6, b"unknown export");
+    }
+    let size = disk.lock().unwrap().len() as u64;
+    // HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES [| CAN_MULTI_CONN]
+    let flags: u16 = 1 | 4 | 8 | 32 | 64 | if multi_conn { 256 } else { 0 };
+    let mut info = vec![0, 0];
+    info.extend_from_slice(&size.to_be_bytes());
+    info.extend_from_slice(&flags.to_be_bytes());
+    reply(&mut s, 3, &info)?;
+    reply(&mut s, 1, &[])?;
+    loop {
+        let hdr = rd::<28>(&mut s)?;
+        if drop_next.swap(false, Ordering::SeqCst) {
+            // The connection breaks with the request unanswered.
+            return Ok(());
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        let cmd = u16::from_be_bytes([hdr[6], hdr[7]]);
+        let cookie = &hdr[8..16];
+        let off = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
+        let len = u32::from_be_bytes(hdr[24..28].try_into().unwrap()) as u64;
+        let mut payload = vec![0; if cmd == 1 { len as usize } else { 0 }];
+        s.read_exact(&mut payload)?;
+        if cmd == 2 {
+            return Ok(());
+        }
+        let in_range = off.checked_add(len).is_some_and(|e| e <= size);
+        let mut out = Vec::new();
+        let error: u32 = if !in_range && cmd != 3 {
+            22
+        } else {
+            let mut d = disk.lock().unwrap();
+            let r = off as usize..(off + len) as usize;
+            match cmd {
+                0 => out.extend_from_slice(&d[r]),
+                1 => d[r].copy_from_slice(&payload),
+                4 | 6 => d[r].fill(0),
+                _ => {}
+            }
+            0
+        };
+        let mut rep = Vec::with_capacity(16 + out.len());
+        rep.extend_from_slice(&0x6744_6698u32.to_be_bytes());
+        rep.extend_from_slice(&error.to_be_bytes());
+        rep.extend_from_slice(cookie);
+        if error == 0 {
+            rep.extend_from_slice(&out);
+        }
+        s.write_all(&rep)?;
+    }
+}
