@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps bench-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean
+.PHONY: all deps bench-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean install install-test
 
 all: driver
 	cargo build --workspace --release
@@ -38,6 +38,7 @@ vm-test: kernel
 ## Everything: host tests, then the VM suite.
 test: deps
 	$(MAKE) host-test
+	$(MAKE) install-test
 	$(MAKE) vm-test
 
 ## Run it: boot the VM, serve a 1 GiB file-backed device, use it, measure it.
@@ -55,6 +56,19 @@ bench: deps bench-deps kernel-bench
 	done
 	cargo run --quiet --release -p abuse-bench -- $$(seq -f 'target/bench/run-%g.log' $(BENCH_RUNS)) \
 	  --json target/bench/bench.json --png target/bench/bench.png
+
+## Install on this machine: abusectl, man pages, completions, udev rule,
+## modules-load entry, abuse-server@.service, and the module for KDIR's
+## kernel (default: the running one) if it can build Rust modules.
+PREFIX ?= /usr/local
+KDIR ?= /lib/modules/$(shell uname -r)/build
+install:
+	scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(KDIR)"
+
+## The install layout in a scratch root, against the test kernel; the unit
+## checked by systemd-analyze verify.
+install-test: kernel
+	tests/install-test.sh
 
 lint:
 	cargo fmt --all --check

@@ -13,8 +13,11 @@ APT_PACKAGES=(
   clang-19 lld-19 llvm-19 libclang-19-dev
   # kernel build
   linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make
-  # guest userspace and clients
-  busybox-static e2fsprogs fio util-linux fdisk kmod
+  # guest userspace and clients (nbdkit: the NBD server the nbd backend is
+  # tested against)
+  busybox-static e2fsprogs fio util-linux fdisk kmod nbdkit
+  # make install-test: systemd-analyze verify of the unit
+  systemd
   # C layout test (and its 32-bit variant, for compat_ioctl callers)
   gcc gcc-multilib
 )

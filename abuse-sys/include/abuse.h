@@ -25,7 +25,8 @@
 #define ABUSE_FLAG_FUA           (1U << 3)
 #define ABUSE_FLAG_DISCARD       (1U << 4)
 #define ABUSE_FLAG_WRITE_ZEROES  (1U << 5)
-#define ABUSE_FLAG_SETTABLE      0x3fU
+#define ABUSE_FLAG_DELEGATED     (1U << 6)	/* owner_uid may serve it */
+#define ABUSE_FLAG_SETTABLE      0x7fU
 #define ABUSE_FLAG_CONFIGURED    (1U << 16)
 #define ABUSE_FLAG_REPORTED      ABUSE_FLAG_CONFIGURED
 
@@ -84,7 +85,9 @@ struct abuse_status {
 	__u64 generation;	/* changes on every configure and RESET */
 	__u32 queues;		/* hardware queues; SET_STATUS: 0 = one per CPU */
 	__u32 max_queues;
-	__u64 reserved[6];
+	__u32 owner_uid;	/* with ABUSE_FLAG_DELEGATED: who may serve it */
+	__u32 owner_gid;
+	__u64 reserved[5];
 };
 
 /* One request. */

@@ -60,7 +60,7 @@ fn open_cause(errno: Errno) -> String {
             "no such device (is the abuse module loaded?)".into()
         }
         Errno::EACCES | Errno::EPERM => {
-            "permission denied (ABUSE control nodes are root-only)".into()
+            "permission denied (ABUSE control nodes are root's, or the user's a device is delegated to)".into()
         }
         e => e.desc().to_string(),
     }
@@ -68,7 +68,10 @@ fn open_cause(errno: Errno) -> String {
 
 fn ioctl_cause(op: &str, errno: Errno) -> String {
     match errno {
-        Errno::EPERM | Errno::EACCES => "not permitted (needs CAP_SYS_ADMIN)".into(),
+        Errno::EPERM | Errno::EACCES => {
+            "not permitted (needs CAP_SYS_ADMIN; a user a device is delegated to may only serve it)"
+                .into()
+        }
         Errno::EBUSY if op == "SET_STATUS" => {
             "device is busy: already configured (reset it first, or use reconnect)".into()
         }

@@ -13,7 +13,7 @@
 pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
 /// Protocol version reported in [`AbuseStatus::version`]. 2: configuration
 /// generations, errnos on PUT_BIO, fencing timeouts. 3: several hardware
-/// queues, a per-queue depth, and ABUSE_SERVE.
+/// queues, a per-queue depth, ABUSE_SERVE, delegation.
 pub const ABUSE_VERSION: u32 = 3;
 
 // The ioctl numbers below use the asm-generic `_IOC` layout (x86, arm64,
@@ -46,13 +46,18 @@ pub const ABUSE_FLAG_FUA: u32 = 1 << 3;
 pub const ABUSE_FLAG_DISCARD: u32 = 1 << 4;
 /// The server handles WRITE_ZEROES requests.
 pub const ABUSE_FLAG_WRITE_ZEROES: u32 = 1 << 5;
+/// The device is delegated to the user `owner_uid`: that user may serve it
+/// (GET_STATUS, GET_BIO, PUT_BIO, SERVE, poll) without CAP_SYS_ADMIN.
+/// Configuring and resetting stay root's; RESET ends the delegation.
+pub const ABUSE_FLAG_DELEGATED: u32 = 1 << 6;
 /// Flags SET_STATUS accepts.
 pub const ABUSE_FLAG_SETTABLE: u32 = ABUSE_FLAG_READ_ONLY
     | ABUSE_FLAG_RECONNECT
     | ABUSE_FLAG_FLUSH
     | ABUSE_FLAG_FUA
     | ABUSE_FLAG_DISCARD
-    | ABUSE_FLAG_WRITE_ZEROES;
+    | ABUSE_FLAG_WRITE_ZEROES
+    | ABUSE_FLAG_DELEGATED;
 /// Reported by GET_STATUS: the device is configured (SET_STATUS succeeded).
 /// SET_STATUS ignores it, so a GET_STATUS result can be passed back.
 pub const ABUSE_FLAG_CONFIGURED: u32 = 1 << 16;
@@ -169,8 +174,14 @@ pub struct AbuseStatus {
     pub queues: u32,
     /// Reported: the most `queues` SET_STATUS accepts.
     pub max_queues: u32,
+    /// With [`ABUSE_FLAG_DELEGATED`]: the user (a uid of the initial user
+    /// namespace) who may serve the device; else zero.
+    pub owner_uid: u32,
+    /// With [`ABUSE_FLAG_DELEGATED`]: the group abusectl gives the control
+    /// node (the driver checks the uid only); else zero.
+    pub owner_gid: u32,
     /// Must be zero.
-    pub reserved: [u64; 6],
+    pub reserved: [u64; 5],
 }
 
 /// One request, as GET_BIO hands it out and PUT_BIO completes it.

@@ -58,6 +58,8 @@ fn expectations() -> Vec<(String, u64)> {
             generation,
             queues,
             max_queues,
+            owner_uid,
+            owner_gid,
             reserved
         ]
     );
@@ -84,6 +86,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_FLAG_FUA,
         ABUSE_FLAG_DISCARD,
         ABUSE_FLAG_WRITE_ZEROES,
+        ABUSE_FLAG_DELEGATED,
         ABUSE_FLAG_SETTABLE,
         ABUSE_FLAG_CONFIGURED,
         ABUSE_FLAG_REPORTED,

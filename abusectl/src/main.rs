@@ -2,6 +2,7 @@
 
 mod cow;
 mod debug;
+mod delegate;
 mod opts;
 mod progress;
 mod server;
@@ -34,6 +35,7 @@ enum Command {
         bs=N         block size: 512, 1024, 2048 or 4096 (default 4096)\n  \
         qs=N         queue depth per hardware queue, 1-1024 (default 128)\n  \
         queues=N     hardware queues, 1-32 (default one per online CPU)\n  \
+        owner=U[:G]  delegate: user U may serve the device without root\n  \
         timeout=S    seconds a server may hold a request before it is killed and its\n               \
         requests go to another server (default 30, at least 1, 0 = never)\n  \
         ro | rw      read-only or read-write (default rw)\n  \
@@ -47,6 +49,10 @@ enum Command {
         /// Options: size=1G,bs=4096,qs=128,ro,timeout=30,flush,...
         #[arg(required = true)]
         opts: Vec<String>,
+        /// Do nothing if the device is already configured (a service that
+        /// restarts keeps the configuration it serves).
+        #[arg(long)]
+        if_unconfigured: bool,
     },
     /// Show a device's configuration and counters.
     #[command(
@@ -120,6 +126,12 @@ enum Command {
         #[arg(long)]
         timeout: Option<f64>,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (abusectl.1, abusectl-VERB.1) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 fn open(ctl: &PathBuf) -> Result<Control, String> {
@@ -128,16 +140,27 @@ fn open(ctl: &PathBuf) -> Result<Control, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Setup { ctl, opts } => {
+        Command::Setup {
+            ctl,
+            opts,
+            if_unconfigured,
+        } => {
             let o = opts::SetupOpts::parse(&opts)?;
             let ctl = open(&ctl)?;
+            if if_unconfigured {
+                let st = ctl.status().map_err(|e| e.to_string())?;
+                if st.flags & abuse_sys::uapi::ABUSE_FLAG_CONFIGURED != 0 {
+                    return Ok(());
+                }
+            }
             let st = if o.reconnect {
                 // Only what was given changes: the rest is the device's.
                 o.reconnect_status(&ctl.status().map_err(|e| e.to_string())?)?
             } else {
                 o.to_status(o.size.ok_or("setup needs size=N (e.g. size=1G)")?)
             };
-            ctl.set_status(&st).map_err(|e| e.to_string())
+            ctl.set_status(&st).map_err(|e| e.to_string())?;
+            delegate::node_owner(ctl.path(), &st)
         }
         Command::Info { ctl, json } => {
             let st = open(&ctl)?.status().map_err(|e| e.to_string())?;
@@ -164,7 +187,11 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Reset { ctl } => open(&ctl)?.reset().map_err(|e| e.to_string()),
+        Command::Reset { ctl } => {
+            open(&ctl)?.reset().map_err(|e| e.to_string())?;
+            // RESET ended any delegation: the node is root's again.
+            delegate::node_owner(&ctl, &abuse_sys::AbuseStatus::default())
+        }
         Command::Server(args) => server::run(args),
         Command::Cow(cmd) => cow::run(cmd),
         Command::Get { ctl, count } => debug::get(&open(&ctl)?, count),
@@ -175,7 +202,38 @@ fn run(cli: Cli) -> Result<(), String> {
             data,
         } => debug::put(&open(&ctl)?, count, result, data.as_deref()),
         Command::Poll { ctl, timeout } => debug::poll(&open(&ctl)?, timeout),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "abusectl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpages { dir } => manpages(&dir),
     }
+}
+
+/// abusectl.1 and one page per visible verb, from the clap definitions.
+fn manpages(dir: &std::path::Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let cmd = Cli::command();
+    let write = |name: String, page: clap::Command| -> Result<(), String> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .title(name.to_uppercase())
+            .render(&mut out)
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&path, out).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write(format!("abusectl-{}", sub.get_name()), sub.clone())?;
+    }
+    write("abusectl".into(), cmd)
 }
 
 fn main() -> ExitCode {

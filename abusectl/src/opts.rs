@@ -13,6 +13,8 @@ pub struct SetupOpts {
     pub queue_depth: Option<u32>,
     /// Hardware queues; None: one per online CPU.
     pub queues: Option<u32>,
+    /// `owner=UID[:GID]`: the user (and group) the device is delegated to.
+    pub owner: Option<(u32, u32)>,
     pub timeout_ms: Option<u32>,
     /// `ro` or `rw`, if given.
     pub read_only: Option<bool>,
@@ -49,6 +51,39 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size '{s}': not a number"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size '{s}': too large"))
+}
+
+/// `UID[:GID]`, each a number or a name; the group defaults to the user's.
+fn parse_owner(v: &str) -> Result<(u32, u32), String> {
+    use nix::unistd::{Group, User};
+    let (user, group) = match v.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (v, None),
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.gid.as_raw()),
+        ),
+        Err(_) => match User::from_name(user) {
+            Ok(Some(u)) => (u.uid.as_raw(), Some(u.gid.as_raw())),
+            _ => return Err(format!("owner={v}: no such user '{user}'")),
+        },
+    };
+    let gid = match group {
+        None => primary.unwrap_or(uid),
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => match Group::from_name(g) {
+                Ok(Some(gr)) => gr.gid.as_raw(),
+                _ => return Err(format!("owner={v}: no such group '{g}'")),
+            },
+        },
+    };
+    Ok((uid, gid))
 }
 
 fn parse_u32(key: &str, v: &str) -> Result<u32, String> {
@@ -88,6 +123,7 @@ impl SetupOpts {
                 }
                 "qs" | "queue_depth" => o.queue_depth = Some(parse_u32(key, need()?)?),
                 "queues" => o.queues = Some(parse_u32(key, need()?)?),
+                "owner" => o.owner = Some(parse_owner(need()?)?),
                 "timeout" => {
                     o.timeout_ms = Some(
                         parse_u32(key, need()?)?
@@ -102,7 +138,7 @@ impl SetupOpts {
                     Some((_, f)) if val.is_none() => o.features |= f,
                     _ => {
                         return Err(format!(
-                            "unknown option '{item}' (known: size=, bs=, qs=, queues=, timeout=, ro, rw, reconnect, flush, fua, discard, write_zeroes)"
+                            "unknown option '{item}' (known: size=, bs=, qs=, queues=, owner=, timeout=, ro, rw, reconnect, flush, fua, discard, write_zeroes)"
                         ))
                     }
                 },
@@ -164,7 +200,15 @@ impl SetupOpts {
             block_size: self.bs(),
             queue_depth: self.queue_depth.unwrap_or(ABUSE_DEFAULT_QUEUE_DEPTH),
             queues: self.queues.unwrap_or(0),
-            flags: self.features | ro,
+            flags: self.features
+                | ro
+                | if self.owner.is_some() {
+                    ABUSE_FLAG_DELEGATED
+                } else {
+                    0
+                },
+            owner_uid: self.owner.map_or(0, |o| o.0),
+            owner_gid: self.owner.map_or(0, |o| o.1),
             timeout_ms: self.timeout_ms.unwrap_or(ABUSE_DEFAULT_TIMEOUT_MS),
             ..Default::default()
         }
@@ -188,6 +232,16 @@ impl SetupOpts {
         fixed("size", self.size, cur.size)?;
         fixed("bs", self.block_size.map(u64::from), cur.block_size.into())?;
         fixed("queues", self.queues.map(u64::from), cur.queues.into())?;
+        if let Some((uid, gid)) = self.owner {
+            let have =
+                (cur.flags & ABUSE_FLAG_DELEGATED != 0).then_some((cur.owner_uid, cur.owner_gid));
+            if have != Some((uid, gid)) {
+                return Err(format!(
+                    "reconnect changes only ro/rw and qs: owner={uid}:{gid} differs from the device's {}",
+                    have.map_or("(not delegated)".to_string(), |(u, g)| format!("{u}:{g}"))
+                ));
+            }
+        }
         fixed(
             "timeout (ms)",
             self.timeout_ms.map(u64::from),
@@ -198,7 +252,7 @@ impl SetupOpts {
         if self.features & !cur.flags != 0 {
             return Err("reconnect changes only ro/rw and qs: the device's features stay as they were set up".into());
         }
-        let mut flags = cur.flags & settable_features;
+        let mut flags = cur.flags & (settable_features | ABUSE_FLAG_DELEGATED);
         let ro = self
             .read_only
             .unwrap_or(cur.flags & ABUSE_FLAG_READ_ONLY != 0);
@@ -211,6 +265,8 @@ impl SetupOpts {
             queue_depth: self.queue_depth.unwrap_or(cur.queue_depth),
             flags: flags | ABUSE_FLAG_RECONNECT,
             timeout_ms: cur.timeout_ms,
+            owner_uid: cur.owner_uid,
+            owner_gid: cur.owner_gid,
             ..Default::default()
         })
     }
@@ -219,6 +275,31 @@ impl SetupOpts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_delegates() {
+        let o = SetupOpts::parse(&["size=1M,owner=1000:100"]).unwrap();
+        let st = o.to_status(1 << 20);
+        assert_eq!((st.owner_uid, st.owner_gid), (1000, 100));
+        assert_ne!(st.flags & ABUSE_FLAG_DELEGATED, 0);
+        let root = SetupOpts::parse(&["size=1M,owner=root"]).unwrap();
+        assert_eq!(root.owner, Some((0, 0)));
+        assert_eq!(
+            SetupOpts::parse(&["size=1M"])
+                .unwrap()
+                .to_status(1 << 20)
+                .flags
+                & ABUSE_FLAG_DELEGATED,
+            0
+        );
+        for bad in [
+            "owner=nosuchuser-xyz",
+            "owner=1000:nosuchgroup-xyz",
+            "owner=",
+        ] {
+            assert!(SetupOpts::parse(&["size=1M", bad]).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -137,13 +137,15 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
             let mut st = o.to_status(size);
             st.size -= size % st.block_size as u64;
             // Advertise exactly what the backend handles.
-            st.flags = (st.flags & ABUSE_FLAG_READ_ONLY) | backend.features();
+            st.flags =
+                (st.flags & (ABUSE_FLAG_READ_ONLY | ABUSE_FLAG_DELEGATED)) | backend.features();
             if backend.read_only() {
                 st.flags |= ABUSE_FLAG_READ_ONLY;
             }
             st
         };
         ctl.set_status(&st).map_err(|e| e.to_string())?;
+        crate::delegate::node_owner(&a.ctl, &st)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());

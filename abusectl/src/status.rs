@@ -21,6 +21,8 @@ pub struct Info {
     pub block_size: u32,
     pub queue_depth: u32,
     pub queues: u32,
+    /// `uid:gid` of the user the device is delegated to.
+    pub owner: Option<String>,
     pub flags: Vec<&'static str>,
     pub timeout_ms: u32,
     pub pending: u32,
@@ -58,6 +60,8 @@ impl Info {
             block_size: st.block_size,
             queue_depth: st.queue_depth,
             queues: st.queues,
+            owner: (st.flags & ABUSE_FLAG_DELEGATED != 0)
+                .then(|| format!("{}:{}", st.owner_uid, st.owner_gid)),
             flags: FLAG_NAMES
                 .iter()
                 .filter(|(f, _)| st.flags & f != 0)
@@ -106,6 +110,9 @@ impl Info {
             "  queues:      {} x depth {}",
             self.queues, self.queue_depth
         );
+        if let Some(o) = &self.owner {
+            let _ = writeln!(s, "  delegated:   to {o} (may serve it without root)");
+        }
         let flags = if self.flags.is_empty() {
             "-".to_string()
         } else {

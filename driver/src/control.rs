@@ -2,7 +2,7 @@
 //! The control node /dev/abctlN: the stateless ioctl protocol.
 
 use crate::device::Device;
-use crate::sys::{capable_sys_admin, chrdev::FileOps, PollTable};
+use crate::sys::{capable_sys_admin, chrdev::FileOps, current_fsuid, PollTable};
 use crate::transfer;
 use crate::uapi::*;
 use crate::DEVICES;
@@ -25,11 +25,11 @@ impl FileOps for Control {
     type Data = OpenControl;
 
     fn open(minor: u32) -> Result<KBox<OpenControl>> {
-        if !capable_sys_admin() {
-            return Err(EPERM);
-        }
         let devices = DEVICES.get().ok_or(ENODEV)?;
         let device = devices.get(minor as usize).ok_or(ENXIO)?.clone();
+        if !capable_sys_admin() && !device.delegated_to(current_fsuid()) {
+            return Err(EPERM);
+        }
         let opener = NEXT_OPENER.fetch_add(1, Ordering::Relaxed);
         Ok(KBox::new(OpenControl { device, opener }, GFP_KERNEL)?)
     }
@@ -40,10 +40,13 @@ impl FileOps for Control {
     }
 
     fn ioctl(data: &OpenControl, cmd: u32, arg: usize) -> Result<isize> {
-        if !capable_sys_admin() {
+        let dev = &data.device;
+        // Root may do anything; the user the device is delegated to may
+        // serve it, nothing else (and nothing once a RESET ends it).
+        let serving = matches!(cmd, ABUSE_GET_STATUS | ABUSE_GET_BIO | ABUSE_PUT_BIO | ABUSE_SERVE);
+        if !capable_sys_admin() && !(serving && dev.delegated_to(current_fsuid())) {
             return Err(EPERM);
         }
-        let dev = &data.device;
         match cmd {
             ABUSE_GET_STATUS => {
                 let mut out = UserSlice::new(arg, core::mem::size_of::<AbuseStatus>()).writer();

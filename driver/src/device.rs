@@ -9,7 +9,11 @@ use crate::sys::{
     msecs_to_jiffies, online_cpus, possible_cpus, ModuleRef, PollTable,
 };
 use crate::uapi::*;
+use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{new_mutex, prelude::*, sync::{Arc, Mutex}};
+
+/// Marks `Device::delegate` as set (uid 0 is a uid like any other).
+const DELEGATE: u64 = 1 << 32;
 
 /// blk-mq's timer period when requests never time out (it must tick anyway).
 const IDLE_TIMER_MS: u32 = 30_000;
@@ -23,6 +27,8 @@ struct Config {
     queues: u32,
     flags: u32,
     timeout_ms: u32,
+    owner_uid: u32,
+    owner_gid: u32,
 }
 
 struct Setup {
@@ -40,6 +46,9 @@ pub(crate) struct Device {
     partitions: bool,
     requests: Arc<Requests>,
     disk: BlockDevice<Requests>,
+    /// `DELEGATE | uid` while the device is delegated to `uid`, else 0:
+    /// read without a lock on every unprivileged ioctl.
+    delegate: AtomicU64,
     /// Serialises SET_STATUS and RESET (they sleep: queue freezes, limits).
     #[pin]
     setup: Mutex<Setup>,
@@ -49,7 +58,8 @@ pub(crate) struct Device {
 /// settable flags, besides those GET_STATUS reports (ignored, so that a
 /// GET_STATUS result can be passed back).
 fn known_fields(st: &AbuseStatus) -> bool {
-    st.reserved == [0; 6] && st.flags & !(ABUSE_FLAG_SETTABLE | ABUSE_FLAG_REPORTED) == 0
+    let owner_ok = st.flags & ABUSE_FLAG_DELEGATED != 0 || (st.owner_uid, st.owner_gid) == (0, 0);
+    st.reserved == [0; 5] && st.flags & !(ABUSE_FLAG_SETTABLE | ABUSE_FLAG_REPORTED) == 0 && owner_ok
 }
 
 /// One hardware queue per online CPU, at most `max`.
@@ -111,6 +121,7 @@ impl Device {
                 partitions: minors > 1,
                 requests,
                 disk,
+                delegate: AtomicU64::new(0),
                 setup <- new_mutex!(Setup { config: None, generation: 0, _pin: None }, "abuse_setup"),
             }),
             GFP_KERNEL,
@@ -119,6 +130,11 @@ impl Device {
 
     pub(crate) fn requests(&self) -> &Requests {
         &self.requests
+    }
+
+    /// Whether the device is delegated to the (global) user `uid`.
+    pub(crate) fn delegated_to(&self, uid: u32) -> bool {
+        self.delegate.load(Ordering::Acquire) == DELEGATE | uid as u64
     }
 
     /// ABUSE_GET_STATUS.
@@ -152,6 +168,8 @@ impl Device {
             st.queue_depth = cfg.queue_depth;
             st.flags = cfg.flags | ABUSE_FLAG_CONFIGURED;
             st.timeout_ms = cfg.timeout_ms;
+            st.owner_uid = cfg.owner_uid;
+            st.owner_gid = cfg.owner_gid;
         }
         st
     }
@@ -192,8 +210,12 @@ impl Device {
             queues: self.disk.hw_queues(),
             flags,
             timeout_ms: st.timeout_ms,
+            owner_uid: st.owner_uid,
+            owner_gid: st.owner_gid,
         };
         self.requests.set_live(Some(live(&cfg)));
+        let delegate = if flags & ABUSE_FLAG_DELEGATED != 0 { DELEGATE | st.owner_uid as u64 } else { 0 };
+        self.delegate.store(delegate, Ordering::Release);
         let sectors = st.size >> ABUSE_SECTOR_SHIFT;
         // A new medium, as loop does on configure: new disk sequence number,
         // media-change event, nothing cached from before.
@@ -224,6 +246,8 @@ impl Device {
             && same(st.block_size.into(), cur.block_size.into())
             && same(st.timeout_ms.into(), cur.timeout_ms.into())
             && same(st.queues.into(), cur.queues.into())
+            && same(st.owner_uid.into(), cur.owner_uid.into())
+            && same(st.owner_gid.into(), cur.owner_gid.into())
             && st.flags & fixed == cur.flags & fixed
             && st.queue_depth <= ABUSE_MAX_QUEUE_DEPTH;
         if !ok {
@@ -244,7 +268,9 @@ impl Device {
         if setup.config.is_none() {
             return Ok(());
         }
-        // Stop accepting first, so nothing new arrives while failing.
+        // The delegated user loses the device first, then nothing new
+        // arrives while failing.
+        self.delegate.store(0, Ordering::Release);
         self.requests.set_live(None);
         self.requests.fail_all()?;
         // Nothing of this configuration stays visible (as loop's clear):

@@ -83,12 +83,20 @@ pub fn loaded() -> bool {
 /// Unloads the module if a scenario left it loaded (so the next starts
 /// clean): kills leftover servers, resets every device, then rmmod.
 pub fn ensure_unloaded() {
-    let _ = Command::new("/bin/sh")
-        .args(["-c", "umount /mnt 2>/dev/null; true"])
-        .status();
+    // RESET before unmounting: a filesystem a failed scenario left mounted
+    // has no server any more, and unmounting it would wait for its
+    // writeback forever (I/O waits for a server); RESET fails that I/O.
     kill_servers();
     if loaded() {
         reset_all();
+    }
+    let _ = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "umount /mnt 2>/dev/null; umount /mnt2 2>/dev/null; true",
+        ])
+        .status();
+    if loaded() {
         let _ = rmmod();
     }
 }
@@ -230,6 +238,27 @@ impl Server {
             cmd.stderr(f);
         }
         Self::spawn_cmd(cmd, "abusectl server", stats)
+    }
+
+    /// As [`Server::abusectl_logged`], run as user and group `id` (setpriv),
+    /// with its stats where that user may write them.
+    pub fn abusectl_as(id: u32, ctl: &str, args: &[&str], log: &str) -> Result<Server, String> {
+        let stats = Self::stats_path();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        let (reuid, regid) = (format!("--reuid={id}"), format!("--regid={id}"));
+        cmd.args([
+            reuid.as_str(),
+            regid.as_str(),
+            "--clear-groups",
+            "/bin/abusectl",
+            "server",
+            ctl,
+        ])
+        .args(args)
+        .args(["--stats-file", &stats]);
+        let f = std::fs::File::create(log).map_err(|e| format!("{log}: {e}"))?;
+        cmd.stderr(f);
+        Self::spawn_cmd(cmd, "abusectl server (as another user)", stats)
     }
 
     fn stats_path() -> String {

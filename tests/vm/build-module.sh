@@ -13,5 +13,11 @@ flock 9
 rm -rf "$build/driver/src"
 cp -r "$root/driver/Kbuild" "$root/driver/src" "$build/driver/"
 cp "$root/abuse-sys/src/uapi.rs" "$build/abuse-sys/src/uapi.rs"
-"$root/scripts/kernel.sh" make "$flavor" M="$build/driver" modules >&2
+log=$build/build.log
+"$root/scripts/kernel.sh" make "$flavor" M="$build/driver" modules 2>&1 | tee "$log" >&2
+# A warning (rustc, objtool) is a defect like any other.
+if grep -q "warning:" "$log"; then
+  echo "build-module: the module build has warnings (above)" >&2
+  exit 1
+fi
 echo "$build/driver/src/abuse.ko"

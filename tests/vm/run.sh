@@ -58,14 +58,14 @@ if [ "$flavor" = bench ]; then
     copy_tool "$rublk"
     mv "$rootfs$rublk" "$rootfs/usr/bin/rublk"
   fi
-  for tool in /usr/bin/nbdkit /usr/sbin/nbd-client; do
-    [ -x "$tool" ] && copy_tool "$tool"
-  done
-  for plugin in memory file; do
-    so=/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-$plugin-plugin.so
-    [ -f "$so" ] && copy_tool "$so"
-  done
+  [ -x /usr/sbin/nbd-client ] && copy_tool /usr/sbin/nbd-client
 fi
+# nbdkit: the NBD server the nbd backend is tested (and benchmarked)
+# against, with the plugins and the fault-injection filter the scenarios use.
+copy_tool /usr/bin/nbdkit
+for so in plugins/nbdkit-memory-plugin.so plugins/nbdkit-file-plugin.so filters/nbdkit-error-filter.so; do
+  copy_tool "/usr/lib/x86_64-linux-gnu/nbdkit/$so"
+done
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
 # A 32-bit server, for the driver's compat_ioctl.

@@ -80,6 +80,17 @@ pub(crate) fn possible_cpus() -> u32 {
     unsafe { bindings::nr_cpu_ids }
 }
 
+/// The current task's filesystem uid, as a global uid (the initial user
+/// namespace's: `kuid_t`'s value).
+pub(crate) fn current_fsuid() -> u32 {
+    let task = kernel::current!();
+    // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
+    let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
+    // SAFETY: a task's own credentials (`current_cred()`) stay valid while
+    // it runs: only the task itself replaces them.
+    unsafe { (*(*ptr).cred).fsuid.val }
+}
+
 /// `capable(CAP_SYS_ADMIN)` for the current task.
 pub(crate) fn capable_sys_admin() -> bool {
     // SAFETY: `capable` only inspects the current task's credentials.

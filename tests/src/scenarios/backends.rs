@@ -88,7 +88,7 @@ pub fn nbd_backend() -> Outcome {
         st.errors
     );
     sh(&format!(
-        "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && cp -r /lib /mnt/ && umount /mnt"
+        "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && cp -r /etc /mnt/ && dd if=/dev/urandom of=/mnt/f bs=1M count=8 2>/dev/null && umount /mnt"
     ))?;
     e2fsck_clean(DEV)?;
     let same = sh(&format!("cmp {DEV} /tmp/nbd.img && echo same"))?;

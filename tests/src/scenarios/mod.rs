@@ -3,6 +3,7 @@
 mod backends;
 mod cow;
 mod data;
+mod delegation;
 mod module;
 mod recovery;
 mod requests;
@@ -58,6 +59,7 @@ scenarios![
     setup::reset_fails_outstanding,
     recovery::device_failure,
     setup::non_root_refused,
+    delegation::delegated_server_without_root,
     data::partitions,
     setup::rmmod_while_configured,
     requests::poll_readiness,

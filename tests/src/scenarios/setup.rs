@@ -60,7 +60,7 @@ pub fn setup_rules() -> Outcome {
         (
             "reserved set",
             AbuseStatus {
-                reserved: [0, 0, 0, 1, 0, 0],
+                reserved: [0, 0, 0, 1, 0],
                 ..config(MIB, 4096, 16, 0, 0)
             },
         ),
