@@ -145,7 +145,7 @@ fn from_fio(device: &str, job: &str, json: &str) -> Option<Result> {
 /// target that does the same job.
 pub fn ublk_peer(device: &str) -> Option<&'static str> {
     match device {
-        "abuse-null" | "nbd-memory" | "null_blk" => Some("ublk-null"),
+        "abuse-null" | "abuse-nbd" | "nbd-memory" | "null_blk" => Some("ublk-null"),
         "abuse-file" | "abuse-cow" | "loop" | "nbd-file" => Some("ublk-loop"),
         _ => None,
     }

@@ -126,6 +126,21 @@ stats abuse-cow /tmp/cow.stats
 abusectl reset /dev/abctl0
 rm -f /tmp/bench.cow /tmp/cow-base.img
 
+# ABUSE's nbd backend in front of the same nbdkit memory export the
+# kernel's nbd client used above.
+if [ -x /usr/bin/nbdkit ]; then
+  nbdkit -U /tmp/nbd-a.sock --threads 4 memory 256M
+  abusectl server /dev/abctl1 nbd unix:/tmp/nbd-a.sock --setup qs=128 --stats-file /tmp/nbd.stats &
+  bs=$!
+  sleep 1
+  all abuse-nbd /dev/abuse1
+  kill -TERM $bs
+  wait $bs
+  stats abuse-nbd /tmp/nbd.stats
+  abusectl reset /dev/abctl1
+  pkill nbdkit
+fi
+
 # Durability costs on a virtio disk (cache=none): 4 KiB cow blocks, so
 # every write of the first pass is a first write (a copy-on-write whose
 # mapping a FLUSH commits), the second pass rewrites; the file server does
