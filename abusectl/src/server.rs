@@ -32,6 +32,10 @@ pub struct ServerArgs {
     /// and cow, none for null]; 0 runs them one by one in the worker.
     #[arg(long, value_name = "N")]
     io_threads: Option<usize>,
+    /// Do not run each worker on its hardware queue's CPUs (they are
+    /// pinned when there is one worker per queue, as by default).
+    #[arg(long)]
+    no_pin: bool,
     /// Requests per fetch and per completion.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -170,6 +174,7 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
         threads: a.threads.unwrap_or(0),
         batch: a.batch,
         io_threads: a.io_threads,
+        pin: !a.no_pin,
     };
     let result = abuse_servers::serve(&cfg, backend, stop, stats.clone());
     save(&a.stats_file, &stats);

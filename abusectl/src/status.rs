@@ -186,15 +186,19 @@ pub fn list() -> Result<Vec<Info>, abuse_sys::Error> {
         .collect()
 }
 
-/// The table `abusectl list` prints.
+/// The table `abusectl list` prints: one line per device, as `losetup -l`
+/// does for loop devices. STATE is `-` when unconfigured, `ro` or `rw`;
+/// QUEUES is hardware queues x depth; OWNER the user it is delegated to.
 pub fn table(infos: &[Info]) -> String {
     let mut s = format!(
-        "{:<12} {:<12} {:<12} {:>8} {:>6} {:>8} {:>8} {:>10} {:>7} {:>8}\n",
+        "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<10} {:>7} {:>8} {:>10} {:>6} {:>8}\n",
         "CONTROL",
         "DEVICE",
         "STATE",
         "SIZE",
         "BS",
+        "QUEUES",
+        "OWNER",
         "PENDING",
         "INFLIGHT",
         "COMPLETED",
@@ -202,19 +206,27 @@ pub fn table(infos: &[Info]) -> String {
         "REQUEUES"
     );
     for i in infos {
-        let state = if i.configured {
-            "configured"
+        let (state, size, bs, queues) = if i.configured {
+            let ro = if i.flags.contains(&"ro") { "ro" } else { "rw" };
+            (
+                ro,
+                human_size(i.size),
+                i.block_size.to_string(),
+                format!("{}x{}", i.queues, i.queue_depth),
+            )
         } else {
-            "unconfigured"
+            ("-", "-".into(), "-".into(), "-".into())
         };
         let _ = writeln!(
             s,
-            "{:<12} {:<12} {:<12} {:>8} {:>6} {:>8} {:>8} {:>10} {:>7} {:>8}",
+            "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<10} {:>7} {:>8} {:>10} {:>6} {:>8}",
             i.control.display(),
             i.block_device,
             state,
-            human_size(i.size),
-            i.block_size,
+            size,
+            bs,
+            queues,
+            i.owner.as_deref().unwrap_or("root"),
             i.pending,
             i.in_flight,
             i.completed,

@@ -14,6 +14,7 @@
 //! One failing worker stops all of them; a backend call that panics fails
 //! its request (EIO) and the engine carries on.
 
+mod affinity;
 mod device;
 mod execute;
 #[cfg(test)]
@@ -45,6 +46,9 @@ pub struct EngineConfig {
     /// Threads running a batch's requests at once; None: the backend's
     /// choice ([`Backend::io_threads`]), 0: in the worker, one by one.
     pub io_threads: Option<usize>,
+    /// Run worker i on the CPUs of hardware queue i (when there is one
+    /// worker per queue).
+    pub pin: bool,
 }
 
 /// This engine's own counters (each process has its own).
@@ -220,12 +224,18 @@ pub fn serve_with<C: ControlDevice>(
     for _ in 1..threads {
         ctls.push(open()?);
     }
+    // One worker per queue: each runs where its queue's requests come from.
+    let pin = cfg.pin && threads == st.queues as usize;
+    let index = st.index;
     let workers: Vec<_> = ctls
         .into_iter()
         .enumerate()
         .map(|(i, ctl)| {
             let shared = shared.clone();
             std::thread::spawn(move || {
+                if pin {
+                    affinity::pin_to_queue(index, i as u32);
+                }
                 if let Err(e) = worker(&ctl, i as u32, batch, &shared) {
                     shared.fail(e);
                 }

@@ -282,6 +282,7 @@ fn start(fake: &Fake, backend: Arc<dyn Backend>, threads: usize, batch: usize) -
         threads,
         batch,
         io_threads: None,
+        pin: false,
     };
     let (f, s, st) = (fake.clone(), stop.clone(), stats.clone());
     let handle =

@@ -47,6 +47,35 @@ pub fn delegated_server_without_root() -> Outcome {
         st.flags & ABUSE_FLAG_DELEGATED != 0 && st.owner_uid == NOBODY,
         "status: {st:?}"
     );
+    // abusectl list: one line per device, as a person reads it, and the
+    // same fields as JSON.
+    let list = sh("abusectl list")?;
+    print!("{list}");
+    let line = list
+        .lines()
+        .find(|l| l.starts_with("/dev/abctl0 "))
+        .unwrap_or_default();
+    let queues = format!("{}x{}", st.queues, st.queue_depth);
+    ensure!(
+        line.contains(" rw ")
+            && line.contains("64M")
+            && line.contains(&queues)
+            && line.contains("65534:65534"),
+        "abusectl list:\n{list}"
+    );
+    ensure!(
+        list.lines()
+            .any(|l| l.starts_with("/dev/abctl1 ") && l.contains(" - ")),
+        "the unconfigured device in abusectl list:\n{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&sh("abusectl list --json")?).map_err(|e| e.to_string())?;
+    ensure!(
+        json[0]["owner"] == "65534:65534"
+            && json[0]["queues"] == st.queues
+            && json[1]["owner"].is_null(),
+        "abusectl list --json: {json}"
+    );
     let mut server = Server::abusectl_as(
         NOBODY,
         "/dev/abctl0",
