@@ -58,7 +58,7 @@ cp "$root/abuse-sys/src/uapi.rs" "$build/abuse-sys/src/"
 [ -d /usr/lib/llvm-19/bin ] && export PATH=/usr/lib/llvm-19/bin:$PATH
 kmake=(make -C "$kdir" LLVM=1 ${RUSTC:+RUSTC=$RUSTC} ${BINDGEN:+BINDGEN=$BINDGEN})
 "${kmake[@]}" M="$build/driver" modules
-release=$("${kmake[@]}" -s kernelrelease)
+release=$("${kmake[@]}" -s --no-print-directory kernelrelease)
 install -D -m 0644 "$build/driver/src/abuse.ko" "$destdir/lib/modules/$release/extra/abuse.ko"
 [ -n "$destdir" ] || depmod "$release"
 echo "install: abuse.ko for $release, abusectl, unit, udev rule, man pages and completions installed under ${destdir:-/}"

@@ -11,7 +11,8 @@ fail() { echo "install-test: $*" >&2; exit 1; }
 
 RUSTC=/usr/bin/rustc BINDGEN=${ABUSE_TOOLS:-/var/cache/abuse/tools}/bin/bindgen \
   "$root/scripts/install.sh" "$dest" /usr/local "$kdir" >/dev/null
-release=$(make -s -C "$kdir" kernelrelease)
+release=$(make -s --no-print-directory -C "$kdir" kernelrelease)
+[[ $release =~ ^[0-9][0-9A-Za-z.+_-]*$ ]] || fail "not a kernel release: '$release'"
 for f in usr/local/bin/abusectl \
   usr/local/share/man/man1/abusectl.1 usr/local/share/man/man1/abusectl-server.1 \
   usr/local/share/man/man1/abusectl-setup.1 \
