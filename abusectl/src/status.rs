@@ -191,7 +191,7 @@ pub fn list() -> Result<Vec<Info>, abuse_sys::Error> {
 /// QUEUES is hardware queues x depth; OWNER the user it is delegated to.
 pub fn table(infos: &[Info]) -> String {
     let mut s = format!(
-        "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<10} {:>7} {:>8} {:>10} {:>6} {:>8}\n",
+        "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<12} {:>7} {:>8} {:>10} {:>6} {:>8}\n",
         "CONTROL",
         "DEVICE",
         "STATE",
@@ -219,7 +219,7 @@ pub fn table(infos: &[Info]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<10} {:>7} {:>8} {:>10} {:>6} {:>8}",
+            "{:<12} {:<12} {:>6} {:>8} {:>5} {:>9} {:<12} {:>7} {:>8} {:>10} {:>6} {:>8}",
             i.control.display(),
             i.block_device,
             state,
