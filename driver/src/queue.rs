@@ -154,6 +154,38 @@ impl State {
         self.used -= 1;
     }
 
+    /// The slot of the fetched request a PUT entry names: its generation
+    /// must be current and its fields the request's.
+    fn fetched_slot(&mut self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<&mut Slot, PutError> {
+        let slot = self.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
+        if slot.gen != gen || slot.at != Where::Fetched {
+            return Err(PutError::Stale);
+        }
+        if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
+            return Err(PutError::Mismatch);
+        }
+        Ok(slot)
+    }
+
+    /// Frees the slot of a request being completed (its id goes stale) and
+    /// counts it with `status` (None: already counted). Returns its fetcher,
+    /// to be dropped outside the lock.
+    fn retire(&mut self, tag: u32, status: Option<Status>) -> Option<Process> {
+        let slot = &mut self.slots[tag as usize];
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.owner = 0;
+        slot.orphaned = false;
+        let fetcher = slot.fetcher.take();
+        self.free(tag);
+        if let Some(status) = status {
+            self.counters.completed += 1;
+            if status.is_err() {
+                self.counters.errors += 1;
+            }
+        }
+        fetcher
+    }
+
     /// Hands a fetched request out again (new generation, REQUEUED).
     fn requeue(&mut self, tag: u32) {
         let slot = &mut self.slots[tag as usize];
@@ -408,13 +440,7 @@ impl Queue {
     /// PUT.
     pub(crate) fn take_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<Taken, PutError> {
         let mut st = self.state.lock();
-        let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
-        if slot.gen != gen || slot.at != Where::Fetched {
-            return Err(PutError::Stale);
-        }
-        if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
-            return Err(PutError::Mismatch);
-        }
+        let slot = st.fetched_slot(bio, gen, tag)?;
         let rq = slot.rq.take().ok_or(PutError::Stale)?;
         slot.at = Where::Busy;
         Ok(Taken { tag, rq, bio: *bio })
@@ -425,23 +451,8 @@ impl Queue {
     /// under the lock.
     pub(crate) fn complete_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
         let mut st = self.state.lock();
-        let slot = st.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
-        if slot.gen != gen || slot.at != Where::Fetched {
-            return Err(PutError::Stale);
-        }
-        if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
-            return Err(PutError::Mismatch);
-        }
-        let rq = slot.rq.take().ok_or(PutError::Stale)?;
-        slot.gen = slot.gen.wrapping_add(1);
-        slot.owner = 0;
-        slot.orphaned = false;
-        let fetcher = slot.fetcher.take();
-        st.free(tag);
-        st.counters.completed += 1;
-        if status.is_err() {
-            st.counters.errors += 1;
-        }
+        let rq = st.fetched_slot(bio, gen, tag)?.rq.take().ok_or(PutError::Stale)?;
+        let fetcher = st.retire(tag, Some(status));
         drop(st);
         drop(fetcher);
         rq.end(status);
@@ -472,19 +483,9 @@ impl Queue {
     /// Completes a request taken by `take_fetched`.
     pub(crate) fn complete(&self, t: Taken, status: Status) {
         let mut st = self.state.lock();
-        let slot = &mut st.slots[t.tag as usize];
-        let aborted = core::mem::replace(&mut slot.abort, false);
-        slot.gen = slot.gen.wrapping_add(1);
-        slot.owner = 0;
-        slot.orphaned = false;
-        let fetcher = slot.fetcher.take();
-        st.free(t.tag);
-        if !aborted {
-            st.counters.completed += 1;
-            if status.is_err() {
-                st.counters.errors += 1;
-            }
-        }
+        let aborted = core::mem::replace(&mut st.slots[t.tag as usize].abort, false);
+        // An aborted request was counted when RESET or DEVICE_FAILURE failed it.
+        let fetcher = st.retire(t.tag, (!aborted).then_some(status));
         drop(st);
         drop(fetcher);
         t.rq.end(if aborted { Status::IoErr } else { status });
