@@ -5,6 +5,9 @@
 //! concurrent overlapping writes never torn inside a block, and I/O past
 //! the end failing cleanly.
 
+mod common;
+use common::pattern;
+
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -18,18 +21,6 @@ use abuse_servers::Backend;
 use abuse_sys::uapi::*;
 
 const SIZE: u64 = 4 << 20;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// The checks every backend passes.
 fn conformance(b: &(dyn Backend + Sync)) {

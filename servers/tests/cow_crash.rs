@@ -5,6 +5,9 @@
 //! before the last completed FLUSH, never show unwritten space, and never
 //! take damage for a torn write (or a torn write for damage).
 
+mod common;
+use common::pattern;
+
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -198,18 +201,6 @@ fn tail_variants(lens: &[Option<usize>]) -> Vec<(String, Plan)> {
 }
 
 const BS: usize = 4096;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1 // never zero: unwritten space reads as zero
-        })
-        .collect()
-}
 
 fn no_progress() -> &'static (dyn Fn(u64) + Sync) {
     &|_| {}
