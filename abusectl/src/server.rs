@@ -176,7 +176,12 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
         io_threads: a.io_threads,
         pin: !a.no_pin,
     };
-    let result = abuse_servers::serve(&cfg, backend, stop, stats.clone());
+    let result = abuse_servers::serve(&cfg, backend.clone(), stop, stats.clone());
+    if result.is_ok() {
+        if let Err(e) = backend.stop() {
+            eprintln!("abusectl server: stopping the backend: {e}");
+        }
+    }
     save(&a.stats_file, &stats);
     eprintln!("abusectl server: {}", stats_json(&stats));
     result.map_err(|e| e.to_string())

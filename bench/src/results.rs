@@ -24,7 +24,11 @@ pub const JOBS: &[(&str, &str)] = &[
     ("seqread", "128k read"),
     ("seqwrite", "128k write"),
     ("first-writes", "cow first writes (4k, fsync/32, virtio)"),
-    ("rewrites", "rewrites (4k, fsync/32, virtio)"),
+    ("rewrites", "rewrites, same order (4k, fsync/32, virtio)"),
+    (
+        "rewrites-other-order",
+        "rewrites, other order (4k, fsync/32, virtio)",
+    ),
 ];
 
 /// Parses the results out of a console log. A job whose JSON is missing or

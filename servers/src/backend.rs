@@ -36,6 +36,10 @@ pub trait Backend: Send + Sync {
     fn io_threads(&self) -> usize {
         4
     }
+    /// The server stops cleanly: no request is in flight or will come.
+    fn stop(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An error for an operation a backend does not advertise.

@@ -257,11 +257,26 @@ fn workload(blocks: u64) -> Vec<Step> {
 
 #[test]
 fn every_crash_point_is_consistent() {
+    // Every flush goes to the journal.
+    every_crash_point(None, 1500);
+}
+
+#[test]
+fn every_crash_point_is_consistent_across_checkpoints() {
+    // Flushes alternate between the journal and checkpoints (into the
+    // table's slots, as every flush of a version 2 delta does).
+    every_crash_point(Some(4), 2000);
+}
+
+fn every_crash_point(journal_limit: Option<u32>, min_images: usize) {
     // Three table pages.
     let blocks = 2 * ENTRIES_PER_PAGE + 40;
     let base_bytes = pattern(999, blocks * BS);
     let base = MemStore::with(base_bytes.clone());
-    let (store, delta) = create(&base);
+    let (store, mut delta) = create(&base);
+    if let Some(limit) = journal_limit {
+        delta.limit_journal(limit);
+    }
     assert_eq!(delta.header().table_pages, 3);
     let start = store.bytes();
     let created = store.log().len();
@@ -294,7 +309,7 @@ fn every_crash_point_is_consistent() {
     }
     let log = store.log()[created..].to_vec();
     assert!(
-        flushed.len() >= 3 && log.len() > 60,
+        flushed.len() >= 3 && log.len() > 40,
         "the workload is too small to mean anything"
     );
 
@@ -339,7 +354,7 @@ fn every_crash_point_is_consistent() {
         }
     }
     eprintln!("{images} crash images checked");
-    assert!(images > 1500, "only {images} crash images");
+    assert!(images > min_images, "only {images} crash images");
     assert_eq!(base.bytes(), base_bytes, "the base was modified");
     assert!(base.log().is_empty(), "the base was written to");
 }
@@ -451,7 +466,8 @@ fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
 fn damage_is_refused_and_tearing_is_not_damage() {
     let blocks = 40;
     let base = MemStore::with(pattern(5, blocks * BS));
-    let (store, delta) = create(&base);
+    let (store, mut delta) = create(&base);
+    delta.limit_journal(0);
     delta.write(0, &pattern(6, BS), false).unwrap();
     delta.flush().unwrap();
     delta.write(BS as u64, &pattern(7, BS), false).unwrap();
@@ -506,6 +522,69 @@ fn damage_is_refused_and_tearing_is_not_damage() {
     let mut got = vec![0u8; BS];
     reopened.read(BS as u64, &mut got).unwrap();
     assert_eq!(got, pattern(7, BS));
+}
+
+/// The same for the journal: damage to a journal page a commit counts is
+/// refused, even where a later copy of the page exists; a journal page
+/// torn by a flush that never committed is not damage.
+#[test]
+fn journal_damage_is_refused_and_tearing_is_not_damage() {
+    let blocks = 40;
+    let base = MemStore::with(pattern(5, blocks * BS));
+    let (store, delta) = create(&base);
+    delta.write(0, &pattern(6, BS), false).unwrap();
+    delta.flush().unwrap();
+    delta.write(BS as u64, &pattern(7, BS), false).unwrap();
+    delta.flush().unwrap();
+    let good = store.bytes();
+    let h = delta.header().clone();
+    // Page 0 went to journal page 0 (flush 1), then journal page 1.
+    let jp = |i: u32| h.journal_offset(i) as usize;
+    for (what, at) in [
+        ("the committed copy", jp(1) + 100),
+        ("the superseded copy", jp(0) + 100),
+    ] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x40;
+        let msg = Delta::open(MemStore::with(bad), base.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: damage accepted"))
+            .to_string();
+        assert!(msg.contains("corrupt"), "{what}: {msg}");
+    }
+    // Past the committed journal: ignored.
+    let mut past = good.clone();
+    past[jp(2) + 100] ^= 0x40;
+    assert!(Delta::open(MemStore::with(past), base.clone()).is_ok());
+    // A third flush torn in its journal write: the second flush's state.
+    delta.write(2 * BS as u64, &pattern(8, BS), false).unwrap();
+    let before = store.log().len();
+    delta.flush().unwrap();
+    let mut torn = good.clone();
+    for op in &store.log()[before..] {
+        if let Op::Write(off, data) = op {
+            let off = *off as usize;
+            if off == jp(2) {
+                torn[off..off + 1536].copy_from_slice(&data[..1536]);
+                break;
+            }
+            if torn.len() < off + data.len() {
+                torn.resize(off + data.len(), 0);
+            }
+            torn[off..off + data.len()].copy_from_slice(data);
+        }
+    }
+    let reopened = Delta::open(MemStore::with(torn), base.clone())
+        .expect("a torn, uncommitted journal page is not damage");
+    let mut got = vec![0u8; BS];
+    reopened.read(BS as u64, &mut got).unwrap();
+    assert_eq!(got, pattern(7, BS));
+    reopened.read(2 * BS as u64, &mut got).unwrap();
+    assert_eq!(
+        got,
+        pattern(5, blocks * BS)[2 * BS..3 * BS],
+        "the torn flush's write"
+    );
 }
 
 #[test]
@@ -696,7 +775,12 @@ fn wrong_base_corrupt_and_truncated_deltas_are_refused() {
     bad[20] ^= 0xff;
     assert!(err(bad).contains("corrupt"));
     assert!(err(good[..6000].to_vec()).contains("truncated"));
-    assert!(err(good[..good.len() - 1].to_vec()).contains("outside the delta's data area"));
+    // Cut inside the block the write took (the file grows by a chunk of
+    // zeroes past it, so it is not the file's end).
+    let h = Header::decode(good[..4096].try_into().unwrap()).unwrap();
+    let cut = (h.data_offset + BS as u64 - 1) as usize;
+    assert!(good.len() > cut + BS);
+    assert!(err(good[..cut].to_vec()).contains("outside the delta's data area"));
     assert!(err(vec![0; 100]).contains("truncated"));
     // Opening never writes: the delta and the base are as they were.
     let store2 = MemStore::with(good.clone());
@@ -712,16 +796,18 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
-    /// A small valid delta with two committed flushes.
+    /// A small valid delta with three committed flushes: to the journal,
+    /// a checkpoint into the table, to the journal again.
     fn valid() -> (MemStore, Vec<u8>, Header) {
         let blocks = 30;
         let base = MemStore::with(pattern(31, blocks * BS));
-        let (store, delta) = create(&base);
+        let (store, mut delta) = create(&base);
+        delta.limit_journal(1);
         for b in 0..6 {
             delta
                 .write((b * 5 * BS) as u64, &pattern(b as u64, BS), false)
                 .unwrap();
-            if b % 3 == 2 {
+            if b % 2 == 1 {
                 delta.flush().unwrap();
             }
         }
@@ -754,7 +840,7 @@ mod fuzz {
             base_size in prop_oneof![Just(30 * 4096u64), any::<u64>()],
             data_offset in any::<u64>(),
             pages in prop_oneof![Just(1u32), any::<u32>()],
-            len in 0usize..300_000,
+            len in 0usize..600_000,
         ) {
             let (base, good, _) = valid();
             let mut img = good.clone();
@@ -770,14 +856,19 @@ mod fuzz {
 
         #[test]
         fn any_bytes_anywhere_in_the_metadata(
-            flips in proptest::collection::vec((0usize..4096 * 12, any::<u8>()), 1..16),
+            flips in proptest::collection::vec((0usize..4096 * 13, any::<u8>()), 1..16),
             resign_header in any::<bool>(),
         ) {
+            // The header, the commit records, the journal's first 8 pages
+            // (the flushes of `valid` wrote there) and the table's 2 slots.
             let (base, good, h) = valid();
-            let meta = h.work_offset() as usize;
             let mut img = good.clone();
             for (at, v) in flips {
-                let at = at % meta;
+                let at = if at < 4096 * 11 {
+                    at
+                } else {
+                    h.slot_offset(0, 0) as usize + at - 4096 * 11
+                };
                 img[at] = v;
             }
             if resign_header {
@@ -807,7 +898,7 @@ mod fuzz {
             img[other..other + PAGE].fill(0);
             let mut hash = [0u8; 32];
             xor_into(&mut hash, &page_hash(0, seq));
-            let c = Commit { seq, pages: hash }.encode();
+            let c = Commit { seq, pages: hash, journal: 0 }.encode(h.version);
             let slot = Commit::slot(seq) as usize;
             img[slot..slot + PAGE].copy_from_slice(&c);
             let stale = 4096 + 8192 - slot;
@@ -897,13 +988,11 @@ mod files {
         drop(cow);
         // After a reboot (another boot id in the working area) the table
         // alone counts: it has everything, since the flush.
-        let h = header(&delta);
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&delta)
+            .open(Cow::working_area_path(&delta).unwrap())
             .unwrap();
-        f.write_all_at(&[0xEE; 16], h.work_offset() + 3 * 8)
-            .unwrap();
+        f.write_all_at(&[0xEE; 16], 3 * 8).unwrap();
         drop(f);
         let cow = Cow::open(&delta, None).unwrap();
         assert_eq!(
@@ -931,16 +1020,16 @@ mod files {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&delta)
+            .open(Cow::working_area_path(&delta).unwrap())
             .unwrap();
         // A first server that died setting up: marker cleared.
-        f.write_all_at(&[0; 8], h.work_offset()).unwrap();
+        f.write_all_at(&[0; 8], 0).unwrap();
         let cow = Cow::open(&delta, None).unwrap();
         assert_eq!(cow.adopted(), None);
         assert_eq!(cow.mapped_blocks(), 2);
         drop(cow);
         // Two blocks mapped to one delta block in the working table.
-        let table = h.work_offset() + 8 * (512 + 2 * h.table_pages as u64);
+        let table = 8 * (512 + 2 * h.table_pages as u64);
         let mut e = [0u8; 8];
         f.read_exact_at(&mut e, table).unwrap();
         f.write_all_at(&e, table + 8 * 5).unwrap();
@@ -996,12 +1085,11 @@ mod files {
         // One server's FLUSH commits the other's first writes.
         b.flush().unwrap();
         drop((a, b));
-        let h = header(&delta);
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&delta)
+            .open(Cow::working_area_path(&delta).unwrap())
             .unwrap();
-        f.write_all_at(&[0; 8], h.work_offset()).unwrap(); // only the table counts
+        f.write_all_at(&[0; 8], 0).unwrap(); // only the table counts
         drop(f);
         let c = Cow::open(&delta, None).unwrap();
         assert_eq!(c.adopted(), None);
@@ -1144,4 +1232,38 @@ mod files {
         after.read(0, &mut got).unwrap();
         assert_eq!(got, want);
     }
+}
+
+/// A version 2 delta (no journal, its working area's room before the data)
+/// is still served: every flush commits through the table's slots.
+#[test]
+fn a_version_2_delta_is_still_served() {
+    let blocks = 40;
+    let base = MemStore::with(pattern(5, blocks * BS));
+    let (_, v3) = create(&base);
+    let mut h = v3.header().clone();
+    h.version = 2;
+    let p = h.table_pages as u64;
+    h.data_offset =
+        (3 * 4096 + 2 * 4096 * p + 4096 + 8 * (2 * p + h.nblocks())).next_multiple_of(4096);
+    let mut img = vec![0u8; h.data_offset as usize];
+    img[..PAGE].copy_from_slice(&h.encode());
+    let store = MemStore::with(img);
+    let d = Delta::open(store.clone(), base.clone()).expect("a version 2 delta");
+    assert_eq!(d.header().journal_pages(), 0);
+    d.write(3 * BS as u64 + 100, &pattern(9, 500), false)
+        .unwrap();
+    d.flush().unwrap();
+    let slot_a = h.slot_offset(0, 0);
+    assert!(
+        store
+            .log()
+            .iter()
+            .any(|o| matches!(o, Op::Write(off, _) if *off == slot_a)),
+        "the flush did not write the table's slot"
+    );
+    let d = Delta::open(MemStore::with(store.bytes()), base.clone()).unwrap();
+    let mut got = vec![0u8; 500];
+    d.read(3 * BS as u64 + 100, &mut got).unwrap();
+    assert_eq!(got, pattern(9, 500));
 }

@@ -35,12 +35,12 @@ all() {
   for j in randread randwrite qd1 seqread seqwrite; do job "$1" $j "$2"; done
 }
 
-# pass DEVICE JOB PATH: 4k random writes covering 64 MiB once, an fsync
-# (a FLUSH) every 32 writes.
+# pass DEVICE JOB PATH [FIO-ARGS]: 4k random writes covering 64 MiB once,
+# an fsync (a FLUSH) every 32 writes.
 pass() {
   echo "==== bench $1 $2"
   $FIO --name=p --filename="$3" --rw=randwrite --bs=4k --ioengine=libaio --direct=1 \
-    --iodepth=32 --numjobs=1 --size=64M --fsync=32 --group_reporting --thread --output-format=json ||
+    --iodepth=32 --numjobs=1 --size=64M --fsync=32 $4 --group_reporting --thread --output-format=json ||
     echo "bench: $1 $2 failed"
   echo "==== end"
 }
@@ -143,8 +143,10 @@ fi
 
 # Durability costs on a virtio disk (cache=none): 4 KiB cow blocks, so
 # every write of the first pass is a first write (a copy-on-write whose
-# mapping a FLUSH commits), the second pass rewrites; the file server does
-# the same passes over a file on the same disk.
+# mapping a FLUSH commits); the second pass rewrites in the same order
+# (fio's default seed: for cow, the delta blocks in the order they were
+# taken, so nearly sequential on disk), the third in another order; the
+# file server does the same passes over a file on the same disk.
 if [ -b /dev/vda ]; then
   /sbin/mke2fs -q -t ext4 -F /dev/vda && mkdir -p /vd && mount /dev/vda /vd
   dd if=/dev/zero of=/vd/cow-base.img bs=1M count=64 2>/dev/null
@@ -154,6 +156,7 @@ if [ -b /dev/vda ]; then
   sleep 1
   pass abuse-cow first-writes /dev/abuse0
   pass abuse-cow rewrites /dev/abuse0
+  pass abuse-cow rewrites-other-order /dev/abuse0 --randseed=4242
   kill -TERM $cs
   wait $cs
   abusectl reset /dev/abctl0
@@ -163,6 +166,7 @@ if [ -b /dev/vda ]; then
   sleep 1
   pass abuse-file first-writes /dev/abuse0
   pass abuse-file rewrites /dev/abuse0
+  pass abuse-file rewrites-other-order /dev/abuse0 --randseed=4242
   kill -TERM $fs
   wait $fs
   abusectl reset /dev/abctl0

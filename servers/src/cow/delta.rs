@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::format::{
-    self, decode_page, encode_page, page_hash, xor_into, Commit, FormatError, Header,
-    ENTRIES_PER_PAGE, PAGE,
+    self, decode_any_page, decode_page, encode_page, page_hash, xor_into, Commit, FormatError,
+    Header, ENTRIES_PER_PAGE, PAGE,
 };
 use super::storage::{Shared, Storage};
 
@@ -42,15 +42,17 @@ const W_UUID: usize = 1;
 const W_BOOT: usize = 3;
 const W_NEXT_FREE: usize = 5;
 const W_COMMITTED: usize = 6;
+const W_JOURNAL: usize = 7;
 const W_HASH: usize = 8;
 /// Words in the control page.
 const W_CONTROL: usize = PAGE / 8;
 /// `W_MARKER` of a working area that is set up.
 const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWRK");
 
-/// The working area: control words, per table page its committed version
-/// (`seq << 1 | slot`) and a dirty count, then the working table. Shared
-/// between processes through a mapping of the delta, or private.
+/// The working area: control words, per table page its newest version in
+/// its slots (`seq << 1 | slot`), a dirty count and the sequence of its
+/// committed version in the journal (0: none), then the working table.
+/// Shared between processes through a mapping in shared memory, or private.
 struct Working {
     map: Option<memmap2::MmapMut>,
     local: Vec<AtomicU64>,
@@ -73,6 +75,13 @@ impl Working {
 /// Lock bytes (beyond any real data) for cross-process exclusion.
 const LOCK_BASE: u64 = 1 << 62;
 const PAGE_LOCK: u64 = LOCK_BASE - 1;
+const GROW_LOCK: u64 = LOCK_BASE - 2;
+
+/// The delta grows by at least this much at a time, written with zeroes
+/// ahead of the blocks that fill it: a first write then changes no file
+/// metadata, so a FLUSH's fdatasyncs commit no filesystem journal (once
+/// per chunk instead of twice per flush).
+const GROW_CHUNK: u64 = 4 << 20;
 
 /// Lock stripes for first writes: writes to different parts of one block
 /// that is not yet copied must not both copy it.
@@ -95,8 +104,13 @@ enum Mode {
 /// What the table on disk says (the last committed flush).
 struct Durable {
     committed: u64,
-    /// Per page: `seq << 1 | slot` of its committed version.
+    /// Per page: `seq << 1 | slot` of its newest version in its slots.
     pages: Vec<u64>,
+    /// Per page: the sequence of its committed version in the journal, if
+    /// that is newer than its slots' (else 0).
+    journaled: Vec<u64>,
+    /// Journal pages in use.
+    journal: u32,
     hash: [u8; 32],
     table: Vec<u64>,
 }
@@ -114,6 +128,14 @@ pub struct Delta<S: Shared, B: Storage> {
     /// Set when the working area was found and kept (a server of this
     /// boot left it): how many of its mappings were not yet committed.
     adopted: Option<u64>,
+    /// Bytes of the delta known to be in the file (written, zeroes at
+    /// least): fresh blocks below it need no change of the file's size.
+    filled: AtomicU64,
+    /// Serialises this process's growing of the file (the OFD lock on
+    /// `GROW_LOCK` does it between processes).
+    grow_lock: Mutex<()>,
+    /// Journal pages this process's flushes use before a checkpoint.
+    journal_limit: u32,
 }
 
 /// Holds a cross-process lock byte; releases it when dropped.
@@ -217,7 +239,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
         let map = match mode {
             Mode::Inspect => None,
-            _ => store.map_shared(header.work_offset(), header.work_len())?,
+            _ => store.map_working(&header.uuid, header.work_len())?,
         };
         let local = if map.is_some() {
             Vec::new()
@@ -225,6 +247,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             let words = header.work_len() / 8;
             (0..words).map(|_| AtomicU64::new(0)).collect()
         };
+        let journal_limit = header.journal_pages();
         let mut delta = Delta {
             header,
             store,
@@ -233,6 +256,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             flush_lock: Mutex::new(()),
             adopted: None,
+            filled: AtomicU64::new(len),
+            grow_lock: Mutex::new(()),
+            journal_limit,
         };
         delta.set_up(mode)?;
         Ok(delta)
@@ -278,7 +304,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         self.header.table_pages as usize
     }
 
-    /// The committed version of each table page.
+    /// The newest version of each table page in its slots.
     fn page_meta(&self) -> &[AtomicU64] {
         &self.words()[W_CONTROL..W_CONTROL + self.pages()]
     }
@@ -288,9 +314,21 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self.words()[W_CONTROL + self.pages()..W_CONTROL + 2 * self.pages()]
     }
 
+    /// Per table page, the sequence of its committed version in the
+    /// journal (0: its slots hold it).
+    fn journaled(&self) -> &[AtomicU64] {
+        &self.words()[W_CONTROL + 2 * self.pages()..W_CONTROL + 3 * self.pages()]
+    }
+
+    /// The sequence of page `p`'s committed version.
+    fn committed_seq(&self, p: usize) -> u64 {
+        let home = self.page_meta()[p].load(Ordering::Acquire) >> 1;
+        home.max(self.journaled()[p].load(Ordering::Acquire))
+    }
+
     /// The working table: 0 = unmapped, d + 1 = delta block d.
     fn table(&self) -> &[AtomicU64] {
-        let at = W_CONTROL + 2 * self.pages();
+        let at = W_CONTROL + 3 * self.pages();
         &self.words()[at..at + self.header.nblocks() as usize]
     }
 
@@ -340,12 +378,17 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         w[W_MARKER].store(MARKER, Ordering::Release);
     }
 
-    /// Takes the committed state (sequence, page versions, hash) from disk.
+    /// Takes the committed state (sequence, page versions, journal, hash)
+    /// from disk.
     fn refresh_committed(&self, d: &Durable) {
         let w = self.words();
         for (m, &v) in self.page_meta().iter().zip(&d.pages) {
             m.store(v, Ordering::Relaxed);
         }
+        for (m, &v) in self.journaled().iter().zip(&d.journaled) {
+            m.store(v, Ordering::Relaxed);
+        }
+        w[W_JOURNAL].store(d.journal as u64, Ordering::Relaxed);
         for (i, chunk) in d.hash.chunks(8).enumerate() {
             w[W_HASH + i].store(
                 u64::from_le_bytes(chunk.try_into().unwrap()),
@@ -401,6 +444,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             return Err(format!("allocation mark {next} past the largest delta"));
         }
         Ok(pending)
+    }
+
+    /// Makes this process's flushes checkpoint once `pages` journal pages
+    /// are in use (at most the delta's journal): tests make checkpoints
+    /// come sooner with it.
+    pub fn limit_journal(&mut self, pages: u32) {
+        self.journal_limit = pages.min(self.header.journal_pages());
     }
 
     /// Marks the delta as being merged (durably), before the base changes.
@@ -540,6 +590,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         // it (readers see the base or the complete new block, never a mix).
         let d = self.allocate()?;
         let at = self.data_at(d + 1)?;
+        self.cover(at + self.bs())?;
         match piece {
             Piece::Data(data) => {
                 let mut full = vec![0u8; self.bs() as usize];
@@ -550,13 +601,35 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 self.store.write_at(&full, at)?;
             }
             Piece::Hole => {
-                // The file covers the block; the block reads as zeroes
-                // (a block allocated before a crash may hold old data).
-                self.store.write_at(&[0], at + self.bs() - 1)?;
+                // The block reads as zeroes (one allocated before a crash,
+                // or by a killed server, may hold old data).
                 self.store.punch(at, self.bs())?;
             }
         }
         self.publish(block, d);
+        Ok(())
+    }
+
+    /// Makes the file hold at least `end` bytes, growing it by a chunk of
+    /// zeroes when it does not. Only ever called for a block that is ours
+    /// and not yet written, so the zeroes overwrite nobody's data: every
+    /// block past the file's end is one whose writer is still here.
+    fn cover(&self, end: u64) -> io::Result<()> {
+        if self.filled.load(Ordering::Acquire) >= end {
+            return Ok(());
+        }
+        let _local = self.grow_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _shared = lock_byte(&self.store, GROW_LOCK)?;
+        let len = self.store.size()?;
+        let target = if len >= end {
+            len
+        } else {
+            let chunk = GROW_CHUNK.max(4 * self.bs());
+            let target = end.saturating_add(chunk).next_multiple_of(self.bs());
+            crate::backend::fill_zeroes(|b, at| self.store.write_at(b, at), len, target - len)?;
+            target
+        };
+        self.filled.fetch_max(target, Ordering::AcqRel);
         Ok(())
     }
 
@@ -581,55 +654,95 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     }
 
     /// Makes every acknowledged write durable: the data and the table pages
-    /// with uncommitted mappings (each into its other slot), then a commit
-    /// record that names their new versions. One flush commits the
-    /// first writes of every server of this delta.
+    /// with uncommitted mappings, then a commit record that names their new
+    /// versions. The pages go to the journal, one write, while it has room;
+    /// else every page changed since the journal was last emptied goes to
+    /// its own other slot (a checkpoint), and the journal starts over. One
+    /// flush commits the first writes of every server of this delta.
     pub fn flush(&self) -> io::Result<()> {
         let _local = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _shared = lock_byte(&self.store, PAGE_LOCK)?;
         self.catch_up()?;
         // Snapshot what is uncommitted: every mapping seen here points at
         // data written before it.
-        let mut snap = Vec::new();
-        for (p, dirty) in self.dirty().iter().enumerate() {
-            let v = dirty.load(Ordering::Acquire);
-            if v != 0 {
-                snap.push((p, v, self.page_entries(p)));
-            }
-        }
-        if snap.is_empty() {
+        let dirty: Vec<(usize, u64)> = self
+            .dirty()
+            .iter()
+            .enumerate()
+            .map(|(p, d)| (p, d.load(Ordering::Acquire)))
+            .filter(|&(_, v)| v != 0)
+            .collect();
+        if dirty.is_empty() {
             return self.store.sync();
         }
-        // The pages go to their other slots with the next sequence number:
-        // until a commit record names it they are ignored, so one sync makes
-        // the data and the pages durable together, and only then is the
-        // commit written (two syncs a flush, not three).
         let w = self.words();
         let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
+        let used = w[W_JOURNAL].load(Ordering::Acquire) as u32;
+        let journal = used as usize + dirty.len() <= self.journal_limit as usize;
+        // A checkpoint also writes the pages whose committed version is in
+        // the journal, which it empties.
+        let pages: Vec<usize> = if journal {
+            dirty.iter().map(|&(p, _)| p).collect()
+        } else {
+            (0..self.pages())
+                .filter(|&p| {
+                    self.dirty()[p].load(Ordering::Acquire) != 0
+                        || self.journaled()[p].load(Ordering::Acquire) != 0
+                })
+                .collect()
+        };
         let mut hash = [0u8; 32];
         for (i, chunk) in hash.chunks_mut(8).enumerate() {
             chunk.copy_from_slice(&w[W_HASH + i].load(Ordering::Acquire).to_le_bytes());
         }
-        for (p, _, entries) in &snap {
-            let meta = self.page_meta()[*p].load(Ordering::Acquire);
-            let (old, slot) = (meta >> 1, (meta & 1) as u32);
-            let bytes = encode_page(seq, *p as u32, entries);
-            self.store
-                .write_at(&bytes, self.header.slot_offset(*p as u32, 1 - slot))?;
-            xor_into(&mut hash, &page_hash(*p as u32, old));
-            xor_into(&mut hash, &page_hash(*p as u32, seq));
+        let mut bytes = Vec::with_capacity(pages.len() * PAGE);
+        for &p in &pages {
+            let page = encode_page(seq, p as u32, &self.page_entries(p));
+            xor_into(&mut hash, &page_hash(p as u32, self.committed_seq(p)));
+            xor_into(&mut hash, &page_hash(p as u32, seq));
+            if journal {
+                bytes.extend_from_slice(&page);
+            } else {
+                let slot = (self.page_meta()[p].load(Ordering::Acquire) & 1) as u32;
+                self.store
+                    .write_at(&page, self.header.slot_offset(p as u32, 1 - slot))?;
+            }
         }
+        if journal {
+            self.store
+                .write_at(&bytes, self.header.journal_offset(used))?;
+        }
+        // The new versions count for nothing until a commit record names
+        // them, so one sync makes the data and the pages durable together,
+        // and only then is the commit written (two syncs a flush).
         self.store.sync()?;
+        let now_used = if journal {
+            used + pages.len() as u32
+        } else {
+            0
+        };
+        let commit = Commit {
+            seq,
+            pages: hash,
+            journal: now_used,
+        };
         self.store
-            .write_at(&Commit { seq, pages: hash }.encode(), Commit::slot(seq))?;
+            .write_at(&commit.encode(self.header.version), Commit::slot(seq))?;
         self.store.sync()?;
         // Committed: record it (a server dying here is caught up by the
         // next flush, `catch_up`), and clear what was committed unless it
         // changed again meanwhile.
-        for (p, v, _) in &snap {
-            let meta = self.page_meta()[*p].load(Ordering::Acquire);
-            self.page_meta()[*p].store(seq << 1 | (1 - (meta & 1)), Ordering::Release);
-            let _ = self.dirty()[*p].compare_exchange(*v, 0, Ordering::AcqRel, Ordering::Acquire);
+        for &p in &pages {
+            if journal {
+                self.journaled()[p].store(seq, Ordering::Release);
+            } else {
+                let meta = self.page_meta()[p].load(Ordering::Acquire);
+                self.page_meta()[p].store(seq << 1 | (1 - (meta & 1)), Ordering::Release);
+                self.journaled()[p].store(0, Ordering::Release);
+            }
+        }
+        for &(p, v) in &dirty {
+            let _ = self.dirty()[p].compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire);
         }
         for (i, chunk) in hash.chunks(8).enumerate() {
             w[W_HASH + i].store(
@@ -637,6 +750,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 Ordering::Release,
             );
         }
+        w[W_JOURNAL].store(now_used as u64, Ordering::Release);
         w[W_COMMITTED].store(seq, Ordering::Release);
         Ok(())
     }
@@ -645,7 +759,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     /// the working area left the committed state behind: take it from disk.
     fn catch_up(&self) -> io::Result<()> {
         let committed = self.words()[W_COMMITTED].load(Ordering::Acquire);
-        let on_disk = read_commit(&self.store)
+        let on_disk = read_commit(&self.store, &self.header)
             .map_err(corrupt)?
             .map_or(0, |c| c.seq);
         if on_disk != committed {
@@ -688,12 +802,12 @@ fn random_uuid() -> io::Result<[u8; 16]> {
 }
 
 /// The latest commit record, if any was written (a damaged one is an error).
-fn read_commit<S: Storage>(store: &S) -> Result<Option<Commit>, DeltaError> {
+fn read_commit<S: Storage>(store: &S, h: &Header) -> Result<Option<Commit>, DeltaError> {
     let mut best: Option<Commit> = None;
     for slot in 0..2u32 {
         let mut b = [0u8; PAGE];
         store.read_at(&mut b, format::COMMIT_OFFSET + slot as u64 * PAGE as u64)?;
-        if let Some(c) = Commit::decode(&b, slot)? {
+        if let Some(c) = Commit::decode(&b, slot, h)? {
             if best.is_none_or(|x| c.seq > x.seq) {
                 best = Some(c);
             }
@@ -709,10 +823,29 @@ fn read_commit<S: Storage>(store: &S) -> Result<Option<Commit>, DeltaError> {
 /// was damaged: that is refused, never rolled back. Every mapping must
 /// point inside the data area, at a block of its own, within the file.
 fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError> {
-    let commit = read_commit(store)?;
+    let commit = read_commit(store, h)?;
     let committed = commit.map_or(0, |c| c.seq);
+    let journal = commit.map_or(0, |c| c.journal);
+    // The journal's pages in use were all durable before the commit that
+    // counts them was written: one that is not intact, or names a page the
+    // delta does not have or a later flush, is damage.
+    let mut in_journal: std::collections::HashMap<u32, (u64, [u64; ENTRIES_PER_PAGE])> =
+        std::collections::HashMap::new();
+    for i in 0..journal {
+        let mut b = [0u8; PAGE];
+        store.read_at(&mut b, h.journal_offset(i))?;
+        match decode_any_page(&b) {
+            Some((seq, p, e)) if p < h.table_pages && seq <= committed => {
+                if in_journal.get(&p).is_none_or(|(s, _)| seq > *s) {
+                    in_journal.insert(p, (seq, e));
+                }
+            }
+            _ => return Err(FormatError::TableCorrupt.into()),
+        }
+    }
     let nblocks = h.nblocks();
     let mut pages = Vec::with_capacity(h.table_pages as usize);
+    let mut journaled = Vec::with_capacity(h.table_pages as usize);
     let mut table = Vec::with_capacity(nblocks as usize);
     let mut hash = [0u8; 32];
     for p in 0..h.table_pages {
@@ -729,8 +862,18 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
         // Never committed: every block of the page unmapped (slot B is
         // "current", so the first write goes to slot A).
         let (seq, slot, entries) = found.unwrap_or((0, 1, [0; ENTRIES_PER_PAGE]));
-        xor_into(&mut hash, &page_hash(p, seq));
         pages.push(seq << 1 | slot as u64);
+        let (seq, entries) = match in_journal.remove(&p) {
+            Some((js, je)) if js > seq => {
+                journaled.push(js);
+                (js, je)
+            }
+            _ => {
+                journaled.push(0);
+                (seq, entries)
+            }
+        };
+        xor_into(&mut hash, &page_hash(p, seq));
         let first = p as u64 * ENTRIES_PER_PAGE as u64;
         let n = (nblocks - first).min(ENTRIES_PER_PAGE as u64) as usize;
         if entries[n..].iter().any(|&e| e != 0) {
@@ -775,6 +918,8 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
     Ok(Durable {
         committed,
         pages,
+        journaled,
+        journal,
         hash,
         table,
     })

@@ -5,7 +5,14 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"ABUSECOW";
-pub const VERSION: u32 = 2;
+/// The version `create` writes; version 2 (no journal) is still read
+/// and served.
+pub const VERSION: u32 = 3;
+/// Pages in a version 3 delta's page journal: 16 per table page (so that
+/// flushes checkpoint rarely), from 64 to 1024.
+pub fn journal_pages(table_pages: u32) -> u32 {
+    table_pages.saturating_mul(16).clamp(64, 1024)
+}
 pub const PAGE: usize = 4096;
 /// Table entries per page (after the 16-byte page header).
 pub const ENTRIES_PER_PAGE: usize = (PAGE - 16) / 8;
@@ -24,17 +31,16 @@ const HEADER_CRC_AT: usize = PATH_AT + PATH_LEN;
 pub const FLAG_MERGING: u32 = 1;
 /// Offset of the two commit slots (A, B), one page each.
 pub const COMMIT_OFFSET: u64 = PAGE as u64;
-/// Offset of the first table page slot.
-pub const TABLE_OFFSET: u64 = 3 * PAGE as u64;
+/// Offset of the journal (version 3), or the table (version 2).
+pub const JOURNAL_OFFSET: u64 = 3 * PAGE as u64;
 const COMMIT_MAGIC: &[u8; 8] = b"ABUSECMT";
-const COMMIT_CRC_AT: usize = 48;
 
 /// Why a delta cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
     #[error("not an ABUSE cow delta (bad magic)")]
     Magic,
-    #[error("unsupported delta version {0} (this is version {VERSION})")]
+    #[error("unsupported delta version {0} (this build reads versions 2 and {VERSION})")]
     Version(u32),
     #[error("the delta header is corrupt (checksum mismatch)")]
     HeaderChecksum,
@@ -57,6 +63,8 @@ pub enum FormatError {
 /// The delta's header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// 2 or 3 (which has a page journal).
+    pub version: u32,
     pub block_size: u32,
     pub virtual_size: u64,
     pub base_size: u64,
@@ -92,10 +100,11 @@ impl Header {
         base_path: &str,
     ) -> Result<Self, FormatError> {
         let virtual_size = base.size - base.size % block_size.max(1) as u64;
-        Self::with_geometry(block_size, virtual_size, base, uuid, base_path)
+        Self::with_geometry(VERSION, block_size, virtual_size, base, uuid, base_path)
     }
 
     fn with_geometry(
+        version: u32,
         block_size: u32,
         virtual_size: u64,
         base: &BaseId,
@@ -136,6 +145,7 @@ impl Header {
             return bad(format!("base path longer than {} bytes", PATH_LEN - 1));
         }
         let mut h = Header {
+            version,
             block_size,
             virtual_size,
             base_size: base.size,
@@ -148,7 +158,14 @@ impl Header {
             flags: 0,
         };
         // No overflow: nblocks <= 2^48, so every term is far below 2^64.
-        h.data_offset = (h.work_offset() + h.work_len()).next_multiple_of(block_size as u64);
+        // Version 2 kept its working area in the file, before the data.
+        let table_end = h.table_offset() + 2 * PAGE as u64 * table_pages as u64;
+        h.data_offset = match version {
+            2 => table_end + (PAGE as u64 + 8 * (2 * table_pages as u64 + nblocks)),
+            _ => table_end,
+        }
+        .next_multiple_of(PAGE as u64)
+        .next_multiple_of(block_size as u64);
         Ok(h)
     }
 
@@ -156,15 +173,34 @@ impl Header {
         self.virtual_size / self.block_size as u64
     }
 
-    /// The working area (see `delta::Working`): a page of control words,
-    /// then per table page its committed version and a dirty mark, then
-    /// one word per block (the working table).
-    pub fn work_offset(&self) -> u64 {
-        TABLE_OFFSET + 2 * PAGE as u64 * self.table_pages as u64
+    /// Pages in the journal (0: version 2 has none).
+    pub fn journal_pages(&self) -> u32 {
+        if self.version >= 3 {
+            journal_pages(self.table_pages)
+        } else {
+            0
+        }
     }
 
+    /// Byte offset of journal page `i`.
+    pub fn journal_offset(&self, i: u32) -> u64 {
+        JOURNAL_OFFSET + i as u64 * PAGE as u64
+    }
+
+    fn table_offset(&self) -> u64 {
+        self.journal_offset(self.journal_pages())
+    }
+
+    /// Where the metadata ends (the data area starts at or after it).
+    pub fn metadata_end(&self) -> u64 {
+        self.table_offset() + 2 * PAGE as u64 * self.table_pages as u64
+    }
+
+    /// The size of the working area (see `delta::Working`, which lives in
+    /// shared memory): a page of control words, then three words per table
+    /// page, then one word per block (the working table).
     pub fn work_len(&self) -> u64 {
-        (PAGE as u64 + 8 * (2 * self.table_pages as u64 + self.nblocks()))
+        (PAGE as u64 + 8 * (3 * self.table_pages as u64 + self.nblocks()))
             .next_multiple_of(PAGE as u64)
     }
 
@@ -184,7 +220,7 @@ impl Header {
 
     /// Byte offset of slot `slot` (0 = A, 1 = B) of table page `page`.
     pub fn slot_offset(&self, page: u32, slot: u32) -> u64 {
-        TABLE_OFFSET + (2 * page as u64 + slot as u64) * PAGE as u64
+        self.table_offset() + (2 * page as u64 + slot as u64) * PAGE as u64
     }
 
     pub fn base_id(&self) -> BaseId {
@@ -198,7 +234,7 @@ impl Header {
     pub fn encode(&self) -> [u8; PAGE] {
         let mut b = [0u8; PAGE];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
         b[16..24].copy_from_slice(&self.virtual_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.base_size.to_le_bytes());
@@ -223,8 +259,9 @@ impl Header {
         if crc32c::crc32c(&b[..HEADER_CRC_AT]) != u32_at(HEADER_CRC_AT) {
             return Err(FormatError::HeaderChecksum);
         }
-        if u32_at(8) != VERSION {
-            return Err(FormatError::Version(u32_at(8)));
+        let version = u32_at(8);
+        if version != 2 && version != VERSION {
+            return Err(FormatError::Version(version));
         }
         let path_bytes = &b[PATH_AT..PATH_AT + PATH_LEN];
         let end = path_bytes
@@ -238,6 +275,7 @@ impl Header {
             digest: b[64..96].try_into().unwrap(),
         };
         let mut h = Header::with_geometry(
+            version,
             u32_at(12),
             u64_at(16),
             &base,
@@ -261,11 +299,24 @@ impl Header {
 }
 
 /// A commit record: flush `seq` made durable the table pages whose
-/// committed versions hash to `pages`.
+/// committed versions hash to `pages`, some of them in the first `journal`
+/// pages of the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Commit {
     pub seq: u64,
     pub pages: [u8; 32],
+    /// Journal pages in use (always 0 in version 2).
+    pub journal: u32,
+}
+
+/// Where a commit record's checksum lies: version 2's records end at the
+/// hash, version 3's hold the journal's length after it.
+fn commit_crc_at(version: u32) -> usize {
+    if version >= 3 {
+        52
+    } else {
+        48
+    }
 }
 
 impl Commit {
@@ -275,34 +326,49 @@ impl Commit {
         COMMIT_OFFSET + (seq % 2) * PAGE as u64
     }
 
-    pub fn encode(&self) -> [u8; PAGE] {
+    pub fn encode(&self, version: u32) -> [u8; PAGE] {
         let mut b = [0u8; PAGE];
         b[0..8].copy_from_slice(COMMIT_MAGIC);
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..48].copy_from_slice(&self.pages);
-        let crc = crc32c::crc32c(&b[..COMMIT_CRC_AT]);
-        b[COMMIT_CRC_AT..COMMIT_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let at = commit_crc_at(version);
+        if version >= 3 {
+            b[48..52].copy_from_slice(&self.journal.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b[..at]);
+        b[at..at + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// `Ok(None)`: never written (all zero). The record lies in one
     /// 512-byte sector, which a disk writes whole or not at all, so a bad
     /// checksum is damage, not a torn write.
-    pub fn decode(b: &[u8; PAGE], slot: u32) -> Result<Option<Commit>, FormatError> {
+    /// A journal longer than the delta's is damage too.
+    pub fn decode(b: &[u8; PAGE], slot: u32, h: &Header) -> Result<Option<Commit>, FormatError> {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
         }
-        let crc = u32::from_le_bytes(b[COMMIT_CRC_AT..COMMIT_CRC_AT + 4].try_into().unwrap());
-        if &b[0..8] != COMMIT_MAGIC || crc != crc32c::crc32c(&b[..COMMIT_CRC_AT]) {
+        let at = commit_crc_at(h.version);
+        let crc = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        if &b[0..8] != COMMIT_MAGIC || crc != crc32c::crc32c(&b[..at]) {
             return Err(FormatError::CommitRecord(slot));
         }
         let seq = u64::from_le_bytes(b[8..16].try_into().unwrap());
-        if seq == 0 || Commit::slot(seq) != COMMIT_OFFSET + slot as u64 * PAGE as u64 {
+        let journal = if h.version >= 3 {
+            u32::from_le_bytes(b[48..52].try_into().unwrap())
+        } else {
+            0
+        };
+        if seq == 0
+            || Commit::slot(seq) != COMMIT_OFFSET + slot as u64 * PAGE as u64
+            || journal > h.journal_pages()
+        {
             return Err(FormatError::CommitRecord(slot));
         }
         Ok(Some(Commit {
             seq,
             pages: b[16..48].try_into().unwrap(),
+            journal,
         }))
     }
 }
@@ -341,17 +407,23 @@ fn page_crc(b: &[u8; PAGE]) -> u32 {
 
 /// Decodes a slot: Some((seq, entries)) if it is written and intact.
 pub fn decode_page(b: &[u8; PAGE], index: u32) -> Option<(u64, [u64; ENTRIES_PER_PAGE])> {
+    decode_any_page(b).and_then(|(seq, idx, e)| (idx == index).then_some((seq, e)))
+}
+
+/// Decodes a page of any index (a journal page): Some((seq, index,
+/// entries)) if it is written and intact.
+pub fn decode_any_page(b: &[u8; PAGE]) -> Option<(u64, u32, [u64; ENTRIES_PER_PAGE])> {
     let seq = u64::from_le_bytes(b[0..8].try_into().unwrap());
     let idx = u32::from_le_bytes(b[8..12].try_into().unwrap());
     let crc = u32::from_le_bytes(b[12..16].try_into().unwrap());
-    if seq == 0 || idx != index || crc != page_crc(b) {
+    if seq == 0 || crc != page_crc(b) {
         return None;
     }
     let mut e = [0u64; ENTRIES_PER_PAGE];
     for (i, x) in e.iter_mut().enumerate() {
         *x = u64::from_le_bytes(b[16 + 8 * i..24 + 8 * i].try_into().unwrap());
     }
-    Some((seq, e))
+    Some((seq, idx, e))
 }
 
 /// The base's full identity: SHA-256 over the SHA-256s of its 1 MiB
@@ -438,12 +510,24 @@ mod tests {
         assert_eq!(Header::decode(&h.encode()), Ok(h.clone()));
         assert_eq!(h.nblocks(), 1024);
         assert_eq!(h.table_pages, 3);
+        assert_eq!(h.version, VERSION);
         assert_eq!(h.data_offset % 65536, 0);
-        assert!(h.data_offset >= h.work_offset() + h.work_len());
-        // Small blocks: the data area starts right after the working area.
+        assert!(h.data_offset >= h.metadata_end());
+        assert_eq!(
+            h.slot_offset(0, 0),
+            3 * 4096 + 64 * 4096,
+            "after the journal"
+        );
+        // Small blocks: the data area starts right after the table.
         let small = Header::new(4096, &base(96 << 10), [0; 16], "").unwrap();
-        assert_eq!(small.data_offset, small.work_offset() + small.work_len());
-        assert_eq!(h.work_offset(), 3 * 4096 + 6 * 4096);
+        assert_eq!(small.data_offset, small.metadata_end());
+        // Version 2: no journal, the old working area before the data.
+        let v2 = Header::with_geometry(2, 4096, 96 << 10, &base(96 << 10), [0; 16], "").unwrap();
+        assert_eq!(v2.journal_pages(), 0);
+        assert_eq!(v2.slot_offset(0, 0), 3 * 4096);
+        // Header, commits, one page's two slots, the old working area.
+        assert_eq!(v2.data_offset, 7 * 4096);
+        assert_eq!(Header::decode(&v2.encode()), Ok(v2.clone()));
         // A base that is not a whole number of blocks: rounded down.
         let odd = Header::new(65536, &base((64 << 20) + 1000), [0; 16], "").unwrap();
         assert_eq!(odd.virtual_size, 64 << 20);
@@ -479,27 +563,38 @@ mod tests {
         assert!(Header::new(4096, &base(100), [0; 16], "").is_err());
         assert!(Header::new(4096, &base(1 << 62), [0; 16], "").is_err());
         // A virtual size that is not the base's, rounded down.
-        assert!(Header::with_geometry(4096, 8192, &base(1 << 20), [0; 16], "").is_err());
-        assert!(Header::with_geometry(4096, 2 << 20, &base(1 << 20), [0; 16], "").is_err());
+        assert!(Header::with_geometry(3, 4096, 8192, &base(1 << 20), [0; 16], "").is_err());
+        assert!(Header::with_geometry(3, 4096, 2 << 20, &base(1 << 20), [0; 16], "").is_err());
     }
 
     #[test]
     fn commit_records_tell_damage_from_never_written() {
+        let h = header();
         let c = Commit {
             seq: 7,
             pages: [3; 32],
+            journal: 12,
         };
-        let b = c.encode();
-        assert_eq!(Commit::decode(&b, 1), Ok(Some(c)));
-        assert_eq!(Commit::decode(&[0; PAGE], 0), Ok(None));
+        let b = c.encode(3);
+        assert_eq!(Commit::decode(&b, 1, &h), Ok(Some(c)));
+        assert_eq!(Commit::decode(&[0; PAGE], 0, &h), Ok(None));
         assert_eq!(
-            Commit::decode(&b, 0),
+            Commit::decode(&b, 0, &h),
             Err(FormatError::CommitRecord(0)),
             "seq 7 lives in slot 1"
         );
         let mut bad = b;
         bad[20] ^= 1;
-        assert_eq!(Commit::decode(&bad, 1), Err(FormatError::CommitRecord(1)));
+        assert_eq!(
+            Commit::decode(&bad, 1, &h),
+            Err(FormatError::CommitRecord(1))
+        );
+        let long = Commit { journal: 65, ..c };
+        assert_eq!(
+            Commit::decode(&long.encode(3), 1, &h),
+            Err(FormatError::CommitRecord(1)),
+            "a journal longer than the delta's"
+        );
     }
 
     #[test]

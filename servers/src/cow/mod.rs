@@ -150,8 +150,8 @@ impl storage::Storage for Flock<File> {
 }
 
 impl storage::Shared for Flock<File> {
-    fn map_shared(&self, offset: u64, len: u64) -> io::Result<Option<memmap2::MmapMut>> {
-        storage::Shared::map_shared(&**self, offset, len)
+    fn map_working(&self, uuid: &[u8; 16], len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+        storage::Shared::map_working(&**self, uuid, len)
     }
     fn lock_byte(&self, at: u64) -> io::Result<()> {
         storage::Shared::lock_byte(&**self, at)
@@ -291,6 +291,17 @@ impl Cow {
         })
     }
 
+    /// Where the working area of the delta at `delta` lives (while any
+    /// server of this boot has served it).
+    pub fn working_area_path(delta: &Path) -> Result<PathBuf, CowError> {
+        let file = File::open(delta).map_err(io_err(delta))?;
+        let mut hb = [0u8; format::PAGE];
+        storage::Storage::read_at(&file, &mut hb, 0).map_err(io_err(delta))?;
+        let h = format::Header::decode(&hb)
+            .map_err(|e| CowError::Delta(delta.to_path_buf(), e.into()))?;
+        storage::working_path(&file, &h.uuid).map_err(io_err(delta))
+    }
+
     fn delta_store(&self) -> &Flock<File> {
         self.delta.store()
     }
@@ -427,7 +438,11 @@ impl Cow {
         drop(base);
         // Start the delta over: a fresh one describing the merged base.
         let base_path = self.base_path.clone();
+        let work = storage::working_path(self.delta_store(), &h.uuid);
         drop(self);
+        if let Ok(work) = work {
+            let _ = std::fs::remove_file(work);
+        }
         let tmp = delta_path.with_extension("merging");
         let _ = std::fs::remove_file(&tmp);
         // `self` (and its exclusive lock on the base) is gone: the new
@@ -466,5 +481,20 @@ impl Backend for Cow {
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.delta.write_zeroes(offset, len, unmap)
+    }
+
+    /// The last server to stop commits everything and leaves no working
+    /// area behind (the table then says all it held).
+    fn stop(&self) -> io::Result<()> {
+        self.delta.flush()?;
+        if self
+            .delta_store()
+            .relock(FlockArg::LockExclusiveNonblock)
+            .is_ok()
+        {
+            let path = storage::working_path(self.delta_store(), &self.delta.header().uuid)?;
+            std::fs::remove_file(path)?;
+        }
+        Ok(())
     }
 }

@@ -62,12 +62,13 @@ impl Storage for File {
     }
 }
 
-/// What serving processes share: a mapping of the working area, and locks.
-/// Storage without them (the tests' in-memory files) is private to one
-/// `Delta`, whose own mutexes then suffice.
+/// What serving processes share: the working area, and locks. Storage
+/// without them (the tests' in-memory files) is private to one `Delta`,
+/// whose own mutexes then suffice.
 pub trait Shared: Storage {
-    /// A shared, writable mapping of `len` bytes at `offset`.
-    fn map_shared(&self, _offset: u64, _len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+    /// A shared, writable mapping of the working area of the delta named
+    /// `uuid` (`len` bytes, zeroes when new).
+    fn map_working(&self, _uuid: &[u8; 16], _len: u64) -> io::Result<Option<memmap2::MmapMut>> {
         Ok(None)
     }
     /// Takes the cross-process lock on byte `at`, waiting for it.
@@ -78,12 +79,30 @@ pub trait Shared: Storage {
         Ok(())
     }
     /// This boot's id: a working area left by a server of this boot is
-    /// live memory (the page cache of the delta) and may be adopted; one
-    /// from another boot is whatever reached the disk before a crash, and
-    /// is rebuilt from the table. None: never adopt.
+    /// live memory and may be adopted; one from another boot is rebuilt
+    /// from the table. None: never adopt.
     fn boot_id(&self) -> Option<[u8; 16]> {
         None
     }
+}
+
+/// Where the working areas live: shared memory, so that a delta's fsyncs
+/// never write them back, a killed server's survive for the next one, and
+/// a reboot clears them. `ABUSE_COW_WORKDIR` overrides it.
+pub fn working_dir() -> std::path::PathBuf {
+    std::env::var_os("ABUSE_COW_WORKDIR")
+        .map(Into::into)
+        .unwrap_or_else(|| "/dev/shm".into())
+}
+
+/// The working area's file for the delta `file` named `uuid`: the file's
+/// identity is in the name too, so that a copy of a delta (same uuid)
+/// served at the same time gets its own.
+pub fn working_path(file: &File, uuid: &[u8; 16]) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(working_dir().join(format!("abuse-cow-{hex}-{:x}-{}", m.dev(), m.ino())))
 }
 
 /// The kernel's boot id (/proc/sys/kernel/random/boot_id), as 16 bytes.
@@ -129,15 +148,48 @@ pub fn read_lock_byte(file: &File, at: u64) -> io::Result<()> {
 }
 
 impl Shared for File {
-    fn map_shared(&self, offset: u64, len: u64) -> io::Result<Option<memmap2::MmapMut>> {
-        // SAFETY: the mapped range is the delta's working area, which other
+    fn map_working(&self, uuid: &[u8; 16], len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let path = working_path(self, uuid)?;
+        let meta = self.metadata()?;
+        let area = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        // Whoever may serve the delta may share its working area.
+        if nix::unistd::geteuid().is_root() {
+            let _ = nix::unistd::fchown(
+                area.as_raw_fd(),
+                Some(meta.uid().into()),
+                Some(meta.gid().into()),
+            );
+        }
+        let _ = area.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o660));
+        // Reserve it now: a full tmpfs is an error here, not a SIGBUS later.
+        if area.metadata()?.len() < len {
+            nix::fcntl::posix_fallocate(area.as_raw_fd(), 0, len as i64).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!(
+                        "{}: cannot reserve {len} bytes for the working area ({e}); \
+                         make room, or set ABUSE_COW_WORKDIR",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+        // SAFETY: the file is the delta's working area, which other
         // processes change concurrently by design; it is only ever accessed
-        // through atomics (see `delta::Working`).
+        // through atomics (see `delta::Working`), and never truncated.
         let map = unsafe {
             memmap2::MmapOptions::new()
-                .offset(offset)
                 .len(len as usize)
-                .map_mut(self)?
+                .map_mut(&area)?
         };
         Ok(Some(map))
     }
