@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps bench-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean install install-test
+.PHONY: all deps bench-deps rbd-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean install install-test rbd-test
 
 all: driver
 	cargo build --workspace --release
@@ -15,6 +15,10 @@ deps:
 ## The peers make bench compares with: rublk, nbdkit, nbd-client (idempotent).
 bench-deps: deps
 	scripts/bench-deps.sh
+
+## Ceph (monitor, OSD, the rbd tool, librbd) for make rbd-test (idempotent).
+rbd-deps: deps
+	scripts/rbd-deps.sh
 
 ## Build the guest kernels (cached outside the checkout, keyed by config).
 kernel: deps
@@ -35,9 +39,10 @@ host-test:
 vm-test: kernel
 	tests/vm/run.sh --flavor test $(if $(SCENARIO),--scenario $(SCENARIO))
 
-## Everything: host tests, then the VM suite.
+## Everything: host tests, the rbd tests, the install layout, the VM suite.
 test: deps
 	$(MAKE) host-test
+	$(MAKE) rbd-test
 	$(MAKE) install-test
 	$(MAKE) vm-test
 
@@ -56,6 +61,15 @@ bench: deps bench-deps kernel-bench
 	done
 	cargo run --quiet --release -p abuse-bench -- $$(seq -f 'target/bench/run-%g.log' $(BENCH_RUNS)) \
 	  --json target/bench/bench.json --png target/bench/bench.png
+
+## The rbd backend against a one-node Ceph cluster on this machine
+## (memstore OSD, 127.0.0.1 only), torn down afterwards.
+CEPH_DIR ?= /tmp/abuse-ceph
+rbd-test: rbd-deps
+	cargo build --workspace --tests
+	scripts/ceph-one-node.sh start $(CEPH_DIR) >/dev/null
+	ABUSE_RBD_CONF=$(CEPH_DIR)/ceph.conf cargo test -p abuse-servers --test conformance rbd -- --ignored; \
+	  rc=$$?; scripts/ceph-one-node.sh stop $(CEPH_DIR); exit $$rc
 
 ## Install on this machine: abusectl, man pages, completions, udev rule,
 ## modules-load entry, abuse-server@.service, and the module for KDIR's

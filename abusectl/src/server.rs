@@ -18,9 +18,9 @@ use crate::opts::{parse_size, SetupOpts};
 pub struct ServerArgs {
     /// The control node, e.g. /dev/abctl0.
     ctl: PathBuf,
-    /// The backend: `null [SIZE]`, `file PATH`, `cow DELTA [BASE]` or
-    /// `nbd ADDRESS` (unix:PATH, nbd://HOST[:PORT][/EXPORT],
-    /// nbd+unix:///EXPORT?socket=PATH).
+    /// The backend: `null [SIZE]`, `file PATH`, `cow DELTA [BASE]`,
+    /// `qcow2 IMAGE`, `nbd ADDRESS` (unix:PATH, nbd://HOST[:PORT][/EXPORT],
+    /// nbd+unix:///EXPORT?socket=PATH) or `rbd POOL/IMAGE`.
     backend: String,
     /// The backend's arguments.
     args: Vec<String>,
@@ -42,12 +42,19 @@ pub struct ServerArgs {
     /// Configure the device first (setup options; size defaults to the backend's).
     #[arg(long, value_name = "OPTS")]
     setup: Option<String>,
-    /// file: open read-only (the device is set up read-only).
+    /// file, qcow2, rbd: open read-only (the device is set up read-only).
     #[arg(long)]
     ro: bool,
     /// file: O_DIRECT.
     #[arg(long)]
     direct: bool,
+    /// rbd: the Ceph configuration [default: librados' search, e.g.
+    /// /etc/ceph/ceph.conf].
+    #[arg(long, value_name = "FILE")]
+    conf: Option<PathBuf>,
+    /// rbd: the Ceph client id (`admin` for client.admin).
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
     /// Write this server's counters here as JSON (every second and at exit).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
@@ -79,6 +86,25 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
             }
             Ok(Arc::new(cow))
         }
+        ("qcow2", [path]) => {
+            let q = abuse_servers::qcow2::Qcow2::open(path.as_ref(), a.ro)
+                .map_err(|e| format!("{path}: {e}"))?;
+            Ok(Arc::new(q))
+        }
+        ("qcow2", _) => Err("usage: abusectl server CTL qcow2 IMAGE".into()),
+        ("rbd", [image]) => {
+            let spec = abuse_servers::rbd::RbdSpec {
+                conf: a.conf.clone(),
+                id: a.id.clone(),
+                read_only: a.ro,
+                ..abuse_servers::rbd::RbdSpec::parse(image)?
+            };
+            let r = abuse_servers::rbd::Rbd::open(&spec).map_err(|e| format!("{image}: {e}"))?;
+            Ok(Arc::new(r))
+        }
+        ("rbd", _) => {
+            Err("usage: abusectl server CTL rbd POOL/IMAGE [--conf FILE] [--id NAME]".into())
+        }
         ("nbd", [addr]) => {
             let addr = abuse_servers::nbd::Address::parse(addr)?;
             let nbd = abuse_servers::nbd::Nbd::connect(addr).map_err(|e| e.to_string())?;
@@ -88,7 +114,7 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
         ("cow", _) => Err("usage: abusectl server CTL cow DELTA [BASE]".into()),
         ("null", _) => Err("usage: abusectl server CTL null [SIZE]".into()),
         ("file", _) => Err("usage: abusectl server CTL file PATH".into()),
-        (other, _) => Err(format!("unknown backend '{other}' (null, file, cow, nbd)")),
+        (other, _) => Err(format!("unknown backend '{other}' (null, file, cow, qcow2, nbd, rbd)")),
     }
 }
 

@@ -151,6 +151,7 @@ pub fn ublk_peer(device: &str) -> Option<&'static str> {
     match device {
         "abuse-null" | "abuse-nbd" | "nbd-memory" | "null_blk" => Some("ublk-null"),
         "abuse-file" | "abuse-cow" | "loop" | "nbd-file" => Some("ublk-loop"),
+        "abuse-qcow2" | "nbd-qcow2" => Some("ublk-qcow2"),
         _ => None,
     }
 }
@@ -221,7 +222,7 @@ mod tests {
 
     #[test]
     fn every_abuse_device_has_a_ublk_peer() {
-        for d in ["abuse-null", "abuse-file", "abuse-cow"] {
+        for d in ["abuse-null", "abuse-file", "abuse-cow", "abuse-qcow2"] {
             assert!(ublk_peer(d).is_some(), "{d}");
         }
     }

@@ -11,6 +11,9 @@ pub mod engine;
 pub mod file;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
+pub mod rbd;
+pub mod sync;
 
 pub use backend::Backend;
 pub use engine::{serve, EngineConfig, Stats};

@@ -1,4 +1,4 @@
-//! One conformance suite every backend runs: file, cow and nbd (against an
+//! One conformance suite every backend runs: file, cow, qcow2 and nbd (against an
 //! in-process NBD server). A new backend gets a `#[test]` that calls
 //! [`conformance`] on it and is checked the same way: read-after-write at
 //! odd offsets and lengths, flush, discard and write-zeroes reading zero,
@@ -138,6 +138,52 @@ fn cow_backend_conforms() {
     assert_eq!(
         back,
         pattern(5, SIZE as usize)[(SIZE - 8192) as usize..][..4096]
+    );
+}
+
+#[test]
+fn qcow2_backend_conforms() {
+    // Over a backing file, with 4 KiB clusters (so the 16 KiB contended
+    // region spans four allocating writes), then checked by qemu-img.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, pattern(5, SIZE as usize)).unwrap();
+    let img = dir.path().join("top.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+        ])
+        .arg(&base)
+        .args(["-F", "raw"])
+        .arg(&img)
+        .status()
+        .expect("qemu-img (make deps installs it)");
+    assert!(ok.success());
+    let b = abuse_servers::qcow2::Qcow2::open(&img, false).unwrap();
+    conformance(&b);
+    let mut back = vec![0; 4096];
+    b.read(SIZE - 8192, &mut back).unwrap();
+    assert_eq!(
+        back,
+        pattern(5, SIZE as usize)[(SIZE - 8192) as usize..][..4096]
+    );
+    b.stop().unwrap();
+    drop(b);
+    let out = std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 
@@ -322,5 +368,143 @@ fn serve_conn(
             rep.extend_from_slice(&out);
         }
         s.write_all(&rep)?;
+    }
+}
+
+/// The Ceph cluster `make rbd-test` brings up, and a fresh image in it.
+fn rbd_image(name: &str, size: &str) -> (String, abuse_servers::rbd::RbdSpec) {
+    let conf = std::env::var("ABUSE_RBD_CONF")
+        .expect("ABUSE_RBD_CONF: run these through `make rbd-test`, which starts a cluster");
+    let image = format!("{name}-{}", std::process::id());
+    let ok = std::process::Command::new("rbd")
+        .args([
+            "-c",
+            &conf,
+            "create",
+            &format!("rbd/{image}"),
+            "--size",
+            size,
+        ])
+        .status()
+        .expect("rbd (make rbd-deps installs it)");
+    assert!(ok.success(), "rbd create");
+    let spec = abuse_servers::rbd::RbdSpec {
+        conf: Some(conf.clone().into()),
+        ..abuse_servers::rbd::RbdSpec::parse(&format!("rbd/{image}")).unwrap()
+    };
+    (conf, spec)
+}
+
+#[test]
+#[ignore = "needs a Ceph cluster: make rbd-test"]
+fn rbd_backend_conforms() {
+    let (_, spec) = rbd_image("conform", "8M");
+    let b = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    assert_eq!(b.size(), 8 << 20);
+    conformance(&b);
+}
+
+/// Many writers at once, each over its own region in pieces of mixed
+/// sizes, with flushes between; everything read back and compared.
+#[test]
+#[ignore = "needs a Ceph cluster: make rbd-test"]
+fn rbd_stress_verified() {
+    let (_, spec) = rbd_image("stress", "64M");
+    let b = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    let region = 4u64 << 20;
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let b = &b;
+            s.spawn(move || {
+                let mut model = vec![0u8; region as usize];
+                let mut x = t + 1;
+                for i in 0..200u64 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let len = 4096 * (1 + (x >> 60)) as usize;
+                    let off = (x >> 20) % (region - len as u64) / 512 * 512;
+                    let data = pattern(t * 1000 + i, len);
+                    b.write(t * region + off, &data, i % 50 == 49).unwrap();
+                    model[off as usize..off as usize + len].copy_from_slice(&data);
+                    if i % 64 == 0 {
+                        b.flush().unwrap();
+                    }
+                }
+                let mut back = vec![0u8; region as usize];
+                b.read(t * region, &mut back).unwrap();
+                assert!(back == model, "writer {t}: its region reads back wrong");
+            });
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs a Ceph cluster: make rbd-test"]
+fn rbd_failures_are_clear_errors() {
+    let (conf, spec) = rbd_image("fail", "4M");
+    let open = |pool: &str, image: &str| {
+        abuse_servers::rbd::Rbd::open(&abuse_servers::rbd::RbdSpec {
+            pool: pool.into(),
+            image: image.into(),
+            ..spec.clone()
+        })
+        .err()
+        .expect("opened")
+        .to_string()
+    };
+    let msg = open("rbd", "no-such-image");
+    assert!(msg.contains("opening image rbd/no-such-image"), "{msg}");
+    let msg = open("no-such-pool", "x");
+    assert!(msg.contains("opening pool no-such-pool"), "{msg}");
+    let msg = abuse_servers::rbd::Rbd::open(&abuse_servers::rbd::RbdSpec {
+        conf: Some("/nonexistent/ceph.conf".into()),
+        ..spec.clone()
+    })
+    .err()
+    .expect("opened")
+    .to_string();
+    assert!(msg.contains("Ceph configuration"), "{msg}");
+    // Read-only: no features, and a write is refused by librbd.
+    let ro = abuse_servers::rbd::Rbd::open(&abuse_servers::rbd::RbdSpec {
+        read_only: true,
+        ..spec.clone()
+    })
+    .unwrap();
+    assert_eq!(ro.features(), 0);
+    assert!(ro.write(0, &[1; 4096], false).is_err());
+    assert!(abuse_servers::rbd::RbdSpec::parse("nopool").is_err());
+    let _ = conf;
+}
+
+/// Two servers (two librbd clients) of one image, writing in turn and at
+/// once: librbd's exclusive lock moves between them, and each reads what
+/// the other wrote.
+#[test]
+#[ignore = "needs a Ceph cluster: make rbd-test"]
+fn rbd_two_servers_share_an_image() {
+    let (_, spec) = rbd_image("shared", "4M");
+    let a = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    let b = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    std::thread::scope(|s| {
+        for (t, srv) in [(0u64, &a), (1, &b)] {
+            s.spawn(move || {
+                for i in 0..20u64 {
+                    let off = (i * 2 + t) * 65536;
+                    srv.write(off, &pattern(t * 100 + i, 65536), false).unwrap();
+                }
+                srv.flush().unwrap();
+            });
+        }
+    });
+    for (t, srv) in [(0u64, &b), (1, &a)] {
+        for i in 0..20u64 {
+            let mut back = vec![0u8; 65536];
+            srv.read((i * 2 + t) * 65536, &mut back).unwrap();
+            assert!(
+                back == pattern(t * 100 + i, 65536),
+                "block {i} of writer {t}"
+            );
+        }
     }
 }

@@ -1,11 +1,12 @@
 #!/bin/sh
 # make bench: runs inside the VM (the bench kernel). The same fio jobs on
 # ABUSE's servers and on the peers a user would otherwise pick, in one boot:
-# null_blk, loop (direct I/O), ublk (rublk: null and loop), nbd (nbdkit over
-# a unix socket: memory and file), ABUSE null, file and cow; then cow and
-# file passes on a virtio disk (cache=none) with real fsync costs. Each
-# result is fio's JSON between "==== bench DEVICE JOB" and "==== end"; the
-# host's abuse-bench turns them into the table, the JSON and the chart.
+# null_blk, loop (direct I/O), ublk (rublk: null, loop and qcow2), nbd
+# (nbdkit over a unix socket: memory and file; qemu-nbd: qcow2), ABUSE
+# null, file, cow, qcow2 and nbd; then cow and file passes on a virtio disk
+# (cache=none) with real fsync costs. Each result is fio's JSON between
+# "==== bench DEVICE JOB" and "==== end"; the host's abuse-bench turns them
+# into the table, the JSON and the chart.
 FIO=/usr/bin/fio
 RUNTIME=${BENCH_RUNTIME:-8}
 SIZE=256M
@@ -72,6 +73,14 @@ if [ -x /usr/bin/rublk ]; then
   wait_dev /dev/ublkb0
   all ublk-loop /dev/ublkb0
   rublk del -a >/dev/null 2>&1
+  sleep 1
+  # A fresh qcow2 image: the write jobs allocate clusters.
+  qemu-img create -q -f qcow2 /tmp/bench-u.qcow2 256M
+  rublk add qcow2 -q 2 -d 128 -f /tmp/bench-u.qcow2 --quiet >/dev/null 2>&1
+  wait_dev /dev/ublkb0
+  all ublk-qcow2 /dev/ublkb0
+  rublk del -a >/dev/null 2>&1
+  rm -f /tmp/bench-u.qcow2
 else
   echo "bench: rublk is not in the image (make bench-deps), ublk skipped"
 fi
@@ -88,6 +97,16 @@ if [ -x /usr/bin/nbdkit ]; then
   all nbd-file /dev/nbd1
   nbd-client -d /dev/nbd1 >/dev/null 2>&1
   pkill nbdkit
+  # qemu's own server of a qcow2 image.
+  if [ -x /usr/bin/qemu-nbd ]; then
+    qemu-img create -q -f qcow2 /tmp/bench-n.qcow2 256M
+    qemu-nbd -k /tmp/qnbd.sock -f qcow2 -e 4 --fork /tmp/bench-n.qcow2
+    nbd-client -unix /tmp/qnbd.sock /dev/nbd0 -b 4096 >/dev/null 2>&1
+    all nbd-qcow2 /dev/nbd0
+    nbd-client -d /dev/nbd0 >/dev/null 2>&1
+    pkill qemu-nbd
+    rm -f /tmp/bench-n.qcow2
+  fi
 else
   echo "bench: nbdkit is not in the image (make bench-deps), nbd skipped"
 fi
@@ -125,6 +144,16 @@ wait $cs
 stats abuse-cow /tmp/cow.stats
 abusectl reset /dev/abctl0
 rm -f /tmp/bench.cow /tmp/cow-base.img
+qemu-img create -q -f qcow2 /tmp/bench-a.qcow2 256M
+abusectl server /dev/abctl0 qcow2 /tmp/bench-a.qcow2 --setup qs=128 --stats-file /tmp/qcow2.stats &
+qs=$!
+sleep 1
+all abuse-qcow2 /dev/abuse0
+kill -TERM $qs
+wait $qs
+stats abuse-qcow2 /tmp/qcow2.stats
+abusectl reset /dev/abctl0
+rm -f /tmp/bench-a.qcow2
 
 # ABUSE's nbd backend in front of the same nbdkit memory export the
 # kernel's nbd client used above.

@@ -60,6 +60,9 @@ if [ "$flavor" = bench ]; then
   fi
   [ -x /usr/sbin/nbd-client ] && copy_tool /usr/sbin/nbd-client
 fi
+# qemu-nbd: the nbd backend is tested against it too (and it serves qcow2
+# images in make bench).
+copy_tool /usr/bin/qemu-nbd
 # nbdkit: the NBD server the nbd backend is tested (and benchmarked)
 # against, with the plugins and the fault-injection filter the scenarios use.
 copy_tool /usr/bin/nbdkit
@@ -169,9 +172,9 @@ rest=$scenario
 if [ -z "$script" ]; then
   case ",$scenario," in
     ,,) power_cut=yes ;;
-    *,cow_power_cut,*)
+    *,power_cut,*)
       power_cut=yes
-      rest=$(echo ",$scenario," | sed 's/,cow_power_cut,/,/; s/^,//; s/,$//')
+      rest=$(echo ",$scenario," | sed 's/,power_cut,/,/; s/^,//; s/,$//')
       ;;
   esac
 fi
@@ -186,17 +189,18 @@ if [ -n "$script" ] || [ -z "$scenario" ] || [ -n "$rest" ]; then
   check suite
 fi
 if [ "$power_cut" = yes ]; then
-  # ext4 on a cow device whose delta lives on a virtio disk: fsync'd files
-  # are recorded, the VM is killed mid-write, and the next boot checks.
+  # ext4 on a cow and a qcow2 device whose delta and image live on a
+  # virtio disk: fsync'd files are recorded, the VM is killed mid-write,
+  # and the next boot checks.
   disk=$work/disk.img
   truncate -s 768M "$disk"
   cut="abuse-vm: cut the power"
-  boot power-cut-1 "ABUSE_SCENARIO=cow_power_cut_write" "$disk" "$cut"
+  boot power-cut-1 "ABUSE_SCENARIO=power_cut_write" "$disk" "$cut"
   if grep -q "$cut" "$work/power-cut-1.log"; then
-    boot power-cut-2 "ABUSE_SCENARIO=cow_power_cut_check" "$disk"
+    boot power-cut-2 "ABUSE_SCENARIO=power_cut_check" "$disk"
     check power-cut-2
   else
-    echo "FAIL cow_power_cut: the first boot never got to the power cut; last lines:"
+    echo "FAIL power_cut: the first boot never got to the power cut; last lines:"
     grep -v '^\s*$' "$work/power-cut-1.log" | tail -n 30 | sed 's/^/    /'
     failed=$((failed + 1))
   fi

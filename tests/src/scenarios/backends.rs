@@ -1,5 +1,5 @@
 //! Backends that serve storage users already have: an NBD server (nbdkit)
-//! behind ABUSE.
+//! behind ABUSE, and qemu's qcow2 images.
 
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -147,5 +147,173 @@ pub fn nbd_errors_reach_the_reader() -> Outcome {
         "a request error was taken for a dropped connection:\n{log}"
     );
     drop(server);
+    teardown()
+}
+
+/// `qemu-img check IMAGE`: "No errors" and exit 0, or why not.
+fn qemu_img_clean(img: &str) -> Outcome {
+    let out = sh(&format!("/usr/bin/qemu-img check {img} 2>&1; echo rc=$?"))?;
+    ensure!(
+        out.contains("No errors") && out.contains("rc=0"),
+        "qemu-img check {img}:\n{out}"
+    );
+    Ok(())
+}
+
+/// `abusectl server CTL qcow2 IMAGE` on images qemu-img made: over a raw
+/// backing file, fio --verify with 64 KiB clusters allocated under it, ext4
+/// made, filled and e2fsck-clean; after a clean stop `qemu-img check` is
+/// clean and `qemu-img compare` finds the image equal to what the device
+/// showed. Then a server killed with SIGKILL in the middle of a verified
+/// run: another takes its requests over (fio sees no error), the image is
+/// dirty meanwhile, and after a clean stop `qemu-img check` is clean again.
+pub fn qcow2_backend() -> Outcome {
+    insmod("max_abuse=1")?;
+    backing("/tmp/q-base.raw", 64 * MIB)?;
+    sh("dd if=/dev/urandom of=/tmp/q-base.raw bs=1M count=8 conv=notrunc 2>/dev/null")?;
+    sh("/usr/bin/qemu-img create -q -f qcow2 -b /tmp/q-base.raw -F raw /tmp/q.qcow2")?;
+    let start = |args: &[&str]| {
+        Server::abusectl_logged(CTL, args, Some("/tmp/q-server.log")).map_err(|e| {
+            let log = std::fs::read_to_string("/tmp/q-server.log").unwrap_or_default();
+            format!("{e}:\n{log}")
+        })
+    };
+    let server = start(&["qcow2", "/tmp/q.qcow2", "--setup", "qs=64"])?;
+    let st = control(CTL)?.status().map_err(|e| e.to_string())?;
+    ensure!(st.size == 64 * MIB, "size {} from a 64 MiB image", st.size);
+    ensure!(
+        st.flags & ABUSE_FLAG_FLUSH != 0 && st.flags & ABUSE_FLAG_DISCARD != 0,
+        "qcow2 flushes and discards, the device says {:#x}",
+        st.flags
+    );
+    // Unwritten clusters read the backing file.
+    let same = sh(&format!(
+        "cmp -n 8388608 {DEV} /tmp/q-base.raw && echo same"
+    ))?;
+    ensure!(
+        same.contains("same"),
+        "the backing file's data does not show"
+    );
+    fio_verify(2, 8, "")?;
+    sh(&format!(
+        "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && cp -r /etc /mnt/ && dd if=/dev/urandom of=/mnt/f bs=1M count=8 2>/dev/null && umount /mnt"
+    ))?;
+    e2fsck_clean(DEV)?;
+    sh(&format!(
+        "dd if={DEV} of=/tmp/q-shown.raw bs=1M 2>/dev/null"
+    ))?;
+    let status = server.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30))?;
+    ensure!(status.success(), "the server stopped with {status}");
+    qemu_img_clean("/tmp/q.qcow2")?;
+    let cmp = sh(
+        "/usr/bin/qemu-img compare -f qcow2 -F raw /tmp/q.qcow2 /tmp/q-shown.raw 2>&1; echo rc=$?",
+    )?;
+    ensure!(
+        cmp.contains("Images are identical") && cmp.contains("rc=0"),
+        "qemu-img reads the image differently from the device:\n{cmp}"
+    );
+
+    // Killed mid-run: the next server takes over and repairs.
+    // The device stays set up: the next servers just serve it.
+    let args = ["qcow2", "/tmp/q.qcow2"];
+    let victim = start(&args)?;
+    let fio = std::thread::spawn(|| fio_verify(2, 16, "--randseed=21 --offset=16M"));
+    std::thread::sleep(Duration::from_secs(3));
+    victim.kill();
+    let info = sh("/usr/bin/qemu-img info --force-share --output=json /tmp/q.qcow2")?;
+    ensure!(
+        info.contains("\"dirty-flag\": true"),
+        "a killed server's image is not marked dirty:\n{info}"
+    );
+    let next = start(&args)?;
+    fio.join().map_err(|_| "fio panicked")??;
+    let st = control(CTL)?.status().map_err(|e| e.to_string())?;
+    ensure!(
+        st.errors == 0,
+        "{} requests failed across the kill",
+        st.errors
+    );
+    let status = next.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30))?;
+    ensure!(status.success(), "the second server stopped with {status}");
+    qemu_img_clean("/tmp/q.qcow2")?;
+    teardown()
+}
+
+/// qemu-nbd in the foreground serving `image` (format `fmt`) on `SOCK`,
+/// several connections allowed; killed when dropped.
+struct QemuNbd(Child);
+
+impl QemuNbd {
+    fn start(image: &str, fmt: &str) -> Result<QemuNbd, String> {
+        let _ = std::fs::remove_file(SOCK);
+        let child = Command::new("/usr/bin/qemu-nbd")
+            .args(["-k", SOCK, "-f", fmt, "-e", "8", "--cache=writeback", image])
+            .spawn()
+            .map_err(|e| format!("qemu-nbd: {e}"))?;
+        let q = QemuNbd(child);
+        ensure!(
+            wait_for(Duration::from_secs(20), || exists(SOCK)),
+            "qemu-nbd did not listen on {SOCK}"
+        );
+        Ok(q)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The nbd backend in front of qemu-nbd (serving a qcow2 image): fio
+/// --verify passes while qemu-nbd is stopped and restarted under it; ext4
+/// on it is e2fsck-clean; and qemu-img reads the image as the device
+/// showed it, with `qemu-img check` clean.
+pub fn nbd_backend_qemu_nbd() -> Outcome {
+    insmod("max_abuse=1")?;
+    let img = "/tmp/qn.qcow2";
+    sh(&format!("/usr/bin/qemu-img create -q -f qcow2 {img} 64M"))?;
+    let mut qemu_nbd = QemuNbd::start(img, "qcow2")?;
+    let server = Server::abusectl_logged(
+        CTL,
+        &["nbd", &format!("unix:{SOCK}"), "--setup", "qs=64"],
+        Some("/tmp/qn-server.log"),
+    )?;
+    let st = control(CTL)?.status().map_err(|e| e.to_string())?;
+    ensure!(st.size == 64 * MIB, "size {} from a 64 MiB image", st.size);
+    fio_verify(2, 8, "")?;
+    let fio = std::thread::spawn(|| fio_verify(2, 16, "--randseed=13"));
+    std::thread::sleep(Duration::from_secs(3));
+    // SIGTERM: qemu-nbd keeps qcow2 metadata in memory until a flush, so
+    // a SIGKILL would lose acknowledged writes whatever the client does.
+    let pid = nix::unistd::Pid::from_raw(qemu_nbd.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let _ = qemu_nbd.0.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    qemu_nbd = QemuNbd::start(img, "qcow2")?;
+    fio.join().map_err(|_| "fio panicked")??;
+    let log = std::fs::read_to_string("/tmp/qn-server.log").unwrap_or_default();
+    ensure!(
+        log.contains("reconnected"),
+        "no reconnection after qemu-nbd restarted:\n{log}"
+    );
+    sh(&format!(
+        "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && cp -r /etc /mnt/ && umount /mnt"
+    ))?;
+    e2fsck_clean(DEV)?;
+    sh(&format!(
+        "dd if={DEV} of=/tmp/qn-shown.raw bs=1M 2>/dev/null"
+    ))?;
+    drop(server);
+    drop(qemu_nbd);
+    qemu_img_clean(img)?;
+    let cmp = sh(&format!(
+        "/usr/bin/qemu-img compare -f qcow2 -F raw {img} /tmp/qn-shown.raw 2>&1; echo rc=$?"
+    ))?;
+    ensure!(
+        cmp.contains("Images are identical") && cmp.contains("rc=0"),
+        "the image differs from what the device showed:\n{cmp}"
+    );
     teardown()
 }

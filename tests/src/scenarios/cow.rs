@@ -10,7 +10,7 @@ use crate::guest::{e2fsck_clean, insmod, sh, teardown, Outcome, Server, BLKDISCA
 const CTL: &str = "/dev/abctl0";
 const DEV: &str = "/dev/abuse0";
 
-fn md5(path: &str) -> Result<String, String> {
+pub(crate) fn md5(path: &str) -> Result<String, String> {
     Ok(sh(&format!("md5sum {path}"))?
         .split_whitespace()
         .next()
@@ -144,104 +144,6 @@ pub fn cow_kill_during_fio() -> Outcome {
         "cow info while two servers run: {info}"
     );
     ensure!(md5("/tmp/cbase.img")? == base_sum, "the base changed");
-    teardown()
-}
-
-/// Where the power-cut scenario keeps its files: ext4 on the virtio disk.
-const DISK_MNT: &str = "/vd";
-const MANIFEST: &str = "/vd/manifest";
-
-/// A cow server of the power-cut delta on the virtio disk, setting the
-/// device up (both boots).
-fn serve_power_cut_delta() -> Result<Server, String> {
-    let delta = format!("{DISK_MNT}/pc.cow");
-    Server::abusectl(CTL, &["cow", &delta, "--threads", "4", "--setup", ""])
-}
-
-/// Power cut, first boot: ext4 on a cow device whose base and delta live
-/// on a virtio disk (cache=none). Files are written and fsync'd one by
-/// one, each recorded (with its checksum) in a manifest on the virtio
-/// disk once its fsync returned; then the host is told to cut the power
-/// and the guest goes on writing until it does. Not in ALL: the harness
-/// runs it in a boot of its own, and kills that boot.
-pub fn cow_power_cut_write() -> Outcome {
-    insmod("max_abuse=1")?;
-    sh(&format!(
-        "{MKFS_EXT4} -q -F /dev/vda && mkdir -p {DISK_MNT} && mount /dev/vda {DISK_MNT}"
-    ))?;
-    sh(&format!(
-        "dd if=/dev/urandom of={DISK_MNT}/base.img bs=1M count=64 2>/dev/null && sync"
-    ))?;
-    sh(&format!(
-        "abusectl cow create --base {DISK_MNT}/base.img --delta {DISK_MNT}/pc.cow --block-size 64K"
-    ))?;
-    let _server = serve_power_cut_delta()?;
-    sh(&format!(
-        "{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt && mkdir /mnt/d"
-    ))?;
-    sh(&format!(": > {MANIFEST} && sync"))?;
-    let record = |i: u32| -> Outcome {
-        let f = format!("/mnt/d/f{i}");
-        // conv=fsync: the file is durable (a FLUSH reached the cow
-        // server and was committed) when dd returns.
-        sh(&format!(
-            "dd if=/dev/urandom of={f} bs=4k count={} conv=fsync 2>/dev/null",
-            1 + i % 37
-        ))?;
-        let sum = md5(&f)?;
-        sh(&format!(
-            "echo '{sum} {f}' >> {MANIFEST} && sync {MANIFEST}"
-        ))
-        .map(|_| ())
-    };
-    for i in 0..40 {
-        record(i)?;
-    }
-    println!("abuse-vm: cut the power");
-    // Keep writing (synced and not) until the power goes.
-    let start = std::time::Instant::now();
-    let mut i = 40;
-    while start.elapsed() < Duration::from_secs(120) {
-        record(i)?;
-        sh(&format!(
-            "dd if=/dev/urandom of=/mnt/d/unsynced{i} bs=64k count=8 2>/dev/null"
-        ))?;
-        i += 1;
-    }
-    Err("the power was not cut".into())
-}
-
-/// Power cut, second boot: the delta from the virtio disk is served again;
-/// the filesystem mounts (its journal replays), e2fsck -fn finds it clean,
-/// and every file the manifest lists (each fsync'd before the cut) is
-/// there with its checksum.
-pub fn cow_power_cut_check() -> Outcome {
-    insmod("max_abuse=1")?;
-    sh(&format!("mkdir -p {DISK_MNT} && mount /dev/vda {DISK_MNT}"))?;
-    let server = serve_power_cut_delta()?;
-    sh(&format!("mount {DEV} /mnt && umount /mnt"))?;
-    e2fsck_clean(DEV).map_err(|e| format!("after the power cut: {e}"))?;
-    sh(&format!("mount {DEV} /mnt"))?;
-    let manifest = std::fs::read_to_string(MANIFEST).map_err(|e| format!("{MANIFEST}: {e}"))?;
-    let mut checked = 0;
-    for line in manifest.lines() {
-        let Some((sum, file)) = line.split_once(' ') else {
-            continue;
-        };
-        let got = md5(file).map_err(|e| format!("{file}, fsync'd before the cut, is gone: {e}"))?;
-        ensure!(
-            got == sum,
-            "{file}, fsync'd before the cut, changed: {got} != {sum}"
-        );
-        checked += 1;
-    }
-    ensure!(
-        checked >= 40,
-        "only {checked} files were recorded before the cut"
-    );
-    println!("cow_power_cut: {checked} fsync'd files intact after the power cut");
-    sh("umount /mnt")?;
-    drop(server);
     teardown()
 }
 

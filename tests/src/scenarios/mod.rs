@@ -5,6 +5,7 @@ mod cow;
 mod data;
 mod delegation;
 mod module;
+mod power_cut;
 mod recovery;
 mod requests;
 mod safety;
@@ -19,12 +20,12 @@ use crate::guest::Scenario;
 /// Scenarios the harness runs in boots of their own (tests/vm/run.sh).
 pub const POWER_CUT: &[Scenario] = &[
     Scenario {
-        name: "cow_power_cut_write",
-        run: cow::cow_power_cut_write,
+        name: "power_cut_write",
+        run: power_cut::power_cut_write,
     },
     Scenario {
-        name: "cow_power_cut_check",
-        run: cow::cow_power_cut_check,
+        name: "power_cut_check",
+        run: power_cut::power_cut_check,
     },
 ];
 
@@ -92,4 +93,6 @@ scenarios![
     // Storage users already have.
     backends::nbd_backend,
     backends::nbd_errors_reach_the_reader,
+    backends::nbd_backend_qemu_nbd,
+    backends::qcow2_backend,
 ];

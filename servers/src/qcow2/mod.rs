@@ -1,0 +1,634 @@
+//! The qcow2 backend: qemu's image format, read and written in place, with
+//! a backing chain (raw or qcow2 images, read-only).
+//!
+//! Clusters are allocated at the end of the image and never reused while
+//! it is served, so data a reader or writer located stays where it is. An
+//! allocating write puts the refcount and the data in the file, waits for a
+//! sync that covers them (shared by every allocation in flight: a group
+//! commit), and only then links the cluster into its L2 table (and a new
+//! L2 table into the L1 table): after a power cut no table points at a
+//! cluster whose refcount or contents did not reach the disk, so `qemu-img
+//! check` finds at most leaked clusters. The link is written before the
+//! write is acknowledged, so a killed server loses nothing. While served,
+//! a version 3 image carries qemu's dirty bit; opening a dirty image
+//! repairs its leaks (the refcounts a killed server left too high).
+
+mod chain;
+pub mod header;
+mod refcount;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use abuse_sys::uapi::*;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::backend::Backend;
+use crate::sync::GroupSync;
+use chain::Backing;
+pub use header::{Header, Qcow2Error};
+use refcount::Refcounts;
+
+/// L1 and L2 entry bits.
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// The mutable metadata, under one lock.
+struct Meta {
+    l1: Vec<u64>,
+    /// L2 tables read so far (or made), by L1 index.
+    l2: HashMap<usize, Box<[u64]>>,
+    refs: Refcounts,
+    /// Virtual clusters whose allocation is under way.
+    allocating: HashSet<u64>,
+    /// L2 tables made but not yet linked into the L1 table (the first
+    /// allocation in their range links them, after its sync).
+    unlinked: HashMap<usize, u64>,
+}
+
+/// A qcow2 image (the top of a chain), open for reading and writing.
+pub struct Qcow2 {
+    file: Flock<File>,
+    path: PathBuf,
+    h: Header,
+    read_only: bool,
+    meta: Mutex<Meta>,
+    done: Condvar,
+    backing: Option<Backing>,
+    sync: GroupSync,
+    /// Compressed clusters were overwritten: their space (shared with
+    /// other compressed clusters) is given back when the server stops.
+    leaked: AtomicBool,
+}
+
+/// What a virtual cluster is, from its L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cluster {
+    /// Not in this image: the backing file's (or zeroes).
+    Unallocated,
+    /// Reads as zeroes; `Some(host)`: a cluster of its own stays allocated.
+    Zero(Option<u64>),
+    /// Stored at this host offset; `true`: its refcount is 1 (writable).
+    Data(u64, bool),
+    /// Compressed: host offset and compressed length in bytes.
+    Compressed(u64, u64),
+}
+
+fn damaged(why: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Qcow2Error::Damaged(why.into()))
+}
+
+impl Qcow2 {
+    /// Opens `path` to serve it (read-only if `read_only`), with its
+    /// backing chain.
+    pub fn open(path: &Path, read_only: bool) -> Result<Qcow2, Qcow2Error> {
+        Self::open_chain(path, read_only, 0)
+    }
+
+    /// Opens an image `depth` levels down a backing chain.
+    fn open_chain(path: &Path, read_only: bool, depth: u32) -> Result<Qcow2, Qcow2Error> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let arg = if read_only {
+            FlockArg::LockSharedNonblock
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        let file = Flock::lock(file, arg).map_err(|_| {
+            Qcow2Error::Io(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "in use by another server (a qcow2 image is served by one process)",
+            ))
+        })?;
+        let mut first = vec![0u8; 65536];
+        let n = read_full(&file, &mut first, 0)?;
+        let h = Header::parse(&first[..n])?;
+        if !read_only && h.nb_snapshots != 0 {
+            return Err(Qcow2Error::Unsupported(
+                "writing an image with internal snapshots (serve it read-only)".into(),
+            ));
+        }
+        if !read_only && h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+            return Err(Qcow2Error::Unsupported(
+                "writing an image with persistent bitmaps (serve it read-only)".into(),
+            ));
+        }
+        let backing = match &h.backing_file {
+            Some(name) => Some(Backing::open(
+                path,
+                name,
+                h.backing_format.as_deref(),
+                depth,
+            )?),
+            None => None,
+        };
+        let cs = h.cluster_size();
+        let len = file.metadata()?.len();
+        for (what, off, n) in [
+            ("L1", h.l1_table_offset, h.l1_size as u64 * 8),
+            (
+                "refcount",
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * cs,
+            ),
+        ] {
+            if off.checked_add(n).is_none_or(|end| end > len) {
+                return Err(Qcow2Error::Damaged(format!(
+                    "the image is truncated: its {what} table lies past its end"
+                )));
+            }
+        }
+        let mut l1 = vec![0u8; h.l1_size as usize * 8];
+        file.read_exact_at(&mut l1, h.l1_table_offset)?;
+        let l1: Vec<u64> = l1
+            .chunks(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        for (i, &e) in l1.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off != 0 && (!off.is_multiple_of(cs) || off + cs > len.next_multiple_of(cs)) {
+                return Err(Qcow2Error::Damaged(format!(
+                    "L1 entry {i} points outside the image"
+                )));
+            }
+        }
+        let refs = Refcounts::load(&file, &h, len)?;
+        let q = Qcow2 {
+            path: path.to_path_buf(),
+            read_only,
+            meta: Mutex::new(Meta {
+                l1,
+                l2: HashMap::new(),
+                refs,
+                allocating: HashSet::new(),
+                unlinked: HashMap::new(),
+            }),
+            done: Condvar::new(),
+            backing,
+            sync: GroupSync::default(),
+            leaked: AtomicBool::new(false),
+            file,
+            h,
+        };
+        if !read_only {
+            q.start_writing()?;
+        }
+        Ok(q)
+    }
+
+    /// Before the first change: a dirty image (a server or qemu was killed
+    /// while writing it) gets its leaked clusters back; the image is then
+    /// marked dirty (version 3) and bits this backend does not maintain
+    /// are cleared, as the format asks of writers.
+    fn start_writing(&self) -> Result<(), Qcow2Error> {
+        if self.h.version < 3 {
+            return Ok(());
+        }
+        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
+            self.repair()?;
+        }
+        self.set_incompatible(self.h.incompatible | header::INCOMPAT_DIRTY)?;
+        if self.h.autoclear != 0 {
+            self.file
+                .write_all_at(&0u64.to_be_bytes(), header::AUTOCLEAR_AT)?;
+        }
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Gives back leaked clusters (counted, referenced by nothing).
+    fn repair(&self) -> Result<u64, Qcow2Error> {
+        let mut m = self.lock();
+        let referenced = self.references(&mut m)?;
+        let fixed = m.refs.repair(&self.file, &referenced)?;
+        self.file.sync_data()?;
+        Ok(fixed)
+    }
+
+    /// Takes a cluster and links it nowhere, as a writer killed in between
+    /// leaves one (for the tests of the repair).
+    #[doc(hidden)]
+    pub fn leak_one_for_tests(&self) -> io::Result<()> {
+        self.lock().refs.allocate(&self.file)?;
+        self.file.sync_data()
+    }
+
+    fn set_incompatible(&self, bits: u64) -> io::Result<()> {
+        self.file
+            .write_all_at(&bits.to_be_bytes(), header::INCOMPAT_AT)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.h
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cs(&self) -> u64 {
+        self.h.cluster_size()
+    }
+
+    /// The L2 table for L1 index `i` (read on first use); None if the L1
+    /// entry is empty.
+    fn l2<'m>(&self, m: &'m mut Meta, i: usize) -> io::Result<Option<&'m mut Box<[u64]>>> {
+        if !m.l2.contains_key(&i) {
+            let off = m.l1[i] & OFFSET_MASK;
+            if off == 0 {
+                return Ok(None);
+            }
+            let mut b = vec![0u8; self.cs() as usize];
+            self.file.read_exact_at(&mut b, off)?;
+            let t: Box<[u64]> = b
+                .chunks(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect();
+            m.l2.insert(i, t);
+        }
+        Ok(m.l2.get_mut(&i))
+    }
+
+    /// What virtual cluster `vc` is.
+    fn lookup(&self, m: &mut Meta, vc: u64) -> io::Result<Cluster> {
+        let per = self.cs() / 8;
+        let (i, j) = ((vc / per) as usize, (vc % per) as usize);
+        let e = match self.l2(m, i)? {
+            Some(t) => t[j],
+            None => return Ok(Cluster::Unallocated),
+        };
+        self.decode(e)
+    }
+
+    fn decode(&self, e: u64) -> io::Result<Cluster> {
+        let cs = self.cs();
+        if e & COMPRESSED != 0 {
+            let x = 62 - (self.h.cluster_bits - 8);
+            let off = e & ((1 << x) - 1);
+            let sectors = ((e & ((1 << 62) - 1)) >> x) + 1;
+            return Ok(Cluster::Compressed(off, sectors * 512 - (off % 512)));
+        }
+        let off = e & OFFSET_MASK;
+        if !off.is_multiple_of(cs) {
+            return Err(damaged(format!(
+                "an L2 entry points at {off:#x}, inside a cluster"
+            )));
+        }
+        Ok(match (e & ZERO != 0 && self.h.version >= 3, off) {
+            (true, 0) => Cluster::Zero(None),
+            (true, o) => Cluster::Zero(Some(o)),
+            (false, 0) => Cluster::Unallocated,
+            (false, o) => Cluster::Data(o, e & COPIED != 0),
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `inner` of virtual cluster `vc`, whose
+    /// entry says `c`.
+    fn read_cluster(&self, vc: u64, c: Cluster, inner: u64, buf: &mut [u8]) -> io::Result<()> {
+        match c {
+            Cluster::Unallocated => match &self.backing {
+                Some(b) => b.read(vc * self.cs() + inner, buf),
+                None => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            },
+            Cluster::Zero(_) => {
+                buf.fill(0);
+                Ok(())
+            }
+            Cluster::Data(off, _) => read_exact_or_zero(&self.file, buf, off + inner),
+            Cluster::Compressed(off, len) => {
+                let whole = chain::inflate(&self.file, off, len, self.cs())?;
+                buf.copy_from_slice(&whole[inner as usize..inner as usize + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls `f(virtual cluster, offset in it, range in the request)` for
+    /// each cluster piece of `len` bytes at `offset`.
+    fn pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.h.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "beyond the end of the image",
+            ));
+        }
+        let cs = self.cs();
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            let (vc, inner) = (at / cs, at % cs);
+            let n = (cs - inner).min(len - done);
+            f(vc, inner, done as usize..(done + n) as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (None: zeroes, deallocating where it can) at `inner`
+    /// of virtual cluster `vc`.
+    fn write_cluster(&self, vc: u64, inner: u64, data: Option<&[u8]>, len: u64) -> io::Result<()> {
+        let cs = self.cs();
+        let whole = inner == 0 && len == cs;
+        let mut m = self.lock();
+        loop {
+            if m.allocating.contains(&vc) {
+                m = self.done.wait(m).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let c = self.lookup(&mut m, vc)?;
+            match (c, data) {
+                // Written in place: the cluster is ours alone.
+                (Cluster::Data(off, true), Some(d)) => {
+                    drop(m);
+                    return self.file.write_all_at(d, off + inner);
+                }
+                (Cluster::Data(off, true), None) if whole && self.h.version >= 3 => {
+                    // Zero flag, cluster kept (nothing is freed while
+                    // served), its space given back to the file system.
+                    self.set_entry(&mut m, vc, off | COPIED | ZERO)?;
+                    drop(m);
+                    return punch(&self.file, off, cs);
+                }
+                (Cluster::Data(off, true), None) => {
+                    drop(m);
+                    return crate::backend::fill_zeroes(
+                        |b, at| self.file.write_all_at(b, at),
+                        off + inner,
+                        len,
+                    );
+                }
+                (Cluster::Zero(_), None) => return Ok(()),
+                (Cluster::Unallocated, None) if self.backing.is_none() => return Ok(()),
+                // With an L2 table: the zero flag alone (else allocate as
+                // for data, below).
+                (Cluster::Unallocated, None)
+                    if whole
+                        && self.h.version >= 3
+                        && self.l2(&mut m, self.l1_index(vc))?.is_some() =>
+                {
+                    return self.set_entry(&mut m, vc, ZERO);
+                }
+                (Cluster::Data(_, false), _) => {
+                    return Err(damaged(format!(
+                        "cluster {vc} is shared (refcount above 1) in an image without snapshots"
+                    )))
+                }
+                _ => {}
+            }
+            m.allocating.insert(vc);
+            break;
+        }
+        // Allocate: the new contents are the old ones with the write merged.
+        let result = self.allocate(m, vc, inner, data, len);
+        let mut m = self.lock();
+        m.allocating.remove(&vc);
+        drop(m);
+        self.done.notify_all();
+        result
+    }
+
+    fn l1_index(&self, vc: u64) -> usize {
+        (vc / (self.cs() / 8)) as usize
+    }
+
+    /// Where the L2 table of L1 index `i` is, linked or not yet.
+    fn l2_offset(m: &Meta, i: usize) -> Option<u64> {
+        match m.l1[i] & OFFSET_MASK {
+            0 => m.unlinked.get(&i).copied(),
+            off => Some(off),
+        }
+    }
+
+    /// Sets virtual cluster `vc`'s L2 entry (its table exists) in memory and
+    /// in the file.
+    fn set_entry(&self, m: &mut Meta, vc: u64, e: u64) -> io::Result<()> {
+        let per = self.cs() / 8;
+        let (i, j) = (self.l1_index(vc), (vc % per) as usize);
+        let l2_off = Self::l2_offset(m, i)
+            .ok_or_else(|| damaged(format!("no L2 table for cluster {vc}")))?;
+        self.file
+            .write_all_at(&e.to_be_bytes(), l2_off + j as u64 * 8)?;
+        if let Some(t) = self.l2(m, i)? {
+            t[j] = e;
+        }
+        Ok(())
+    }
+
+    /// The allocating write of virtual cluster `vc` (marked as allocating;
+    /// `m` is released while the data is written and synced).
+    fn allocate(
+        &self,
+        mut m: MutexGuard<'_, Meta>,
+        vc: u64,
+        inner: u64,
+        data: Option<&[u8]>,
+        len: u64,
+    ) -> io::Result<()> {
+        let cs = self.cs();
+        let old = self.lookup(&mut m, vc)?;
+        let i = self.l1_index(vc);
+        // A new L2 table: zeroed in the file now, linked after a sync.
+        if Self::l2_offset(&m, i).is_none() {
+            let off = m.refs.allocate(&self.file)?;
+            self.file.write_all_at(&vec![0u8; cs as usize], off)?;
+            m.l2.insert(i, vec![0u64; (cs / 8) as usize].into_boxed_slice());
+            m.unlinked.insert(i, off);
+        }
+        let host = match old {
+            // A zeroed cluster that kept its own: reuse it.
+            Cluster::Zero(Some(off)) => off,
+            Cluster::Compressed(..) => {
+                self.leaked.store(true, Ordering::Relaxed);
+                m.refs.allocate(&self.file)?
+            }
+            _ => m.refs.allocate(&self.file)?,
+        };
+        drop(m);
+        let mut buf = vec![0u8; cs as usize];
+        if len != cs {
+            self.read_cluster(vc, old, 0, &mut buf)?;
+        }
+        match data {
+            Some(d) => buf[inner as usize..(inner + len) as usize].copy_from_slice(d),
+            None => buf[inner as usize..(inner + len) as usize].fill(0),
+        }
+        self.file.write_all_at(&buf, host)?;
+        // The refcounts, the new L2 table and the data must be durable
+        // before anything points at them.
+        self.sync.sync(|| self.file.sync_data())?;
+        let mut m = self.lock();
+        // The table was made before this allocation's sync began, so the
+        // sync made it durable: it may be linked now, by whichever
+        // allocation in its range gets here first.
+        if let Some(l2_off) = m.unlinked.remove(&i) {
+            self.file.write_all_at(
+                &(l2_off | COPIED).to_be_bytes(),
+                self.h.l1_table_offset + i as u64 * 8,
+            )?;
+            m.l1[i] = l2_off | COPIED;
+        }
+        self.set_entry(&mut m, vc, host | COPIED)
+    }
+
+    /// Every cluster the image's metadata references, with how often: the
+    /// header, the L1 and refcount tables, the refcount blocks, the L2
+    /// tables and their clusters.
+    fn references(&self, m: &mut Meta) -> Result<HashMap<u64, u64>, Qcow2Error> {
+        let cs = self.cs();
+        let mut refs: HashMap<u64, u64> = HashMap::new();
+        let mut add = |off: u64, len: u64| {
+            let mut c = off / cs;
+            while c * cs < off + len {
+                *refs.entry(c).or_default() += 1;
+                c += 1;
+            }
+        };
+        add(0, cs);
+        add(self.h.l1_table_offset, self.h.l1_size as u64 * 8);
+        add(
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters as u64 * cs,
+        );
+        for b in m.refs.blocks() {
+            add(b, cs);
+        }
+        for i in 0..m.l1.len() {
+            let l2_off = m.l1[i] & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            add(l2_off, cs);
+            let entries: Vec<u64> = self.l2(m, i)?.map(|t| t.to_vec()).unwrap_or_default();
+            for e in entries {
+                match self.decode(e)? {
+                    Cluster::Data(off, _) | Cluster::Zero(Some(off)) => add(off, cs),
+                    Cluster::Compressed(off, len) => add(off, len),
+                    _ => {}
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    /// How many clusters the image's metadata references that its
+    /// refcounts do not count, and how many leaked ones it counts
+    /// (`qemu-img check`'s corruptions and leaks, for the tests).
+    pub fn check(&self) -> Result<(u64, u64), Qcow2Error> {
+        let mut m = self.lock();
+        let referenced = self.references(&mut m)?;
+        m.refs.compare(&self.file, &referenced)
+    }
+}
+
+/// Reads as much of `buf` as the file holds from `at`; returns the count.
+fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], at + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+/// Fills `buf` from `at`; past the file's end (a sparse tail) reads zeroes.
+fn read_exact_or_zero(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    let n = read_full(f, buf, at)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+fn punch(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(f.as_raw_fd(), flags, off as i64, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            crate::backend::fill_zeroes(|b, at| f.write_all_at(b, at), off, len)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Backend for Qcow2 {
+    fn size(&self) -> u64 {
+        self.h.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn features(&self) -> u32 {
+        if self.read_only {
+            0
+        } else {
+            ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pieces(offset, buf.len() as u64, |vc, inner, r| {
+            let c = self.lookup(&mut self.lock(), vc)?;
+            self.read_cluster(vc, c, inner, &mut buf[r])
+        })
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.pieces(offset, buf.len() as u64, |vc, inner, r| {
+            let n = (r.end - r.start) as u64;
+            self.write_cluster(vc, inner, Some(&buf[r]), n)
+        })?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.sync.sync(|| self.file.sync_data())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        self.pieces(offset, len, |vc, inner, r| {
+            self.write_cluster(vc, inner, None, (r.end - r.start) as u64)
+        })
+    }
+
+    /// A clean stop: everything durable, then the dirty bit cleared.
+    fn stop(&self) -> io::Result<()> {
+        if self.read_only || self.h.version < 3 {
+            return Ok(());
+        }
+        self.flush()?;
+        if self.leaked.load(Ordering::Relaxed) {
+            self.repair().map_err(io::Error::other)?;
+        }
+        self.set_incompatible(self.h.incompatible & !header::INCOMPAT_DIRTY)?;
+        self.file.sync_data()
+    }
+}

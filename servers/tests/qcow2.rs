@@ -1,0 +1,299 @@
+//! The qcow2 backend against qemu's own tools: images `qemu-img` made
+//! (versions 2 and 3, several cluster sizes, backing chains, compressed
+//! clusters) serve correctly, and what ABUSE wrote `qemu-img check` finds
+//! clean and `qemu-img compare` finds equal to the same writes done to a
+//! raw image.
+
+mod common;
+use common::pattern;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use abuse_servers::qcow2::Qcow2;
+use abuse_servers::Backend;
+
+const SIZE: u64 = 8 << 20;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (make deps installs it)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes, partial and whole clusters, across clusters, zeroes and
+/// discards, to the backend and to `model` alike.
+fn workload(b: &dyn Backend, model: &mut [u8]) {
+    let mut put = |b: &dyn Backend, off: u64, data: Vec<u8>| {
+        b.write(off, &data, false).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    };
+    put(b, 0, pattern(1, 4096));
+    put(b, 70_000, pattern(2, 100_000));
+    put(b, 512 * 7, pattern(3, 512));
+    put(b, SIZE - 65536, pattern(4, 65536));
+    put(b, 3 << 20, pattern(5, 1 << 20));
+    put(b, (3 << 20) + 4096, pattern(6, 8192)); // a rewrite
+    b.write_zeroes(1 << 20, 200_000, false).unwrap();
+    model[1 << 20..(1 << 20) + 200_000].fill(0);
+    b.discard(3 << 20, 1 << 19).unwrap();
+    model[3 << 20..(3 << 20) + (1 << 19)].fill(0);
+    b.flush().unwrap();
+}
+
+fn check_clean(img: &Path) {
+    let out = qemu_img(&["check", s(img)]);
+    assert!(out.contains("No errors"), "{out}");
+}
+
+fn compare(img: &Path, model: &[u8], dir: &Path) {
+    let raw = dir.join("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(img), s(&raw)]);
+}
+
+fn read_all(b: &dyn Backend) -> Vec<u8> {
+    let mut got = vec![0u8; b.size() as usize];
+    b.read(0, &mut got).unwrap();
+    got
+}
+
+/// Serves an image through the workload, stops cleanly, and lets qemu-img
+/// judge the result.
+fn round_trip(img: &Path, mut model: Vec<u8>, dir: &Path) {
+    let b = Qcow2::open(img, false).unwrap();
+    assert_eq!(read_all(&b), model, "the image as made reads wrong");
+    workload(&b, &mut model);
+    assert_eq!(read_all(&b), model);
+    b.stop().unwrap();
+    drop(b);
+    check_clean(img);
+    compare(img, &model, dir);
+    // And reopened, it reads the same.
+    let b = Qcow2::open(img, true).unwrap();
+    assert_eq!(read_all(&b), model);
+}
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().to_path_buf();
+    (d, p)
+}
+
+#[test]
+fn empty_images_of_each_version_and_cluster_size() {
+    for (compat, cluster) in [
+        ("1.1", "65536"),
+        ("1.1", "4096"),
+        ("0.10", "65536"),
+        ("1.1", "2M"),
+    ] {
+        let (_d, dir) = tmp();
+        let img = dir.join("a.qcow2");
+        let opts = format!("compat={compat},cluster_size={cluster}");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        round_trip(&img, vec![0; SIZE as usize], &dir);
+    }
+}
+
+#[test]
+fn converted_and_compressed_images_serve_their_contents() {
+    let (_d, dir) = tmp();
+    let raw = dir.join("src.raw");
+    let mut data = pattern(9, SIZE as usize);
+    data[2 << 20..3 << 20].fill(0); // a hole qemu-img leaves unallocated
+    std::fs::write(&raw, &data).unwrap();
+    for (name, extra) in [("plain.qcow2", None), ("packed.qcow2", Some("-c"))] {
+        let img = dir.join(name);
+        let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
+        args.extend(extra);
+        args.extend([s(&raw), s(&img)]);
+        qemu_img(&args);
+        // Writing over compressed clusters gives their space back when
+        // the server stops (they share clusters with each other).
+        round_trip(&img, data.clone(), &dir);
+    }
+}
+
+#[test]
+fn backing_chains_raw_and_qcow2() {
+    let (_d, dir) = tmp();
+    let base = dir.join("base.raw");
+    let base_data = pattern(11, SIZE as usize);
+    std::fs::write(&base, &base_data).unwrap();
+    // raw <- mid.qcow2 (with writes of its own) <- top.qcow2, relative names.
+    let mid = dir.join("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+    ]);
+    let mut model = base_data.clone();
+    {
+        let b = Qcow2::open(&mid, false).unwrap();
+        workload(&b, &mut model);
+        b.stop().unwrap();
+    }
+    check_clean(&mid);
+    let top = dir.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    round_trip(&top, model, &dir);
+    // The lower images are untouched by writes to the top.
+    assert_eq!(std::fs::read(&base).unwrap(), base_data);
+    check_clean(&mid);
+}
+
+#[test]
+fn a_killed_server_leaves_a_dirty_image_the_next_open_repairs() {
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    let mut model = vec![0u8; SIZE as usize];
+    {
+        let b = Qcow2::open(&img, false).unwrap();
+        workload(&b, &mut model);
+        // Dropped without stop(): as if killed. Everything acknowledged is
+        // in the file; the image says it is dirty.
+    }
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"dirty-flag\": true"), "{info}");
+    // A leak a writer killed between taking a cluster and linking it
+    // leaves: a refcount of 1 that nothing references.
+    {
+        let b = Qcow2::open(&img, false).unwrap();
+        assert_eq!(read_all(&b), model, "lost writes of the killed server");
+        b.leak_one_for_tests().unwrap();
+    }
+    let b = Qcow2::open(&img, false).unwrap();
+    assert_eq!(b.check().unwrap(), (0, 0), "the leak was not repaired");
+    assert_eq!(read_all(&b), model);
+    b.stop().unwrap();
+    drop(b);
+    check_clean(&img);
+    compare(&img, &model, &dir);
+}
+
+#[test]
+fn what_it_cannot_serve_is_refused_clearly() {
+    let (_d, dir) = tmp();
+    let err = |p: &Path, ro: bool| Qcow2::open(p, ro).err().expect("opened").to_string();
+    let raw = dir.join("x.raw");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    assert!(
+        err(&raw, true).contains("not a qcow2"),
+        "{}",
+        err(&raw, true)
+    );
+    let snap = dir.join("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&snap), "8M"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&snap)]);
+    assert!(err(&snap, false).contains("snapshots"));
+    assert!(
+        Qcow2::open(&snap, true).is_ok(),
+        "read-only serving of a snapshotted image"
+    );
+    let missing = dir.join("orphan.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&raw),
+        "-F",
+        "raw",
+        s(&missing),
+    ]);
+    std::fs::remove_file(&raw).unwrap();
+    assert!(err(&missing, false).contains("backing file"));
+    // One server at a time.
+    let a = dir.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&a), "8M"]);
+    let held = Qcow2::open(&a, false).unwrap();
+    assert!(err(&a, false).contains("in use"));
+    drop(held);
+    // A truncated image: its tables point past the end.
+    let t = dir.join("t.qcow2");
+    qemu_img(&["convert", "-q", "-O", "qcow2", s(&a), s(&t)]);
+    let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    f.set_len(65536).unwrap();
+    let msg = err(&t, false);
+    assert!(msg.contains("truncated"), "{msg}");
+}
+
+/// Allocating writes racing in one L2 table that does not exist yet (the
+/// first makes it, any may link it) and in one cluster: every write is
+/// there, and qemu-img finds the image clean.
+#[test]
+fn concurrent_allocations_in_a_new_l2_table() {
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    let raw = dir.join("base.raw");
+    std::fs::write(&raw, pattern(3, SIZE as usize)).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&raw),
+        "-F",
+        "raw",
+        s(&img),
+    ]);
+    let b = Qcow2::open(&img, false).unwrap();
+    let mut model = pattern(3, SIZE as usize);
+    let writes: Vec<(u64, Vec<u8>)> = (0..64u64)
+        .map(|i| {
+            // Spread over clusters, several per cluster, odd offsets.
+            let off = (i * 37 % 90) * 65536 + (i % 5) * 4096 + 512;
+            (off, pattern(100 + i, 2048))
+        })
+        .collect();
+    std::thread::scope(|sc| {
+        for t in 0..8 {
+            let (b, writes) = (&b, &writes);
+            sc.spawn(move || {
+                for (off, data) in writes.iter().skip(t).step_by(8) {
+                    b.write(*off, data, false).unwrap();
+                }
+            });
+        }
+    });
+    for (off, data) in &writes {
+        model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    assert_eq!(read_all(&b), model);
+    b.stop().unwrap();
+    drop(b);
+    check_clean(&img);
+    compare(&img, &model, &dir);
+}
