@@ -66,7 +66,8 @@ copy_tool /usr/bin/qemu-nbd
 # nbdkit: the NBD server the nbd backend is tested (and benchmarked)
 # against, with the plugins and the fault-injection filter the scenarios use.
 copy_tool /usr/bin/nbdkit
-for so in plugins/nbdkit-memory-plugin.so plugins/nbdkit-file-plugin.so filters/nbdkit-error-filter.so; do
+for so in plugins/nbdkit-memory-plugin.so plugins/nbdkit-file-plugin.so filters/nbdkit-error-filter.so \
+  filters/nbdkit-delay-filter.so; do
   copy_tool "/usr/lib/x86_64-linux-gnu/nbdkit/$so"
 done
 cp /bin/busybox "$rootfs/bin/busybox"

@@ -317,3 +317,34 @@ pub fn nbd_backend_qemu_nbd() -> Outcome {
     );
     teardown()
 }
+
+/// A slow NBD server (nbdkit's delay filter: 100 ms per read and write):
+/// verified I/O still succeeds, nothing times out, and the requests wait
+/// on the server together (one per connection), not one after another.
+pub fn nbd_slow_server() -> Outcome {
+    insmod("max_abuse=1")?;
+    let _nbdkit = Nbdkit::start(&[
+        "--filter=delay",
+        "memory",
+        "16M",
+        "delay-read=100ms",
+        "delay-write=100ms",
+    ])?;
+    let _server = Server::abusectl_logged(
+        CTL,
+        &["nbd", &format!("unix:{SOCK}"), "--setup", "qs=32"],
+        Some("/tmp/nbd-slow.log"),
+    )?;
+    // 2 jobs x 256 KiB of 4 KiB writes, then the same reads: 256
+    // requests, 25.6 s one after another.
+    let start = std::time::Instant::now();
+    fio_verify(2, 1, "--iodepth=8 --size=256k --offset_increment=256k")?;
+    let took = start.elapsed();
+    ensure!(
+        took < Duration::from_millis(12_800),
+        "256 requests of 100 ms took {took:?}: fewer than 2 waited on the server at a time"
+    );
+    let st = control(CTL)?.status().map_err(|e| e.to_string())?;
+    ensure!(st.errors == 0, "{} requests failed", st.errors);
+    teardown()
+}

@@ -94,5 +94,6 @@ scenarios![
     backends::nbd_backend,
     backends::nbd_errors_reach_the_reader,
     backends::nbd_backend_qemu_nbd,
+    backends::nbd_slow_server,
     backends::qcow2_backend,
 ];
