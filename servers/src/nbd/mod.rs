@@ -152,7 +152,7 @@ pub struct Nbd {
     addr: Address,
     export: Export,
     /// Each slot holds one connection (made on first use, remade after a
-    /// drop); a call takes the next slot round-robin.
+    /// drop); a call takes a free one, else the next round-robin.
     conns: Vec<Mutex<Option<Stream>>>,
     next: AtomicUsize,
     cookie: AtomicU64,
@@ -198,8 +198,18 @@ impl Nbd {
     /// Sends one request, reconnecting and retrying while the connection
     /// fails; a server error is returned as its errno.
     fn call(&self, c: Command, write: &[u8], read: &mut [u8]) -> io::Result<()> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut slot = self.conns[i].lock().unwrap_or_else(|p| p.into_inner());
+        // A free connection if there is one (round-robin alone would queue
+        // requests behind a busy one while another idles), else the next in
+        // turn.
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut slot = (0..n)
+            .find_map(|k| self.conns[(start + k) % n].try_lock().ok())
+            .unwrap_or_else(|| {
+                self.conns[start % n]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            });
         let mut delay = Duration::from_millis(10);
         let mut told = false;
         loop {
