@@ -1,7 +1,9 @@
 //! What a storage backend implements. The engine calls it from several
 //! threads at once, for requests that may overlap.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 /// A backend's storage.
 pub trait Backend: Send + Sync {
@@ -63,4 +65,65 @@ pub fn fill_zeroes(
         at += n as u64;
     }
     Ok(())
+}
+
+/// Calls `f(unit index, offset in the unit, range in the request)` for each
+/// piece of `len` bytes at `offset` that lies in one unit of `unit` bytes
+/// (a cow block, a qcow2 cluster); I/O past `size` is refused.
+pub fn pieces(
+    offset: u64,
+    len: u64,
+    size: u64,
+    unit: u64,
+    mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
+) -> io::Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "beyond the end of the device",
+        ));
+    }
+    let mut done = 0;
+    while done < len {
+        let at = offset + done;
+        let (index, inner) = (at / unit, at % unit);
+        let n = (unit - inner).min(len - done);
+        f(index, inner, done as usize..(done + n) as usize)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads as much of `buf` as `f` holds from `at`; returns the count.
+pub fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], at + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+/// Fills `buf` from `at`; past the file's end (a sparse tail) reads zeroes.
+pub fn read_or_zeroes(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    let n = read_full(f, buf, at)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Deallocates a range of a file (it reads as zeroes), or writes the
+/// zeroes where the file system cannot punch holes.
+pub fn punch_file(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(f.as_raw_fd(), flags, offset as i64, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            fill_zeroes(|b, at| f.write_all_at(b, at), offset, len)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

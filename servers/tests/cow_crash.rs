@@ -460,6 +460,26 @@ fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
     }
 }
 
+/// `image` with the writes of `log` applied up to the one at `at`, of which
+/// only the first `keep` bytes land: a crash tearing that write.
+fn torn_at(image: &[u8], log: &[Op], at: u64, keep: usize) -> Vec<u8> {
+    let mut torn = image.to_vec();
+    for op in log {
+        if let Op::Write(off, data) = op {
+            let off = *off as usize;
+            if off as u64 == at {
+                torn[off..off + keep].copy_from_slice(&data[..keep]);
+                break;
+            }
+            if torn.len() < off + data.len() {
+                torn.resize(off + data.len(), 0);
+            }
+            torn[off..off + data.len()].copy_from_slice(data);
+        }
+    }
+    torn
+}
+
 /// Damage to a committed table page or to a commit record is refused; a
 /// page torn by a flush that never committed is not damage.
 #[test]
@@ -503,20 +523,7 @@ fn damage_is_refused_and_tearing_is_not_damage() {
     delta.write(2 * BS as u64, &pattern(8, BS), false).unwrap();
     let before = store.log().len();
     delta.flush().unwrap();
-    let mut torn = good.clone();
-    for op in &store.log()[before..] {
-        if let Op::Write(off, data) = op {
-            let off = *off as usize;
-            if off == h.slot_offset(0, 0) as usize {
-                torn[off..off + 2048].copy_from_slice(&data[..2048]);
-                break;
-            }
-            if torn.len() < off + data.len() {
-                torn.resize(off + data.len(), 0);
-            }
-            torn[off..off + data.len()].copy_from_slice(data);
-        }
-    }
+    let torn = torn_at(&good, &store.log()[before..], h.slot_offset(0, 0), 2048);
     let reopened = Delta::open(MemStore::with(torn), base.clone())
         .expect("a torn, uncommitted page is not damage");
     let mut got = vec![0u8; BS];
@@ -560,20 +567,7 @@ fn journal_damage_is_refused_and_tearing_is_not_damage() {
     delta.write(2 * BS as u64, &pattern(8, BS), false).unwrap();
     let before = store.log().len();
     delta.flush().unwrap();
-    let mut torn = good.clone();
-    for op in &store.log()[before..] {
-        if let Op::Write(off, data) = op {
-            let off = *off as usize;
-            if off == jp(2) {
-                torn[off..off + 1536].copy_from_slice(&data[..1536]);
-                break;
-            }
-            if torn.len() < off + data.len() {
-                torn.resize(off + data.len(), 0);
-            }
-            torn[off..off + data.len()].copy_from_slice(data);
-        }
-    }
+    let torn = torn_at(&good, &store.log()[before..], jp(2) as u64, 1536);
     let reopened = Delta::open(MemStore::with(torn), base.clone())
         .expect("a torn, uncommitted journal page is not damage");
     let mut got = vec![0u8; BS];

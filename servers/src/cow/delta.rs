@@ -505,26 +505,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
+        f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
     ) -> io::Result<()> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.header.virtual_size)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "beyond the end of the device",
-            ));
-        }
-        let mut done = 0;
-        while done < len {
-            let at = offset + done;
-            let (block, inner) = (at / self.bs(), at % self.bs());
-            let n = (self.bs() - inner).min(len - done);
-            f(block, inner, done as usize..(done + n) as usize)?;
-            done += n;
-        }
-        Ok(())
+        crate::backend::pieces(offset, len, self.header.virtual_size, self.bs(), f)
     }
 
     /// Reads `buf` at virtual `offset`.

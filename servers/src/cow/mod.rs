@@ -295,10 +295,7 @@ impl Cow {
     /// server of this boot has served it).
     pub fn working_area_path(delta: &Path) -> Result<PathBuf, CowError> {
         let file = File::open(delta).map_err(io_err(delta))?;
-        let mut hb = [0u8; format::PAGE];
-        storage::Storage::read_at(&file, &mut hb, 0).map_err(io_err(delta))?;
-        let h = format::Header::decode(&hb)
-            .map_err(|e| CowError::Delta(delta.to_path_buf(), e.into()))?;
+        let h = Self::peek_header(&file).map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
         storage::working_path(&file, &h.uuid).map_err(io_err(delta))
     }
 
@@ -333,9 +330,13 @@ impl Cow {
     }
 
     fn peek_base(store: &impl storage::Storage) -> Result<String, DeltaError> {
+        Ok(Self::peek_header(store)?.base_path)
+    }
+
+    fn peek_header(store: &impl storage::Storage) -> Result<format::Header, DeltaError> {
         let mut hb = [0u8; format::PAGE];
         store.read_at(&mut hb, 0)?;
-        Ok(format::Header::decode(&hb)?.base_path)
+        Ok(format::Header::decode(&hb)?)
     }
 
     /// Reads a delta without changing it, also while a server has it open,

@@ -21,17 +21,7 @@ pub trait Storage: Send + Sync {
 impl Storage for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // Reads past the end (a sparse tail) are zeroes.
-        let mut done = 0;
-        while done < buf.len() {
-            match FileExt::read_at(self, &mut buf[done..], offset + done as u64)? {
-                0 => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                n => done += n,
-            }
-        }
-        Ok(())
+        crate::backend::read_or_zeroes(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -48,17 +38,7 @@ impl Storage for File {
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        use std::os::fd::AsRawFd;
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(self.as_raw_fd(), flags, offset as i64, len as i64) {
-            Ok(()) => Ok(()),
-            // A filesystem that cannot punch holes: write the zeroes.
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                crate::backend::fill_zeroes(|b, at| self.write_all_at(b, at), offset, len)
-            }
-            Err(e) => Err(e.into()),
-        }
+        crate::backend::punch_file(self, offset, len)
     }
 }
 

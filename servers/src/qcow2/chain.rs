@@ -82,7 +82,9 @@ impl Backing {
             return Ok(());
         }
         match self {
-            Backing::Raw { file, .. } => super::read_exact_or_zero(file, &mut buf[..n], offset),
+            Backing::Raw { file, .. } => {
+                crate::backend::read_or_zeroes(file, &mut buf[..n], offset)
+            }
             Backing::Qcow2(q) => q.read(offset, &mut buf[..n]),
         }
     }
@@ -92,7 +94,7 @@ impl Backing {
 /// bytes at most, decompressed to a whole cluster of `cs` bytes.
 pub fn inflate(file: &File, off: u64, len: u64, cs: u64) -> io::Result<Vec<u8>> {
     let mut packed = vec![0u8; len as usize];
-    let n = super::read_full(file, &mut packed, off)?;
+    let n = crate::backend::read_full(file, &mut packed, off)?;
     let mut out = vec![0u8; cs as usize];
     let mut d = flate2::Decompress::new(false);
     d.decompress(&packed[..n], &mut out, flate2::FlushDecompress::Finish)

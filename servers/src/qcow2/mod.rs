@@ -107,7 +107,7 @@ impl Qcow2 {
             ))
         })?;
         let mut first = vec![0u8; 65536];
-        let n = read_full(&file, &mut first, 0)?;
+        let n = crate::backend::read_full(&file, &mut first, 0)?;
         let h = Header::parse(&first[..n])?;
         if !read_only && h.nb_snapshots != 0 {
             return Err(Qcow2Error::Unsupported(
@@ -307,7 +307,7 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(())
             }
-            Cluster::Data(off, _) => read_exact_or_zero(&self.file, buf, off + inner),
+            Cluster::Data(off, _) => crate::backend::read_or_zeroes(&self.file, buf, off + inner),
             Cluster::Compressed(off, len) => {
                 let whole = chain::inflate(&self.file, off, len, self.cs())?;
                 buf.copy_from_slice(&whole[inner as usize..inner as usize + buf.len()]);
@@ -322,24 +322,9 @@ impl Qcow2 {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
+        f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
     ) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.h.size) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "beyond the end of the image",
-            ));
-        }
-        let cs = self.cs();
-        let mut done = 0;
-        while done < len {
-            let at = offset + done;
-            let (vc, inner) = (at / cs, at % cs);
-            let n = (cs - inner).min(len - done);
-            f(vc, inner, done as usize..(done + n) as usize)?;
-            done += n;
-        }
-        Ok(())
+        crate::backend::pieces(offset, len, self.h.size, self.cs(), f)
     }
 
     /// Writes `data` (None: zeroes, deallocating where it can) at `inner`
@@ -365,7 +350,7 @@ impl Qcow2 {
                     // served), its space given back to the file system.
                     self.set_entry(&mut m, vc, off | COPIED | ZERO)?;
                     drop(m);
-                    return punch(&self.file, off, cs);
+                    return crate::backend::punch_file(&self.file, off, cs);
                 }
                 (Cluster::Data(off, true), None) => {
                     drop(m);
@@ -535,38 +520,6 @@ impl Qcow2 {
         let mut m = self.lock();
         let referenced = self.references(&mut m)?;
         m.refs.compare(&self.file, &referenced)
-    }
-}
-
-/// Reads as much of `buf` as the file holds from `at`; returns the count.
-fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], at + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    Ok(done)
-}
-
-/// Fills `buf` from `at`; past the file's end (a sparse tail) reads zeroes.
-fn read_exact_or_zero(f: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
-    let n = read_full(f, buf, at)?;
-    buf[n..].fill(0);
-    Ok(())
-}
-
-fn punch(f: &File, off: u64, len: u64) -> io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    use std::os::fd::AsRawFd;
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    match fallocate(f.as_raw_fd(), flags, off as i64, len as i64) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
-            crate::backend::fill_zeroes(|b, at| f.write_all_at(b, at), off, len)
-        }
-        Err(e) => Err(e.into()),
     }
 }
 
