@@ -106,6 +106,42 @@ impl Refcounts {
         }
     }
 
+    /// Every cluster whose refcount differs from how often it is
+    /// referenced, as (cluster, refcount, references). Every refcount block
+    /// is read whole, so a cluster counted past the image's end (one a
+    /// killed writer took before it wrote there) is found too.
+    fn mismatches(
+        &self,
+        file: &File,
+        referenced: &HashMap<u64, u64>,
+    ) -> Result<Vec<(u64, u64, u64)>, Qcow2Error> {
+        let per = self.per_block();
+        let mut out = Vec::new();
+        let mut block = vec![0u8; self.cs as usize];
+        for (i, &b) in self.table.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            file.read_exact_at(&mut block, b)?;
+            for (k, v) in block.chunks(2).enumerate() {
+                let c = i as u64 * per + k as u64;
+                let have = u16::from_be_bytes([v[0], v[1]]) as u64;
+                let want = referenced.get(&c).copied().unwrap_or(0);
+                if have != want {
+                    out.push((c, have, want));
+                }
+            }
+        }
+        // Referenced clusters no refcount block covers count 0.
+        for (&c, &want) in referenced {
+            let covered = self.table.get((c / per) as usize).is_some_and(|&b| b != 0);
+            if !covered {
+                out.push((c, 0, want));
+            }
+        }
+        Ok(out)
+    }
+
     /// Compares the refcounts with how often each cluster is referenced:
     /// (clusters counted too low: corruption, clusters counted too high:
     /// leaks).
@@ -114,20 +150,9 @@ impl Refcounts {
         file: &File,
         referenced: &HashMap<u64, u64>,
     ) -> Result<(u64, u64), Qcow2Error> {
-        let mut low = 0;
-        let mut high = 0;
-        for c in 0..self.clusters(referenced) {
-            let (have, want) = (
-                self.get(file, c)? as u64,
-                referenced.get(&c).copied().unwrap_or(0),
-            );
-            if have < want {
-                low += 1;
-            } else if have > want {
-                high += 1;
-            }
-        }
-        Ok((low, high))
+        let m = self.mismatches(file, referenced)?;
+        let low = m.iter().filter(|(_, have, want)| have < want).count() as u64;
+        Ok((low, m.len() as u64 - low))
     }
 
     /// Fixes leaks (refcounts above the references, as a killed writer
@@ -137,28 +162,15 @@ impl Refcounts {
         file: &File,
         referenced: &HashMap<u64, u64>,
     ) -> Result<u64, Qcow2Error> {
-        let mut fixed = 0;
-        for c in 0..self.clusters(referenced) {
-            let (have, want) = (
-                self.get(file, c)? as u64,
-                referenced.get(&c).copied().unwrap_or(0),
-            );
-            if have < want {
-                return Err(Qcow2Error::Damaged(format!(
-                    "cluster {c} is referenced {want} times but counted {have} times"
-                )));
-            }
-            if have > want {
-                self.set(file, c, want as u16)?;
-                fixed += 1;
-            }
+        let m = self.mismatches(file, referenced)?;
+        if let Some((c, have, want)) = m.iter().find(|(_, have, want)| have < want) {
+            return Err(Qcow2Error::Damaged(format!(
+                "cluster {c} is referenced {want} times but counted {have} times"
+            )));
         }
-        Ok(fixed)
-    }
-
-    fn clusters(&self, referenced: &HashMap<u64, u64>) -> u64 {
-        let covered = self.table.len() as u64 * self.per_block();
-        let top = referenced.keys().max().map_or(0, |&c| c + 1);
-        self.next_free.max(top).min(covered)
+        for &(c, _, want) in &m {
+            self.set(file, c, want as u16)?;
+        }
+        Ok(m.len() as u64)
     }
 }
