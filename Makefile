@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps bench-deps rbd-deps kernel kernel-bench driver host-test vm-test test demo bench lint clean install install-test rbd-test
+.PHONY: all deps bench-deps rbd-deps kernel kernel-bench driver host-test vm-test test demo bench profile lint clean install install-test rbd-test
 
 all: driver
 	cargo build --workspace --release
@@ -61,6 +61,14 @@ bench: deps bench-deps kernel-bench
 	done
 	cargo run --quiet --release -p abuse-bench -- $$(seq -f 'target/bench/run-%g.log' $(BENCH_RUNS)) \
 	  --json target/bench/bench.json --png target/bench/bench.png
+
+## Where the 4k random jobs' time goes (perf, every CPU) on null_blk, ublk
+## null and ABUSE null, in one boot of the profiling kernel (bench + perf
+## events and symbols); the reports go to target/bench/profile.log.
+profile: deps bench-deps
+	scripts/kernel.sh build profile
+	mkdir -p target/bench
+	ABUSE_VM_LOG=target/bench/profile.log tests/vm/run.sh --flavor profile --script tests/vm/profile.sh --timeout 1200
 
 ## The rbd backend against a one-node Ceph cluster on this machine
 ## (memstore OSD, 127.0.0.1 only), torn down afterwards.

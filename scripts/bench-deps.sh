@@ -2,12 +2,12 @@
 # The peers `make bench` compares ABUSE with, installed idempotently (not
 # needed by `make test`): nbdkit and nbd-client from Debian, rublk (ublk's
 # Rust server) from the Rust package registry into the cache, and a font
-# for the chart.
+# for the chart; perf for make profile.
 set -euo pipefail
 
 CACHE=${ABUSE_CACHE:-/var/cache/abuse}
 RUBLK_VERSION=0.2.15
-APT_PACKAGES=(nbdkit nbd-client fonts-dejavu-core)
+APT_PACKAGES=(nbdkit nbd-client fonts-dejavu-core linux-perf)
 
 have_all() {
   local out

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds (once per machine) and locates the guest kernels.
 #
-#   kernel.sh build FLAVOR        build bzImage + modules for FLAVOR (test|bench), cached
+#   kernel.sh build FLAVOR        build bzImage + modules for FLAVOR (test|bench|profile), cached
 #   kernel.sh dir FLAVOR          print the cached build tree of FLAVOR (the KDIR)
 #   kernel.sh make FLAVOR ARGS    run make in that tree with the Rust toolchain set up
 #
@@ -28,7 +28,9 @@ fragments() {
   local flavor=$1
   case "$flavor" in
     test | bench) echo "$root/tests/kconfig/base.config $root/tests/kconfig/$flavor.config" ;;
-    *) echo "kernel.sh: unknown flavor '$flavor' (test|bench)" >&2; exit 2 ;;
+    # bench + perf events and symbols (tests/vm/run.sh --flavor profile).
+    profile) echo "$root/tests/kconfig/base.config $root/tests/kconfig/bench.config $root/tests/kconfig/profile.config" ;;
+    *) echo "kernel.sh: unknown flavor '$flavor' (test|bench|profile)" >&2; exit 2 ;;
   esac
 }
 

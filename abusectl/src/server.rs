@@ -119,16 +119,14 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
 }
 
 fn stats_json(s: &Stats) -> serde_json::Value {
-    let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    serde_json::json!({
-        "pid": std::process::id(),
-        "requests": s.requests(),
-        "reads": g(&s.reads), "writes": g(&s.writes), "flushes": g(&s.flushes), "fua": g(&s.fua),
-        "discards": g(&s.discards), "write_zeroes": g(&s.write_zeroes),
-        "bytes_read": g(&s.bytes_read), "bytes_written": g(&s.bytes_written),
-        "errors": g(&s.errors), "requeued": g(&s.requeued), "stale": g(&s.stale), "batches": g(&s.batches),
-        "retries": g(&s.retries), "panics": g(&s.panics),
-    })
+    let t = s.totals();
+    let mut m = serde_json::Map::new();
+    m.insert("pid".into(), std::process::id().into());
+    m.insert("requests".into(), t.requests().into());
+    for (name, n) in t.named() {
+        m.insert(name.into(), n.into());
+    }
+    m.into()
 }
 
 fn save(path: &Option<PathBuf>, s: &Stats) {

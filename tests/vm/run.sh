@@ -3,7 +3,7 @@
 # binaries and the real clients in an initramfs, runs the guest scenarios
 # and scans the guest's dmesg for kernel bug reports.
 #
-#   run.sh [--flavor test|bench] [--scenario a,b] [--script guest.sh] [--timeout SECS] [--disk MB]
+#   run.sh [--flavor test|bench|profile] [--scenario a,b] [--script guest.sh] [--timeout SECS] [--disk MB]
 #
 # Prints one line per scenario, then `N passed, N failed` (the dmesg scan
 # counts as one), and exits non-zero on any failure. Parallel-safe: every
@@ -51,7 +51,7 @@ for tool in /sbin/mke2fs /sbin/e2fsck /sbin/sfdisk /sbin/blkdiscard /usr/bin/fio
   [ -x "$tool" ] && copy_tool "$tool"
 done
 ln -sf mke2fs "$rootfs/sbin/mkfs.ext4"
-if [ "$flavor" = bench ]; then
+if [ "$flavor" != test ]; then
   # The peers make bench compares with (make bench-deps installs them).
   rublk=${ABUSE_CACHE:-/var/cache/abuse}/tools/rublk/bin/rublk
   if [ -x "$rublk" ]; then
@@ -60,6 +60,8 @@ if [ "$flavor" = bench ]; then
   fi
   [ -x /usr/sbin/nbd-client ] && copy_tool /usr/sbin/nbd-client
 fi
+# perf, for the profiling kernel (cpu-clock samples: TCG has no PMU).
+[ "$flavor" = profile ] && [ -x /usr/bin/perf ] && copy_tool /usr/bin/perf
 # qemu-nbd: the nbd backend is tested against it too (and it serves qcow2
 # images in make bench).
 copy_tool /usr/bin/qemu-nbd

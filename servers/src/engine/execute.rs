@@ -12,7 +12,7 @@ use abuse_sys::uapi::*;
 use abuse_sys::{cmd_name, AbuseBio};
 use nix::errno::Errno;
 
-use super::Stats;
+use super::{Counters, Stats};
 use crate::backend::Backend;
 
 /// Attempts of a backend call that fails with a transient error (EINTR,
@@ -60,7 +60,7 @@ impl Failure {
     }
 }
 
-fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Stats) -> Result<(), Failure> {
+fn attempt(op: &mut dyn FnMut() -> io::Result<()>, stats: &Counters) -> Result<(), Failure> {
     let mut delay = Duration::from_millis(1);
     for n in 1.. {
         match catch_unwind(AssertUnwindSafe(&mut *op)) {
@@ -155,6 +155,7 @@ pub fn execute_payload(
     stats: &Stats,
     with_errno: bool,
 ) -> Option<Failure> {
+    let stats = stats.mine();
     let offset = bio.sector << ABUSE_SECTOR_SHIFT;
     let len = bio.len as u64;
     if bio.flags & ABUSE_BIO_REQUEUED != 0 {

@@ -17,11 +17,12 @@
 mod affinity;
 mod device;
 mod execute;
+mod stats;
 #[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use crate::backend::Backend;
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
 use execute::{execute_payload, split_payloads, FailureLog};
+pub use stats::{Counters, Stats, Totals};
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
@@ -49,43 +51,6 @@ pub struct EngineConfig {
     /// Run worker i on the CPUs of hardware queue i (when there is one
     /// worker per queue).
     pub pin: bool,
-}
-
-/// This engine's own counters (each process has its own).
-#[derive(Default, Debug)]
-pub struct Stats {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub fua: AtomicU64,
-    pub discards: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub errors: AtomicU64,
-    pub requeued: AtomicU64,
-    pub stale: AtomicU64,
-    pub batches: AtomicU64,
-    /// Backend calls retried after a transient error.
-    pub retries: AtomicU64,
-    /// Backend calls that panicked (each failed its request).
-    pub panics: AtomicU64,
-}
-
-impl Stats {
-    /// Requests completed successfully by this engine.
-    pub fn requests(&self) -> u64 {
-        [
-            &self.reads,
-            &self.writes,
-            &self.flushes,
-            &self.discards,
-            &self.write_zeroes,
-        ]
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .sum()
-    }
 }
 
 /// Why an engine stopped, or would not start.
@@ -340,7 +305,7 @@ fn worker<C: ControlDevice>(
                 };
                 let skip = match e.errno() {
                     Errno::ESTALE if done < held => {
-                        shared.stats.stale.fetch_add(1, Ordering::Relaxed);
+                        shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
                         done + 1
                     }
                     Errno::EINTR | Errno::ENOMEM | Errno::EAGAIN => {
@@ -367,7 +332,7 @@ fn worker<C: ControlDevice>(
         }
         run_batch(ctl.path(), &mut bios[..n], &mut buf, shared);
         held = n;
-        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        shared.stats.mine().batches.fetch_add(1, Ordering::Relaxed);
     }
     complete(ctl, &bios[..held], shared)?;
     Ok(())
@@ -424,7 +389,7 @@ fn complete<C: ControlDevice>(
         match retry(&AtomicBool::new(false), || ctl.put_bios(bios)) {
             Ok(_) => return Ok(()),
             Err(e @ abuse_sys::Error::Ioctl { done, .. }) if e.errno() == Errno::ESTALE => {
-                shared.stats.stale.fetch_add(1, Ordering::Relaxed);
+                shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
                 bios = &bios[done + 1..];
             }
             Err(e) => return Err(e),

@@ -306,7 +306,7 @@ fn estale_in_the_middle_of_a_batch_skips_only_that_entry() {
     let done = fake.wait_done(4);
     let completed: Vec<u64> = done.iter().map(|(b, _)| b.id).collect();
     assert_eq!(completed, vec![ids[0], ids[1], ids[3], ids[4]]);
-    assert_eq!(run.stats.stale.load(Ordering::Relaxed), 1);
+    assert_eq!(run.stats.totals().stale, 1);
     run.finish().unwrap();
 }
 
@@ -359,7 +359,7 @@ fn backend_errno_reaches_the_kernel_with_the_flag() {
     assert_eq!(b.result, ABUSE_RESULT_MEDIA_FAILURE);
     assert_eq!(b.flags & ABUSE_BIO_ERRNO, ABUSE_BIO_ERRNO);
     assert_eq!(b.error, Errno::ENOSPC as u32);
-    assert_eq!(run.stats.errors.load(Ordering::Relaxed), 1);
+    assert_eq!(run.stats.totals().errors, 1);
     run.finish().unwrap();
 }
 
@@ -388,7 +388,7 @@ fn a_panicking_backend_call_fails_only_its_request() {
     // It goes on serving after the panic.
     fake.queue(ABUSE_CMD_READ, 64, vec![0; 4096]);
     fake.wait_done(4);
-    assert_eq!(run.stats.panics.load(Ordering::Relaxed), 1);
+    assert_eq!(run.stats.totals().panics, 1);
     run.finish().unwrap();
 }
 
@@ -404,7 +404,7 @@ fn transient_enomem_is_retried() {
     assert!(done.iter().all(|(b, _)| b.result == ABUSE_RESULT_OKAY));
     let (_, data) = done.iter().find(|(b, _)| b.id == read).unwrap();
     assert!(data.iter().all(|&x| x == 9), "read did not see the write");
-    assert_eq!(run.stats.retries.load(Ordering::Relaxed), 2);
+    assert_eq!(run.stats.totals().retries, 2);
     run.finish().unwrap();
 }
 
@@ -474,13 +474,13 @@ fn executes_each_command_on_the_backend() {
         buf[8192..12288].iter().all(|&x| x == 0),
         "discarded range not zero"
     );
-    assert_eq!(stats.writes.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.fua.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.reads.load(Ordering::Relaxed), 2);
-    assert_eq!(stats.flushes.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.discards.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.requeued.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.requests(), 5);
+    assert_eq!(stats.totals().writes, 1);
+    assert_eq!(stats.totals().fua, 1);
+    assert_eq!(stats.totals().reads, 2);
+    assert_eq!(stats.totals().flushes, 1);
+    assert_eq!(stats.totals().discards, 1);
+    assert_eq!(stats.totals().requeued, 1);
+    assert_eq!(stats.totals().requests(), 5);
 }
 
 #[test]
@@ -510,7 +510,7 @@ fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
         (old.result, old.flags, old.error),
         (ABUSE_RESULT_MEDIA_FAILURE, 0, 0)
     );
-    assert_eq!(stats.errors.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.totals().errors, 3);
 }
 
 /// A batch's payloads are split off the buffer one by one, so they can run
