@@ -11,7 +11,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define ABUSE_VERSION 3
+#define ABUSE_VERSION 4
 
 /* The ioctl numbers assume the asm-generic _IOC layout, as the Rust uapi does. */
 #if defined(__powerpc__) || defined(__mips__) || defined(__sparc__) 
@@ -42,6 +42,9 @@
 #define ABUSE_BIO_REQUEUED       (1U << 1)
 #define ABUSE_BIO_NOUNMAP        (1U << 2)
 #define ABUSE_BIO_ERRNO          (1U << 3)
+/* PUT_BIO of a successful READ: the data is all zeroes, nothing is read
+ * from addr (protocol version 4) */
+#define ABUSE_BIO_ZEROES         (1U << 4)
 
 /* struct abuse_bio.result */
 #define ABUSE_RESULT_OKAY            0

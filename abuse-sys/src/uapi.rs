@@ -13,8 +13,9 @@
 pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
 /// Protocol version reported in [`AbuseStatus::version`]. 2: configuration
 /// generations, errnos on PUT_BIO, fencing timeouts. 3: several hardware
-/// queues, a per-queue depth, ABUSE_SERVE, delegation.
-pub const ABUSE_VERSION: u32 = 3;
+/// queues, a per-queue depth, ABUSE_SERVE, delegation. 4: READs completed
+/// as zeroes ([`ABUSE_BIO_ZEROES`]).
+pub const ABUSE_VERSION: u32 = 4;
 
 // The ioctl numbers below use the asm-generic `_IOC` layout (x86, arm64,
 // riscv, ...). Architectures with another layout would get numbers the
@@ -82,6 +83,12 @@ pub const ABUSE_BIO_NOUNMAP: u16 = 1 << 2;
 /// (ENOSPC, EOPNOTSUPP, ENODATA, ...), which the filesystem above sees as
 /// the matching block status. Without it a failure is an I/O error.
 pub const ABUSE_BIO_ERRNO: u16 = 1 << 3;
+/// PUT_BIO of a successful READ: its data is all zeroes (a hole). The
+/// driver fills the request with zeroes and reads nothing from `addr`, so
+/// the server neither writes the zeroes nor has them copied (as an NBD
+/// server answers a hole without sending it). Only with READ and OKAY;
+/// since protocol version 4.
+pub const ABUSE_BIO_ZEROES: u16 = 1 << 4;
 
 // Request results: [`AbuseBio::result`] in PUT_BIO.
 /// The request succeeded.

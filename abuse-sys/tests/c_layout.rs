@@ -99,6 +99,7 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_BIO_REQUEUED,
         ABUSE_BIO_NOUNMAP,
         ABUSE_BIO_ERRNO,
+        ABUSE_BIO_ZEROES,
         ABUSE_RESULT_OKAY,
         ABUSE_RESULT_MEDIA_FAILURE,
         ABUSE_RESULT_DEVICE_FAILURE,

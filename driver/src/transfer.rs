@@ -190,9 +190,13 @@ fn complete(reqs: &Requests, bios: u64, count: u32) -> (u32, Result) {
 }
 
 /// The status a PUT entry asks for: `None` if the entry is malformed (an
-/// errno without a failure result, out of range, or set without the flag).
+/// errno without a failure result, out of range, or set without the flag;
+/// ZEROES other than on a successful READ).
 fn status_of(bio: &AbuseBio) -> Option<Status> {
     let with_errno = bio.flags & ABUSE_BIO_ERRNO != 0;
+    if bio.flags & ABUSE_BIO_ZEROES != 0 && (bio.cmd != ABUSE_CMD_READ || bio.result != ABUSE_RESULT_OKAY) {
+        return None;
+    }
     match (bio.result, with_errno) {
         (ABUSE_RESULT_OKAY, false) if bio.error == 0 => Some(Status::Ok),
         (ABUSE_RESULT_MEDIA_FAILURE | ABUSE_RESULT_DEVICE_FAILURE, false) if bio.error == 0 => Some(Status::IoErr),
@@ -214,6 +218,14 @@ fn put_one(reqs: &Requests, bio: &AbuseBio) -> Result {
         PutError::Stale => ESTALE(),
         PutError::Mismatch => EINVAL,
     };
+    if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 && bio.flags & ABUSE_BIO_ZEROES != 0 {
+        // Out of the slot while it is filled (not under the lock: up to
+        // max_bytes of memset); nothing is read from user memory.
+        let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
+        t.rq.zero_fill();
+        q.complete(t, Status::Ok);
+        return Ok(());
+    }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 {
         // Out of the slot while its data is copied from user memory (which
         // may fault and sleep): a RESET meanwhile only marks it.

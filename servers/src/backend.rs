@@ -18,6 +18,13 @@ pub trait Backend: Send + Sync {
     fn features(&self) -> u32;
     /// Fills `buf` from `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Whether `len` bytes at `offset` are known to read as zeroes without
+    /// reading them (a hole): the engine then completes the READ as zeroes
+    /// (ABUSE_BIO_ZEROES: neither written nor copied) and `read` is not
+    /// called. Must be cheap; false when unsure.
+    fn reads_zeroes(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Writes `buf` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.

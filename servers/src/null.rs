@@ -36,6 +36,10 @@ impl Backend for Null {
         Ok(())
     }
 
+    fn reads_zeroes(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
     fn write(&self, _offset: u64, _buf: &[u8], _fua: bool) -> io::Result<()> {
         Ok(())
     }

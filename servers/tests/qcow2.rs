@@ -70,13 +70,36 @@ fn read_all(b: &dyn Backend) -> Vec<u8> {
     got
 }
 
+/// What the backend calls holes (completed as zeroes, not read) reads as
+/// zeroes in `model`; returns how many 4 KiB blocks were holes.
+fn holes_are_zeroes(b: &dyn Backend, model: &[u8]) -> usize {
+    let mut holes = 0;
+    for (i, block) in model.chunks(4096).enumerate() {
+        if b.reads_zeroes(i as u64 * 4096, block.len() as u64) {
+            assert!(
+                block.iter().all(|&x| x == 0),
+                "block {i} is called a hole but holds data"
+            );
+            holes += 1;
+        }
+    }
+    holes
+}
+
 /// Serves an image through the workload, stops cleanly, and lets qemu-img
 /// judge the result.
 fn round_trip(img: &Path, mut model: Vec<u8>, dir: &Path) {
     let b = Qcow2::open(img, false).unwrap();
     assert_eq!(read_all(&b), model, "the image as made reads wrong");
+    if model.iter().all(|&x| x == 0) {
+        assert!(b.reads_zeroes(0, SIZE), "a blank image is not all holes");
+    }
+    holes_are_zeroes(&b, &model);
     workload(&b, &mut model);
     assert_eq!(read_all(&b), model);
+    // The workload's zeroed and discarded ranges (whole clusters of them)
+    // are holes now.
+    assert!(holes_are_zeroes(&b, &model) > 0, "no holes after zeroing");
     b.stop().unwrap();
     drop(b);
     check_clean(img);

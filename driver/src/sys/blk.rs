@@ -195,6 +195,16 @@ impl Request {
         })
     }
 
+    /// Fills the request's data with zeroes (a READ of a hole).
+    pub(crate) fn zero_fill(&self) {
+        let _ = self.for_each_chunk(|chunk, len| {
+            // SAFETY: as in `copy_from_user`: `len` mapped bytes of the
+            // request's own pages, which no one else accesses meanwhile.
+            unsafe { core::ptr::write_bytes(chunk, 0, len) };
+            Ok(())
+        });
+    }
+
     /// Calls `f` on every piece of the request's data, one page at a time
     /// (`rq_for_each_segment`, split to pages for `kmap_local_page`).
     fn for_each_chunk(&self, mut f: impl FnMut(*mut u8, usize) -> Result) -> Result {

@@ -103,12 +103,12 @@ pub fn execute(
     buf: &mut [u8],
     base: u64,
     stats: &Stats,
-    with_errno: bool,
+    kernel: Kernel,
 ) -> Option<Failure> {
     // The kernel placed the payload at `addr`, inside `buf`.
     let start = bio.addr.wrapping_sub(base) as usize;
     let payload = buf.get_mut(start..start.saturating_add(bio.len as usize));
-    execute_payload(backend, bio, payload, stats, with_errno)
+    execute_payload(backend, bio, payload, stats, kernel)
 }
 
 /// The payloads of a batch, each split off the buffer (they never
@@ -144,16 +144,34 @@ pub fn split_payloads<'a>(
         .collect()
 }
 
-/// Runs `bio` on the backend and fills in its PUT result (and errno, when
-/// `with_errno`: the kernel understands ABUSE_BIO_ERRNO). `payload` is
-/// the READ's or WRITE's data (None: outside the buffer, an EIO). Returns
-/// the failure, if any.
+/// What the kernel's protocol version lets a PUT say.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// Failures carry an errno (ABUSE_BIO_ERRNO, version 2).
+    pub errno: bool,
+    /// READs may complete as zeroes (ABUSE_BIO_ZEROES, version 4).
+    pub zeroes: bool,
+}
+
+impl Kernel {
+    pub fn of(version: u32) -> Self {
+        Kernel {
+            errno: version >= 2,
+            zeroes: version >= 4,
+        }
+    }
+}
+
+/// Runs `bio` on the backend and fills in its PUT result (with what
+/// `kernel` understands: an errno, zeroes). `payload` is the READ's or
+/// WRITE's data (None: outside the buffer, an EIO). Returns the failure,
+/// if any.
 pub fn execute_payload(
     backend: &dyn Backend,
     bio: &mut AbuseBio,
     payload: Option<&mut [u8]>,
     stats: &Stats,
-    with_errno: bool,
+    kernel: Kernel,
 ) -> Option<Failure> {
     let stats = stats.mine();
     let offset = bio.sector << ABUSE_SECTOR_SHIFT;
@@ -163,7 +181,15 @@ pub fn execute_payload(
     }
     let fua = bio.flags & ABUSE_BIO_FUA != 0;
     let ro = backend.read_only();
+    bio.flags &= !(ABUSE_BIO_ERRNO | ABUSE_BIO_ZEROES);
     let result = match bio.cmd {
+        ABUSE_CMD_READ if kernel.zeroes && backend.reads_zeroes(offset, len) => {
+            bio.flags |= ABUSE_BIO_ZEROES;
+            stats.reads.fetch_add(1, Ordering::Relaxed);
+            stats.holes.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        }
         ABUSE_CMD_READ => match payload {
             Some(data) => attempt(&mut || backend.read(offset, data), stats).map(|()| {
                 stats.reads.fetch_add(1, Ordering::Relaxed);
@@ -200,7 +226,6 @@ pub fn execute_payload(
         }
         _ => Err(Failure::errno(Errno::EOPNOTSUPP)),
     };
-    bio.flags &= !ABUSE_BIO_ERRNO;
     bio.error = 0;
     match result {
         Ok(()) => {
@@ -210,7 +235,7 @@ pub fn execute_payload(
         Err(f) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             bio.result = ABUSE_RESULT_MEDIA_FAILURE;
-            if with_errno {
+            if kernel.errno {
                 bio.flags |= ABUSE_BIO_ERRNO;
                 bio.error = f.errno as u32;
             }

@@ -34,7 +34,7 @@ use nix::errno::Errno;
 use crate::backend::Backend;
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
-use execute::{execute_payload, split_payloads, FailureLog};
+use execute::{execute_payload, split_payloads, FailureLog, Kernel};
 pub use stats::{Counters, Stats, Totals};
 
 /// How an engine runs.
@@ -179,7 +179,7 @@ pub fn serve_with<C: ControlDevice>(
         stop,
         stats,
         generation: st.generation,
-        with_errno: st.version >= 2,
+        kernel: Kernel::of(st.version),
         combined: st.version >= 3,
         pool,
         failure: Mutex::new(None),
@@ -227,8 +227,8 @@ struct Shared {
     stats: Arc<Stats>,
     /// The configuration this engine serves.
     generation: u64,
-    /// The kernel takes errnos on PUT_BIO (protocol version 2).
-    with_errno: bool,
+    /// What PUT_BIO may say (errnos, zeroes).
+    kernel: Kernel,
     /// The kernel has ABUSE_SERVE (protocol version 3).
     combined: bool,
     /// Runs a batch's requests at once (None: one by one in the worker).
@@ -344,7 +344,7 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
     let base = buf.as_ptr() as u64;
     let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| {
         let (backend, stats) = (&*shared.backend, &*shared.stats);
-        if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.with_errno) {
+        if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.kernel) {
             shared.log.failed(path, bio, &failure);
         }
     };

@@ -36,6 +36,8 @@ macro_rules! counters {
 
 counters! {
     reads,
+    /// READs of those completed as zeroes (ABUSE_BIO_ZEROES).
+    holes,
     writes,
     flushes,
     fua,

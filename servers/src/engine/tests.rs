@@ -12,7 +12,7 @@ use abuse_sys::uapi::*;
 use abuse_sys::{AbuseBio, AbuseStatus};
 use nix::errno::Errno;
 
-use super::execute::execute;
+use super::execute::{execute, Kernel};
 use super::*;
 use crate::backend::{unsupported, Backend};
 use crate::null::Null;
@@ -156,7 +156,14 @@ impl ControlDevice for Fake {
             }
             let req = st.fetched.remove(&b.id).unwrap();
             let mut read = Vec::new();
-            if b.cmd == ABUSE_CMD_READ && b.result == ABUSE_RESULT_OKAY {
+            if b.flags & ABUSE_BIO_ZEROES != 0 {
+                // As the kernel: only on a successful READ, then zeroes
+                // without looking at `addr`.
+                if b.cmd != ABUSE_CMD_READ || b.result != ABUSE_RESULT_OKAY {
+                    return Err(self.err("PUT_BIO", Errno::EINVAL, i));
+                }
+                read = vec![0; b.len as usize];
+            } else if b.cmd == ABUSE_CMD_READ && b.result == ABUSE_RESULT_OKAY {
                 // SAFETY: as the kernel does, the fake reads `len` bytes at
                 // `addr`, which the engine points into its own live buffer
                 // (this is the same process).
@@ -451,7 +458,7 @@ fn executes_each_command_on_the_backend() {
     let base = buf.as_ptr() as u64;
     buf[4096..8192].fill(5);
     let run = |b: &dyn Backend, mut bio: AbuseBio, buf: &mut Vec<u8>| {
-        execute(b, &mut bio, buf, base, &stats, true);
+        execute(b, &mut bio, buf, base, &stats, Kernel::of(ABUSE_VERSION));
         bio.result
     };
     // WRITE the payload at buf[4096..], FUA; READ it back into buf[8192..].
@@ -489,14 +496,31 @@ fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
     let mut buf = vec![0u8; 4096];
     let base = buf.as_ptr() as u64;
     let mut r = bio(ABUSE_CMD_READ, 0, 8192, base, 0);
+    // Version 3: no ZEROES, so the null backend reads into the payload.
     assert_eq!(
-        execute(&Null::new(1 << 20), &mut r, &mut buf, base, &stats, true).map(|f| f.errno),
+        execute(
+            &Null::new(1 << 20),
+            &mut r,
+            &mut buf,
+            base,
+            &stats,
+            Kernel::of(3)
+        )
+        .map(|f| f.errno),
         Some(Errno::EIO as i32)
     );
     assert_eq!(r.result, ABUSE_RESULT_MEDIA_FAILURE);
     let mut u = bio(99, 0, 0, 0, 0);
     assert_eq!(
-        execute(&Null::new(4096), &mut u, &mut buf, base, &stats, true).map(|f| f.errno),
+        execute(
+            &Null::new(4096),
+            &mut u,
+            &mut buf,
+            base,
+            &stats,
+            Kernel::of(ABUSE_VERSION)
+        )
+        .map(|f| f.errno),
         Some(Errno::EOPNOTSUPP as i32)
     );
     assert_eq!(
@@ -505,12 +529,72 @@ fn payload_outside_the_buffer_or_unknown_command_fails_with_an_errno() {
     );
     // An old module (no errno support) gets a plain media failure.
     let mut old = bio(99, 0, 0, 0, 0);
-    execute(&Null::new(4096), &mut old, &mut buf, base, &stats, false);
+    execute(
+        &Null::new(4096),
+        &mut old,
+        &mut buf,
+        base,
+        &stats,
+        Kernel::of(1),
+    );
     assert_eq!(
         (old.result, old.flags, old.error),
         (ABUSE_RESULT_MEDIA_FAILURE, 0, 0)
     );
     assert_eq!(stats.totals().errors, 3);
+}
+
+/// A backend that knows a range is a hole completes its READ as zeroes
+/// (nothing written to the payload) where the kernel understands it, and
+/// reads it into the payload where it does not; a backend that does not
+/// know reads.
+#[test]
+fn holes_complete_as_zeroes_where_the_kernel_takes_them() {
+    let stats = Stats::default();
+    let mut buf = vec![0xaau8; 4096];
+    let base = buf.as_ptr() as u64;
+    let mut r = bio(ABUSE_CMD_READ, 0, 4096, base, 0);
+    assert_eq!(
+        execute(
+            &Null::new(1 << 20),
+            &mut r,
+            &mut buf,
+            base,
+            &stats,
+            Kernel::of(4)
+        ),
+        None
+    );
+    assert_eq!(
+        (r.result, r.flags & ABUSE_BIO_ZEROES),
+        (ABUSE_RESULT_OKAY, ABUSE_BIO_ZEROES)
+    );
+    assert!(buf.iter().all(|&b| b == 0xaa), "the payload was written");
+    let mut r = bio(ABUSE_CMD_READ, 0, 4096, base, ABUSE_BIO_ZEROES);
+    assert_eq!(
+        execute(
+            &Null::new(1 << 20),
+            &mut r,
+            &mut buf,
+            base,
+            &stats,
+            Kernel::of(3)
+        ),
+        None
+    );
+    assert_eq!(r.flags & ABUSE_BIO_ZEROES, 0);
+    assert!(buf.iter().all(|&b| b == 0), "the payload was not read");
+    let mem = Mem::new(1 << 20);
+    mem.data.lock().unwrap()[..4096].fill(7);
+    let mut r = bio(ABUSE_CMD_READ, 0, 4096, base, 0);
+    assert_eq!(
+        execute(&mem, &mut r, &mut buf, base, &stats, Kernel::of(4)),
+        None
+    );
+    assert_eq!(r.flags & ABUSE_BIO_ZEROES, 0);
+    assert!(buf.iter().all(|&b| b == 7));
+    let t = stats.totals();
+    assert_eq!((t.reads, t.holes), (3, 1));
 }
 
 /// A batch's payloads are split off the buffer one by one, so they can run
@@ -543,7 +627,8 @@ fn payloads_split_disjoint() {
     let results: Vec<u32> = jobs
         .into_iter()
         .map(|(b, p)| {
-            super::execute::execute_payload(&Null::new(1 << 20), b, p, &stats, true);
+            // Version 3: the null backend reads into its payload.
+            super::execute::execute_payload(&Null::new(1 << 20), b, p, &stats, Kernel::of(3));
             b.result
         })
         .collect();

@@ -70,6 +70,17 @@ impl Backing {
         }
     }
 
+    /// Whether `len` bytes at `offset` are known to be zeroes: past the end,
+    /// or holes of a qcow2 backing image (a raw file's are not looked for).
+    pub fn reads_zeroes(&self, offset: u64, len: u64) -> bool {
+        match self {
+            Backing::Raw { size, .. } => offset >= *size,
+            Backing::Qcow2(q) => {
+                offset >= q.size() || q.reads_zeroes(offset, len.min(q.size() - offset))
+            }
+        }
+    }
+
     /// Reads at `offset`; what lies past the backing image's end is zeroes.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let size = match self {

@@ -547,6 +547,27 @@ impl Backend for Qcow2 {
         })
     }
 
+    /// Zero clusters, and unallocated ones over no backing image or over its
+    /// holes: looked up in the L2 tables (cached), nothing else read.
+    fn reads_zeroes(&self, offset: u64, len: u64) -> bool {
+        let cs = self.cs();
+        self.pieces(offset, len, |vc, inner, r| {
+            let c = self.lookup(&mut self.lock(), vc)?;
+            let zero = match c {
+                Cluster::Zero(_) => true,
+                Cluster::Unallocated => self
+                    .backing
+                    .as_ref()
+                    .is_none_or(|b| b.reads_zeroes(vc * cs + inner, r.len() as u64)),
+                Cluster::Data(..) | Cluster::Compressed(..) => false,
+            };
+            // Not zero: stop looking (an error ends `pieces`).
+            zero.then_some(())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+        })
+        .is_ok()
+    }
+
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         self.pieces(offset, buf.len() as u64, |vc, inner, r| {
             let n = (r.end - r.start) as u64;

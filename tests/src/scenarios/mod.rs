@@ -76,6 +76,7 @@ scenarios![
     safety::server_stops_when_reset,
     safety::errno_reaches_filesystem,
     safety::put_errno_rules,
+    safety::put_zeroes_rules,
     safety::file_direct_alignment_checked,
     safety::compat_ioctl_32bit,
     // The real servers.

@@ -502,6 +502,95 @@ pub fn put_errno_rules() -> Outcome {
     teardown()
 }
 
+/// ABUSE_BIO_ZEROES: only on a successful READ (else EINVAL, and the
+/// request stays fetched); such a READ is filled with zeroes and nothing is
+/// read from `addr` (here a pointer that would fault).
+pub fn put_zeroes_rules() -> Outcome {
+    insmod("max_abuse=1")?;
+    setup(CTL, &config(16 * MIB, 4096, 16, 0, 0))?;
+    // O_DIRECT: one request each, straight into (and out of) these buffers;
+    // the read's buffer starts non-zero, so zeroes must come from the PUT.
+    let reader = std::thread::spawn(|| -> Result<Vec<u8>, std::io::Error> {
+        let f = open_direct(DEV, false).map_err(std::io::Error::other)?;
+        let mut buf = Aligned::new(8192);
+        buf.as_mut().fill(0xff);
+        f.read_exact_at(buf.as_mut(), 0)?;
+        Ok(buf.as_mut().to_vec())
+    });
+    let writer = std::thread::spawn(|| -> Result<(), std::io::Error> {
+        let f = open_direct(DEV, true).map_err(std::io::Error::other)?;
+        let mut buf = Aligned::new(4096);
+        buf.as_mut().fill(0x5a);
+        f.write_all_at(buf.as_mut(), MIB)
+    });
+    let ctl = control(CTL)?;
+    let mut bios = [AbuseBio::default(); 2];
+    let mut buf = vec![0u8; 2 << 20];
+    let mut got = Vec::new();
+    ensure!(
+        wait_for(Duration::from_secs(5), || {
+            if let Ok(n) = ctl.get_bios(&mut bios, &mut buf) {
+                got.extend_from_slice(&bios[..n]);
+            }
+            got.len() == 2
+        }),
+        "fetched {} of 2 requests",
+        got.len()
+    );
+    let find = |cmd| {
+        got.iter()
+            .copied()
+            .find(|b| b.cmd == cmd)
+            .ok_or("a request is missing")
+    };
+    let (read, write) = (find(ABUSE_CMD_READ)?, find(ABUSE_CMD_WRITE)?);
+    let bad = [
+        (
+            "ZEROES on a WRITE",
+            AbuseBio {
+                flags: write.flags | ABUSE_BIO_ZEROES,
+                ..write
+            },
+        ),
+        (
+            "ZEROES on a failed READ",
+            AbuseBio {
+                result: ABUSE_RESULT_MEDIA_FAILURE,
+                flags: read.flags | ABUSE_BIO_ZEROES,
+                ..read
+            },
+        ),
+    ];
+    for (what, b) in bad {
+        let e = ctl.put_bios(&[b]).err().map(|e| e.errno());
+        ensure!(e == Some(Errno::EINVAL), "{what}: {e:?}, want EINVAL");
+        ensure!(status()?.in_flight == 2, "{what}: a request moved");
+    }
+    let hole = AbuseBio {
+        flags: read.flags | ABUSE_BIO_ZEROES,
+        addr: 0,
+        ..read
+    };
+    ctl.put_bios(&[hole, write]).map_err(|e| e.to_string())?;
+    let data = reader
+        .join()
+        .map_err(|_| "reader panicked")?
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        data.iter().all(|&b| b == 0),
+        "the READ completed as zeroes returned {} non-zero bytes",
+        data.iter().filter(|&&b| b != 0).count()
+    );
+    writer
+        .join()
+        .map_err(|_| "writer panicked")?
+        .map_err(|e| e.to_string())?;
+    let st = status()?;
+    ensure!(st.completed == 2 && st.errors == 0, "counters: {st:?}");
+    drop(ctl);
+    teardown()
+}
+
 /// A 32-bit process serves the device through compat_ioctl: GET_STATUS,
 /// GET_BIO and PUT_BIO with 32-bit pointers move a write and a read.
 pub fn compat_ioctl_32bit() -> Outcome {

@@ -209,10 +209,15 @@ pub fn discard_punches_holes() -> Outcome {
     teardown()
 }
 
-/// A null server: a 256 MiB read returns zeroes; writes are accepted.
+/// A null server: writes are accepted; a 256 MiB read returns zeroes, each
+/// READ completed as a hole (ABUSE_BIO_ZEROES), never with the payloads of
+/// the writes before it, which sit in the server's buffers.
 pub fn null_server() -> Outcome {
     insmod("max_abuse=1")?;
-    let _server = Server::abusectl(CTL, &["null", "256M", "--setup", ""])?;
+    let server = Server::abusectl(CTL, &["null", "256M", "--setup", ""])?;
+    sh(&format!(
+        "dd if=/dev/urandom of={DEV} bs=1M count=16 oflag=direct 2>/dev/null"
+    ))?;
     let out = sh(&format!(
         "dd if={DEV} bs=1M count=256 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c"
     ))?;
@@ -229,9 +234,14 @@ pub fn null_server() -> Outcome {
         "read {} bytes from a 256 MiB device",
         bytes.trim()
     );
-    sh(&format!(
-        "dd if=/dev/urandom of={DEV} bs=1M count=16 oflag=direct 2>/dev/null"
-    ))?;
+    // 256 MiB in requests of at most 1 MiB: at least 256 READs, once the
+    // stats file (saved every second) has caught up.
+    wait_for(Duration::from_secs(5), || server.stat("reads") >= 256);
+    let (reads, holes) = (server.stat("reads"), server.stat("holes"));
+    ensure!(
+        reads >= 256 && holes == reads,
+        "{holes} of {reads} READs completed as holes"
+    );
     teardown()
 }
 
