@@ -5,6 +5,12 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use abuse_sys::uapi::*;
+
+/// Every feature a backend can handle (FLUSH, FUA, DISCARD, WRITE_ZEROES).
+pub const ALL_FEATURES: u32 =
+    ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES;
+
 /// A backend's storage.
 pub trait Backend: Send + Sync {
     /// Size in bytes.

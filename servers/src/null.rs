@@ -2,9 +2,7 @@
 
 use std::io;
 
-use abuse_sys::uapi::*;
-
-use crate::backend::Backend;
+use crate::backend::{Backend, ALL_FEATURES};
 
 /// Zeroes in, nothing out, at any size.
 pub struct Null {
@@ -28,7 +26,7 @@ impl Backend for Null {
     }
 
     fn features(&self) -> u32 {
-        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+        ALL_FEATURES
     }
 
     fn read(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -6,7 +6,7 @@
 //! the end failing cleanly.
 
 mod common;
-use common::pattern;
+use common::{check_clean, pattern, qcow2_over};
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -149,22 +149,12 @@ fn qcow2_backend_conforms() {
     let base = dir.path().join("base.img");
     std::fs::write(&base, pattern(5, SIZE as usize)).unwrap();
     let img = dir.path().join("top.qcow2");
-    let ok = std::process::Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-        ])
-        .arg(&base)
-        .args(["-F", "raw"])
-        .arg(&img)
-        .status()
-        .expect("qemu-img (make deps installs it)");
-    assert!(ok.success());
+    qcow2_over(
+        &img,
+        base.to_str().unwrap(),
+        "raw",
+        Some("cluster_size=4096"),
+    );
     let b = abuse_servers::qcow2::Qcow2::open(&img, false).unwrap();
     conformance(&b);
     let mut back = vec![0; 4096];
@@ -175,16 +165,7 @@ fn qcow2_backend_conforms() {
     );
     b.stop().unwrap();
     drop(b);
-    let out = std::process::Command::new("qemu-img")
-        .arg("check")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    check_clean(&img);
 }
 
 #[test]

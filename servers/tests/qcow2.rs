@@ -5,29 +5,14 @@
 //! raw image.
 
 mod common;
-use common::pattern;
+use common::{check_clean, pattern, qcow2_over, qemu_img};
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use abuse_servers::qcow2::Qcow2;
 use abuse_servers::Backend;
 
 const SIZE: u64 = 8 << 20;
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (make deps installs it)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -51,11 +36,6 @@ fn workload(b: &dyn Backend, model: &mut [u8]) {
     b.discard(3 << 20, 1 << 19).unwrap();
     model[3 << 20..(3 << 20) + (1 << 19)].fill(0);
     b.flush().unwrap();
-}
-
-fn check_clean(img: &Path) {
-    let out = qemu_img(&["check", s(img)]);
-    assert!(out.contains("No errors"), "{out}");
 }
 
 fn compare(img: &Path, model: &[u8], dir: &Path) {
@@ -158,17 +138,7 @@ fn backing_chains_raw_and_qcow2() {
     std::fs::write(&base, &base_data).unwrap();
     // raw <- mid.qcow2 (with writes of its own) <- top.qcow2, relative names.
     let mid = dir.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&mid),
-    ]);
+    qcow2_over(&mid, "base.raw", "raw", None);
     let mut model = base_data.clone();
     {
         let b = Qcow2::open(&mid, false).unwrap();
@@ -177,17 +147,7 @@ fn backing_chains_raw_and_qcow2() {
     }
     check_clean(&mid);
     let top = dir.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qcow2_over(&top, "mid.qcow2", "qcow2", None);
     round_trip(&top, model, &dir);
     // The lower images are untouched by writes to the top.
     assert_eq!(std::fs::read(&base).unwrap(), base_data);
@@ -244,17 +204,7 @@ fn what_it_cannot_serve_is_refused_clearly() {
         "read-only serving of a snapshotted image"
     );
     let missing = dir.join("orphan.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&raw),
-        "-F",
-        "raw",
-        s(&missing),
-    ]);
+    qcow2_over(&missing, s(&raw), "raw", None);
     std::fs::remove_file(&raw).unwrap();
     assert!(err(&missing, false).contains("backing file"));
     // One server at a time.
@@ -281,17 +231,7 @@ fn concurrent_allocations_in_a_new_l2_table() {
     let img = dir.join("a.qcow2");
     let raw = dir.join("base.raw");
     std::fs::write(&raw, pattern(3, SIZE as usize)).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&raw),
-        "-F",
-        "raw",
-        s(&img),
-    ]);
+    qcow2_over(&img, s(&raw), "raw", None);
     let b = Qcow2::open(&img, false).unwrap();
     let mut model = pattern(3, SIZE as usize);
     let writes: Vec<(u64, Vec<u8>)> = (0..64u64)

@@ -120,6 +120,22 @@ stats() {
   echo "==== end"
 }
 
+# serve NAME N SERVER-ARGS...: every job on /dev/abuseN served by
+# `abusectl server /dev/abctlN SERVER-ARGS`, then its counters; the device
+# is reset afterwards.
+serve() {
+  name=$1 n=$2
+  shift 2
+  abusectl server "/dev/abctl$n" "$@" --setup qs=128 --stats-file "/tmp/$name.stats" &
+  pid=$!
+  sleep 1
+  all "$name" "/dev/abuse$n"
+  kill -TERM $pid
+  wait $pid
+  stats "$name" "/tmp/$name.stats"
+  abusectl reset "/dev/abctl$n"
+}
+
 # ABUSE: one hardware queue per CPU (2, as rublk's -q 2), one worker each.
 abusectl server /dev/abctl1 null 256M --setup qs=128 --stats-file /tmp/null.stats &
 ns=$!
@@ -136,38 +152,17 @@ abusectl reset /dev/abctl0
 abusectl reset /dev/abctl1
 dd if=/dev/zero of=/tmp/cow-base.img bs=1M count=256 2>/dev/null
 abusectl cow create --base /tmp/cow-base.img --delta /tmp/bench.cow --block-size 64K
-abusectl server /dev/abctl0 cow /tmp/bench.cow --setup qs=128 --stats-file /tmp/cow.stats &
-cs=$!
-sleep 1
-all abuse-cow /dev/abuse0
-kill -TERM $cs
-wait $cs
-stats abuse-cow /tmp/cow.stats
-abusectl reset /dev/abctl0
+serve abuse-cow 0 cow /tmp/bench.cow
 rm -f /tmp/bench.cow /tmp/cow-base.img
 qemu-img create -q -f qcow2 /tmp/bench-a.qcow2 256M
-abusectl server /dev/abctl0 qcow2 /tmp/bench-a.qcow2 --setup qs=128 --stats-file /tmp/qcow2.stats &
-qs=$!
-sleep 1
-all abuse-qcow2 /dev/abuse0
-kill -TERM $qs
-wait $qs
-stats abuse-qcow2 /tmp/qcow2.stats
-abusectl reset /dev/abctl0
+serve abuse-qcow2 0 qcow2 /tmp/bench-a.qcow2
 rm -f /tmp/bench-a.qcow2
 
 # ABUSE's nbd backend in front of the same nbdkit memory export the
 # kernel's nbd client used above.
 if [ -x /usr/bin/nbdkit ]; then
   nbdkit -U /tmp/nbd-a.sock --threads 4 memory 256M
-  abusectl server /dev/abctl1 nbd unix:/tmp/nbd-a.sock --setup qs=128 --stats-file /tmp/nbd.stats &
-  bs=$!
-  sleep 1
-  all abuse-nbd /dev/abuse1
-  kill -TERM $bs
-  wait $bs
-  stats abuse-nbd /tmp/nbd.stats
-  abusectl reset /dev/abctl1
+  serve abuse-nbd 1 nbd unix:/tmp/nbd-a.sock
   pkill nbdkit
 fi
 

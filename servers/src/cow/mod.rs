@@ -14,11 +14,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use abuse_sys::uapi::*;
 use nix::fcntl::{Flock, FlockArg};
 use rayon::prelude::*;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ALL_FEATURES};
 use delta::{Delta, DeltaError};
 
 /// Why a cow operation failed, naming the file.
@@ -460,7 +459,7 @@ impl Backend for Cow {
     }
 
     fn features(&self) -> u32 {
-        ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+        ALL_FEATURES
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -31,7 +31,7 @@ use abuse_sys::{AbuseBio, AbuseStatus, Control};
 use memmap2::MmapMut;
 use nix::errno::Errno;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ALL_FEATURES};
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
 use execute::{execute_payload, split_payloads, FailureLog, Kernel};
@@ -83,10 +83,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest backoff between retries of an ioctl failing with ENOMEM/EAGAIN.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The features a configured device advertises.
-const FEATURES: u32 =
-    ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES;
-
 /// Whether `backend` can serve the device `st` describes: it must be
 /// configured, no larger than the backend, advertise no feature the backend
 /// lacks, not be writable over a read-only backend, and use a block size
@@ -108,7 +104,7 @@ pub fn check_device(
             backend.size()
         ));
     }
-    let lacking = st.flags & FEATURES & !backend.features();
+    let lacking = st.flags & ALL_FEATURES & !backend.features();
     if lacking != 0 {
         let names: Vec<&str> = [
             (ABUSE_FLAG_FLUSH, "flush"),

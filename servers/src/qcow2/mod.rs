@@ -25,10 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use abuse_sys::uapi::*;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ALL_FEATURES};
 use crate::sync::GroupSync;
 use chain::Backing;
 pub use header::{Header, Qcow2Error};
@@ -536,7 +535,7 @@ impl Backend for Qcow2 {
         if self.read_only {
             0
         } else {
-            ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+            ALL_FEATURES
         }
     }
 

@@ -11,9 +11,7 @@ use std::io;
 use std::ptr;
 use std::sync::OnceLock;
 
-use abuse_sys::uapi::*;
-
-use crate::backend::Backend;
+use crate::backend::{Backend, ALL_FEATURES};
 use bindings::{rados_ioctx_t, rados_t, rbd_completion_t, rbd_image_t, Librbd};
 
 /// The library, loaded once (or why it could not be).
@@ -251,7 +249,7 @@ impl Backend for Rbd {
         if self.read_only {
             0
         } else {
-            ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA | ABUSE_FLAG_DISCARD | ABUSE_FLAG_WRITE_ZEROES
+            ALL_FEATURES
         }
     }
 

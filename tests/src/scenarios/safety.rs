@@ -24,6 +24,20 @@ fn status() -> Result<AbuseStatus, String> {
     control(CTL)?.status().map_err(|e| e.to_string())
 }
 
+/// Each PUT entry of `bad` is refused with EINVAL and changes nothing: the
+/// `in_flight` fetched requests stay fetched.
+fn puts_refused(ctl: &abuse_sys::Control, bad: &[(&str, AbuseBio)], in_flight: u32) -> Outcome {
+    for (what, b) in bad {
+        let e = ctl.put_bios(&[*b]).err().map(|e| e.errno());
+        ensure!(e == Some(Errno::EINVAL), "{what}: {e:?}, want EINVAL");
+        ensure!(
+            status()?.in_flight == in_flight,
+            "{what}: a fetched request moved"
+        );
+    }
+    Ok(())
+}
+
 /// Writes `data` at `at` through the device (O_DIRECT) in a thread.
 fn write_async(at: u64, data: Vec<u8>) -> std::thread::JoinHandle<Outcome> {
     std::thread::spawn(move || {
@@ -480,11 +494,7 @@ pub fn put_errno_rules() -> Outcome {
             },
         ),
     ];
-    for (what, b) in bad {
-        let e = ctl.put_bios(&[b]).err().map(|e| e.errno());
-        ensure!(e == Some(Errno::EINVAL), "{what}: {e:?}, want EINVAL");
-        ensure!(status()?.in_flight == 1, "{what}: the request moved");
-    }
+    puts_refused(&ctl, &bad, 1)?;
     let good = AbuseBio {
         result: ABUSE_RESULT_MEDIA_FAILURE,
         flags: f.flags | ABUSE_BIO_ERRNO,
@@ -561,11 +571,7 @@ pub fn put_zeroes_rules() -> Outcome {
             },
         ),
     ];
-    for (what, b) in bad {
-        let e = ctl.put_bios(&[b]).err().map(|e| e.errno());
-        ensure!(e == Some(Errno::EINVAL), "{what}: {e:?}, want EINVAL");
-        ensure!(status()?.in_flight == 2, "{what}: a request moved");
-    }
+    puts_refused(&ctl, &bad, 2)?;
     let hole = AbuseBio {
         flags: read.flags | ABUSE_BIO_ZEROES,
         addr: 0,
