@@ -24,12 +24,12 @@ pub trait Backend: Send + Sync {
     fn features(&self) -> u32;
     /// Fills `buf` from `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Whether `len` bytes at `offset` are known to read as zeroes without
-    /// reading them (a hole): the engine then completes the READ as zeroes
-    /// (ABUSE_BIO_ZEROES: neither written nor copied) and `read` is not
-    /// called. Must be cheap; false when unsure.
-    fn reads_zeroes(&self, _offset: u64, _len: u64) -> bool {
-        false
+    /// As `read`, except where the whole range is known to read as zeroes
+    /// without reading it (a hole): then `buf` is left as it is and the
+    /// result is true, and the engine completes the READ as zeroes
+    /// (ABUSE_BIO_ZEROES: neither written nor copied). By default, reads.
+    fn read_or_hole(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.read(offset, buf).map(|()| false)
     }
     /// Writes `buf` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;

@@ -34,8 +34,8 @@ impl Backend for Null {
         Ok(())
     }
 
-    fn reads_zeroes(&self, _offset: u64, _len: u64) -> bool {
-        true
+    fn read_or_hole(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<bool> {
+        Ok(true)
     }
 
     fn write(&self, _offset: u64, _buf: &[u8], _fua: bool) -> io::Result<()> {

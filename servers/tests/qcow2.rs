@@ -50,17 +50,32 @@ fn read_all(b: &dyn Backend) -> Vec<u8> {
     got
 }
 
-/// What the backend calls holes (completed as zeroes, not read) reads as
-/// zeroes in `model`; returns how many 4 KiB blocks were holes.
+/// Reads `model`'s length with `read_or_hole`, whole (holes among data are
+/// zeroes in the buffer) and block by block: what the backend calls a hole
+/// is left unread (the buffer untouched) and is zeroes in `model`; the rest
+/// reads as `model`. Returns how many 4 KiB blocks were holes.
 fn holes_are_zeroes(b: &dyn Backend, model: &[u8]) -> usize {
+    let mut whole = vec![0xaa; model.len()];
+    if b.read_or_hole(0, &mut whole).unwrap() {
+        assert!(model.iter().all(|&x| x == 0), "all called a hole");
+    } else {
+        assert!(whole == model, "the whole device reads wrong");
+    }
     let mut holes = 0;
     for (i, block) in model.chunks(4096).enumerate() {
-        if b.reads_zeroes(i as u64 * 4096, block.len() as u64) {
+        let mut buf = vec![0xaa; block.len()];
+        if b.read_or_hole(i as u64 * 4096, &mut buf).unwrap() {
+            assert!(
+                buf.iter().all(|&x| x == 0xaa),
+                "block {i}: a hole was written"
+            );
             assert!(
                 block.iter().all(|&x| x == 0),
                 "block {i} is called a hole but holds data"
             );
             holes += 1;
+        } else {
+            assert!(buf == block, "block {i} reads wrong");
         }
     }
     holes
@@ -72,7 +87,11 @@ fn round_trip(img: &Path, mut model: Vec<u8>, dir: &Path) {
     let b = Qcow2::open(img, false).unwrap();
     assert_eq!(read_all(&b), model, "the image as made reads wrong");
     if model.iter().all(|&x| x == 0) {
-        assert!(b.reads_zeroes(0, SIZE), "a blank image is not all holes");
+        let mut buf = vec![0xaa; SIZE as usize];
+        assert!(
+            b.read_or_hole(0, &mut buf).unwrap(),
+            "a blank image is not all holes"
+        );
     }
     holes_are_zeroes(&b, &model);
     workload(&b, &mut model);

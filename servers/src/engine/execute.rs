@@ -183,18 +183,22 @@ pub fn execute_payload(
     let ro = backend.read_only();
     bio.flags &= !(ABUSE_BIO_ERRNO | ABUSE_BIO_ZEROES);
     let result = match bio.cmd {
-        ABUSE_CMD_READ if kernel.zeroes && backend.reads_zeroes(offset, len) => {
-            bio.flags |= ABUSE_BIO_ZEROES;
-            stats.reads.fetch_add(1, Ordering::Relaxed);
-            stats.holes.fetch_add(1, Ordering::Relaxed);
-            stats.bytes_read.fetch_add(len, Ordering::Relaxed);
-            Ok(())
-        }
         ABUSE_CMD_READ => match payload {
-            Some(data) => attempt(&mut || backend.read(offset, data), stats).map(|()| {
-                stats.reads.fetch_add(1, Ordering::Relaxed);
-                stats.bytes_read.fetch_add(len, Ordering::Relaxed);
-            }),
+            Some(data) => {
+                let mut hole = false;
+                let read = &mut || match kernel.zeroes {
+                    true => backend.read_or_hole(offset, data).map(|h| hole = h),
+                    false => backend.read(offset, data),
+                };
+                attempt(read, stats).map(|()| {
+                    stats.reads.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    if hole {
+                        bio.flags |= ABUSE_BIO_ZEROES;
+                        stats.holes.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            }
             None => Err(Failure::errno(Errno::EIO)),
         },
         ABUSE_CMD_WRITE if !ro => match payload {

@@ -70,34 +70,38 @@ impl Backing {
         }
     }
 
-    /// Whether `len` bytes at `offset` are known to be zeroes: past the end,
-    /// or holes of a qcow2 backing image (a raw file's are not looked for).
-    pub fn reads_zeroes(&self, offset: u64, len: u64) -> bool {
-        match self {
-            Backing::Raw { size, .. } => offset >= *size,
-            Backing::Qcow2(q) => {
-                offset >= q.size() || q.reads_zeroes(offset, len.min(q.size() - offset))
-            }
-        }
-    }
-
     /// Reads at `offset`; what lies past the backing image's end is zeroes.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.read_or_hole(offset, buf)? {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+
+    /// As [`Backend::read_or_hole`]: holes are what lies past the end and a
+    /// qcow2 backing image's own holes (a raw file's are not looked for).
+    pub fn read_or_hole(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         let size = match self {
             Backing::Raw { size, .. } => *size,
             Backing::Qcow2(q) => q.size(),
         };
         let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[n..].fill(0);
-        if n == 0 {
-            return Ok(());
-        }
-        match self {
+        let hole = match self {
+            _ if n == 0 => true,
             Backing::Raw { file, .. } => {
-                crate::backend::read_or_zeroes(file, &mut buf[..n], offset)
+                crate::backend::read_or_zeroes(file, &mut buf[..n], offset)?;
+                false
             }
-            Backing::Qcow2(q) => q.read(offset, &mut buf[..n]),
+            Backing::Qcow2(q) => q.read_or_hole(offset, &mut buf[..n])?,
+        };
+        if hole && n == buf.len() {
+            return Ok(true);
         }
+        if hole {
+            buf[..n].fill(0);
+        }
+        buf[n..].fill(0);
+        Ok(false)
     }
 }
 

@@ -540,31 +540,43 @@ impl Backend for Qcow2 {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.pieces(offset, buf.len() as u64, |vc, inner, r| {
-            let c = self.lookup(&mut self.lock(), vc)?;
-            self.read_cluster(vc, c, inner, &mut buf[r])
-        })
+        if self.read_or_hole(offset, buf)? {
+            buf.fill(0);
+        }
+        Ok(())
     }
 
-    /// Zero clusters, and unallocated ones over no backing image or over its
-    /// holes: looked up in the L2 tables (cached), nothing else read.
-    fn reads_zeroes(&self, offset: u64, len: u64) -> bool {
+    /// Holes: zero clusters, and unallocated ones over no backing image or
+    /// over its holes. Each cluster is looked up once; the holes among data
+    /// are filled with zeroes only when the range is not all holes.
+    fn read_or_hole(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         let cs = self.cs();
-        self.pieces(offset, len, |vc, inner, r| {
+        let mut holes = Vec::new();
+        let mut all_holes = true;
+        self.pieces(offset, buf.len() as u64, |vc, inner, r| {
             let c = self.lookup(&mut self.lock(), vc)?;
-            let zero = match c {
-                Cluster::Zero(_) => true,
-                Cluster::Unallocated => self
-                    .backing
-                    .as_ref()
-                    .is_none_or(|b| b.reads_zeroes(vc * cs + inner, r.len() as u64)),
-                Cluster::Data(..) | Cluster::Compressed(..) => false,
+            let piece = &mut buf[r.clone()];
+            let hole = match (&c, &self.backing) {
+                (Cluster::Zero(_), _) | (Cluster::Unallocated, None) => true,
+                (Cluster::Unallocated, Some(b)) => b.read_or_hole(vc * cs + inner, piece)?,
+                _ => {
+                    self.read_cluster(vc, c, inner, piece)?;
+                    false
+                }
             };
-            // Not zero: stop looking (an error ends `pieces`).
-            zero.then_some(())
-                .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
-        })
-        .is_ok()
+            if hole {
+                holes.push(r);
+            } else {
+                all_holes = false;
+            }
+            Ok(())
+        })?;
+        if !all_holes {
+            for r in holes {
+                buf[r].fill(0);
+            }
+        }
+        Ok(all_holes)
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
