@@ -23,34 +23,31 @@ fn lib() -> io::Result<&'static Librbd> {
         let l = unsafe { Librbd::new("librbd.so.1") }.map_err(|e| {
             format!("cannot load librbd ({e}): install it (Debian: apt install librbd1)")
         })?;
-        let missing = [
-            ("rados_create", l.rados_create.is_err()),
-            ("rados_conf_read_file", l.rados_conf_read_file.is_err()),
-            ("rados_connect", l.rados_connect.is_err()),
-            ("rados_shutdown", l.rados_shutdown.is_err()),
-            ("rados_ioctx_create", l.rados_ioctx_create.is_err()),
-            ("rados_ioctx_destroy", l.rados_ioctx_destroy.is_err()),
-            ("rbd_open", l.rbd_open.is_err()),
-            ("rbd_open_read_only", l.rbd_open_read_only.is_err()),
-            ("rbd_close", l.rbd_close.is_err()),
-            ("rbd_get_size", l.rbd_get_size.is_err()),
-            (
-                "rbd_aio_create_completion",
-                l.rbd_aio_create_completion.is_err(),
-            ),
-            ("rbd_aio_read", l.rbd_aio_read.is_err()),
-            ("rbd_aio_write", l.rbd_aio_write.is_err()),
-            ("rbd_aio_flush", l.rbd_aio_flush.is_err()),
-            ("rbd_aio_write_zeroes", l.rbd_aio_write_zeroes.is_err()),
-            (
-                "rbd_aio_wait_for_complete",
-                l.rbd_aio_wait_for_complete.is_err(),
-            ),
-            (
-                "rbd_aio_get_return_value",
-                l.rbd_aio_get_return_value.is_err(),
-            ),
-            ("rbd_aio_release", l.rbd_aio_release.is_err()),
+        // Each symbol this backend calls, by its own name.
+        macro_rules! symbols {
+            ($($name:ident),* $(,)?) => {
+                [$((stringify!($name), l.$name.is_err())),*]
+            };
+        }
+        let missing = symbols![
+            rados_create,
+            rados_conf_read_file,
+            rados_connect,
+            rados_shutdown,
+            rados_ioctx_create,
+            rados_ioctx_destroy,
+            rbd_open,
+            rbd_open_read_only,
+            rbd_close,
+            rbd_get_size,
+            rbd_aio_create_completion,
+            rbd_aio_read,
+            rbd_aio_write,
+            rbd_aio_flush,
+            rbd_aio_write_zeroes,
+            rbd_aio_wait_for_complete,
+            rbd_aio_get_return_value,
+            rbd_aio_release,
         ];
         match missing.iter().find(|(_, m)| *m) {
             Some((name, _)) => Err(format!("librbd has no {name} (too old a Ceph?)")),
