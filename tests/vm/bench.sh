@@ -97,7 +97,7 @@ if [ -x /usr/bin/nbdkit ]; then
   nbd-client -unix /tmp/nbd-f.sock /dev/nbd1 -b 4096 >/dev/null 2>&1
   all nbd-file /dev/nbd1
   nbd-client -d /dev/nbd1 >/dev/null 2>&1
-  pkill nbdkit
+  killall nbdkit
   # qemu's own server of a qcow2 image.
   if [ -x /usr/bin/qemu-nbd ]; then
     qemu-img create -q -f qcow2 /tmp/bench-n.qcow2 256M
@@ -105,7 +105,7 @@ if [ -x /usr/bin/nbdkit ]; then
     nbd-client -unix /tmp/qnbd.sock /dev/nbd0 -b 4096 >/dev/null 2>&1
     all nbd-qcow2 /dev/nbd0
     nbd-client -d /dev/nbd0 >/dev/null 2>&1
-    pkill qemu-nbd
+    killall qemu-nbd
     rm -f /tmp/bench-n.qcow2
   fi
 else
@@ -163,7 +163,7 @@ rm -f /tmp/bench-a.qcow2
 if [ -x /usr/bin/nbdkit ]; then
   nbdkit -U /tmp/nbd-a.sock --threads 4 memory 256M
   serve abuse-nbd 1 nbd unix:/tmp/nbd-a.sock
-  pkill nbdkit
+  killall nbdkit
 fi
 
 # Durability costs on a virtio disk (cache=none): 4 KiB cow blocks, so
