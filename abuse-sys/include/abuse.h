@@ -11,7 +11,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define ABUSE_VERSION 4
+#define ABUSE_VERSION 5
 
 /* The ioctl numbers assume the asm-generic _IOC layout, as the Rust uapi does. */
 #if defined(__powerpc__) || defined(__mips__) || defined(__sparc__) 
@@ -45,6 +45,14 @@
 /* PUT_BIO of a successful READ: the data is all zeroes, nothing is read
  * from addr (protocol version 4) */
 #define ABUSE_BIO_ZEROES         (1U << 4)
+/* PUT_BIO of a successful READ or WRITE: the driver moves the data between
+ * the request and file descriptor `error` at byte offset `addr` (protocol
+ * version 5) */
+#define ABUSE_BIO_FILE           (1U << 5)
+
+/* struct abuse_xfer.flags (GET_BIO), struct abuse_serve.flags: fetch
+ * descriptors only, no payload in the buffer (protocol version 5) */
+#define ABUSE_XFER_DESCRIPTORS   (1U << 0)
 
 /* struct abuse_bio.result */
 #define ABUSE_RESULT_OKAY            0
@@ -102,7 +110,8 @@ struct abuse_bio {
 	__u16 cmd;
 	__u16 flags;
 	__u32 result;
-	__u32 error;	/* PUT_BIO with ABUSE_BIO_ERRNO: a positive errno */
+	__u32 error;	/* PUT_BIO with ABUSE_BIO_ERRNO: a positive errno;
+			 * with ABUSE_BIO_FILE: the file descriptor */
 };
 
 /* GET_BIO / PUT_BIO: a batch of requests. */

@@ -184,15 +184,35 @@ impl Control {
     /// WRITE payloads (and READ space) in `data`. Returns how many were
     /// fetched: 0 when nothing is pending.
     pub fn get_bios(&self, bios: &mut [AbuseBio], data: &mut [u8]) -> Result<usize> {
+        let (ptr, len) = (data.as_mut_ptr() as u64, data.len() as u64);
+        self.get_raw(bios, ptr, len, 0)
+    }
+
+    /// ABUSE_GET_BIO fetching descriptors only (ABUSE_XFER_DESCRIPTORS,
+    /// protocol version 5): no payload is copied, every `addr` is 0, and
+    /// WRITEs are completed with ABUSE_BIO_FILE or failed.
+    pub fn get_descriptors(&self, bios: &mut [AbuseBio]) -> Result<usize> {
+        self.get_raw(bios, 0, 0, ABUSE_XFER_DESCRIPTORS)
+    }
+
+    fn get_raw(
+        &self,
+        bios: &mut [AbuseBio],
+        data: u64,
+        data_len: u64,
+        flags: u32,
+    ) -> Result<usize> {
         let mut xfer = AbuseXfer {
             bios: bios.as_mut_ptr() as u64,
-            data: data.as_mut_ptr() as u64,
-            data_len: data.len() as u64,
+            data,
+            data_len,
             count: bios.len().min(u32::MAX as usize) as u32,
+            flags,
             ..Default::default()
         };
         // SAFETY: the kernel writes at most `count` entries into `bios` and at
-        // most `data_len` bytes into `data`, both exclusively borrowed here.
+        // most `data_len` bytes at `data` (a buffer the caller exclusively
+        // borrows, or nothing), both exclusively borrowed here.
         match unsafe { raw::get_bio(self.file.as_raw_fd(), &mut xfer) } {
             Ok(_) => Ok(xfer.count as usize),
             Err(Errno::ENOMSG) => Ok(0),
@@ -233,21 +253,47 @@ impl Control {
         queue: u32,
         wait: Duration,
     ) -> Result<usize> {
+        let (ptr, len) = (data.as_mut_ptr() as u64, data.len() as u64);
+        self.serve_raw(bios, put, (ptr, len, 0), queue, wait)
+    }
+
+    /// ABUSE_SERVE fetching descriptors only, as [`Control::get_descriptors`].
+    pub fn serve_descriptors(
+        &self,
+        bios: &mut [AbuseBio],
+        put: usize,
+        queue: u32,
+        wait: Duration,
+    ) -> Result<usize> {
+        self.serve_raw(bios, put, (0, 0, ABUSE_XFER_DESCRIPTORS), queue, wait)
+    }
+
+    /// SERVE with the fetch's (data, data_len, flags).
+    fn serve_raw(
+        &self,
+        bios: &mut [AbuseBio],
+        put: usize,
+        (data, data_len, flags): (u64, u64, u32),
+        queue: u32,
+        wait: Duration,
+    ) -> Result<usize> {
         assert!(put <= bios.len(), "put {put} > {} entries", bios.len());
         let mut x = AbuseServe {
             bios: bios.as_mut_ptr() as u64,
-            data: data.as_mut_ptr() as u64,
-            data_len: data.len() as u64,
+            data,
+            data_len,
             put: put as u32,
             count: bios.len().min(u32::MAX as usize) as u32,
             queue,
             wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            flags,
             ..Default::default()
         };
         // SAFETY: the kernel reads the first `put` entries of `bios` (and
         // READ payloads from their `addr`, failing with EFAULT on a bad one),
         // then writes at most `count` entries into `bios` and `data_len`
-        // bytes into `data`, both exclusively borrowed here.
+        // bytes at `data` (the caller's exclusively borrowed buffer, or
+        // nothing).
         match unsafe { raw::serve(self.file.as_raw_fd(), &mut x) } {
             Ok(_) => Ok(x.count as usize),
             Err(e) => Err(self.err("SERVE", e, x.put as usize)),

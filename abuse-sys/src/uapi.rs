@@ -14,8 +14,9 @@ pub const ABUSE_IOC_TYPE: u32 = b'A' as u32;
 /// Protocol version reported in [`AbuseStatus::version`]. 2: configuration
 /// generations, errnos on PUT_BIO, fencing timeouts. 3: several hardware
 /// queues, a per-queue depth, ABUSE_SERVE, delegation. 4: READs completed
-/// as zeroes ([`ABUSE_BIO_ZEROES`]).
-pub const ABUSE_VERSION: u32 = 4;
+/// as zeroes ([`ABUSE_BIO_ZEROES`]). 5: data moved by the driver between a
+/// request and a server's file ([`ABUSE_BIO_FILE`], [`ABUSE_XFER_DESCRIPTORS`]).
+pub const ABUSE_VERSION: u32 = 5;
 
 // The ioctl numbers below use the asm-generic `_IOC` layout (x86, arm64,
 // riscv, ...). Architectures with another layout would get numbers the
@@ -89,6 +90,25 @@ pub const ABUSE_BIO_ERRNO: u16 = 1 << 3;
 /// server answers a hole without sending it). Only with READ and OKAY;
 /// since protocol version 4.
 pub const ABUSE_BIO_ZEROES: u16 = 1 << 4;
+/// PUT_BIO of a successful READ or WRITE: the driver moves the data itself
+/// between the request and the server's file descriptor [`AbuseBio::error`]
+/// at byte offset [`AbuseBio::addr`] (read from the file into a READ,
+/// written from a WRITE to it, as loop does with its backing file; a FUA
+/// WRITE is synced), in the caller's context: one copy, none through the
+/// server's memory. A READ past the file's end reads zeroes; a failing
+/// file operation completes the request with its errno. Refused, the
+/// request staying fetched: an fd that is not open (EBADF) or not for the
+/// direction (EBADF), a file the operation is invalid on or that is an
+/// ABUSE device (EINVAL). Only with READ or WRITE and OKAY; since protocol
+/// version 5.
+pub const ABUSE_BIO_FILE: u16 = 1 << 5;
+
+// Fetch flags: [`AbuseXfer::flags`] of GET_BIO, [`AbuseServe::flags`].
+/// Fetch descriptors only: no payload is placed in the data buffer and
+/// every `addr` is 0; a WRITE's data stays in the request until a PUT
+/// moves it with [`ABUSE_BIO_FILE`] (or fails it). For servers whose
+/// storage is a file the driver can reach. Since protocol version 5.
+pub const ABUSE_XFER_DESCRIPTORS: u32 = 1 << 0;
 
 // Request results: [`AbuseBio::result`] in PUT_BIO.
 /// The request succeeded.
@@ -212,7 +232,8 @@ pub struct AbuseBio {
     /// PUT_BIO: `ABUSE_RESULT_*`.
     pub result: u32,
     /// PUT_BIO with [`ABUSE_BIO_ERRNO`] and a failure result: a positive
-    /// errno (1..=[`ABUSE_MAX_ERRNO`]). Otherwise zero.
+    /// errno (1..=[`ABUSE_MAX_ERRNO`]); with [`ABUSE_BIO_FILE`]: the file
+    /// descriptor. Otherwise zero.
     pub error: u32,
 }
 
@@ -233,7 +254,7 @@ pub struct AbuseXfer {
     pub data_len: u64,
     /// In: entries in `bios`. Out: requests fetched or completed.
     pub count: u32,
-    /// Must be zero.
+    /// GET_BIO: 0 or [`ABUSE_XFER_DESCRIPTORS`]. PUT_BIO: zero.
     pub flags: u32,
     /// Must be zero.
     pub reserved: [u64; 4],
@@ -266,7 +287,7 @@ pub struct AbuseServe {
     pub queue: u32,
     /// How long to sleep when nothing is pending (0: do not sleep).
     pub wait_ms: u32,
-    /// Must be zero.
+    /// 0 or [`ABUSE_XFER_DESCRIPTORS`] (for the fetch).
     pub flags: u32,
     /// Must be zero.
     pub reserved0: u32,

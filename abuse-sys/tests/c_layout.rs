@@ -100,6 +100,8 @@ fn expectations() -> Vec<(String, u64)> {
         ABUSE_BIO_NOUNMAP,
         ABUSE_BIO_ERRNO,
         ABUSE_BIO_ZEROES,
+        ABUSE_BIO_FILE,
+        ABUSE_XFER_DESCRIPTORS,
         ABUSE_RESULT_OKAY,
         ABUSE_RESULT_MEDIA_FAILURE,
         ABUSE_RESULT_DEVICE_FAILURE,

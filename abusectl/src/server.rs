@@ -48,6 +48,11 @@ pub struct ServerArgs {
     /// file: O_DIRECT.
     #[arg(long)]
     direct: bool,
+    /// file: move the data through the server's buffers (pread/pwrite)
+    /// rather than have the kernel move it between the request and the
+    /// file itself.
+    #[arg(long)]
+    copy_data: bool,
     /// rbd: the Ceph configuration [default: librados' search, e.g.
     /// /etc/ceph/ceph.conf].
     #[arg(long, value_name = "FILE")]
@@ -199,6 +204,7 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
         batch: a.batch,
         io_threads: a.io_threads,
         pin: !a.no_pin,
+        copy_data: a.copy_data,
     };
     let result = abuse_servers::serve(&cfg, backend.clone(), stop, stats.clone());
     if result.is_ok() {

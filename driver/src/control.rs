@@ -63,8 +63,8 @@ impl FileOps for Control {
                 Ok(0)
             }
             ABUSE_GET_BIO => transfer::get_bio(dev.requests(), data.opener, arg),
-            ABUSE_PUT_BIO => transfer::put_bio(dev.requests(), arg),
-            ABUSE_SERVE => transfer::serve(dev.requests(), data.opener, arg),
+            ABUSE_PUT_BIO => transfer::put_bio(dev.requests(), dev.major(), arg),
+            ABUSE_SERVE => transfer::serve(dev.requests(), dev.major(), data.opener, arg),
             _ => Err(ENOTTY),
         }
     }

@@ -132,6 +132,11 @@ impl Device {
         &self.requests
     }
 
+    /// The block major of every ABUSE device.
+    pub(crate) fn major(&self) -> u32 {
+        crate::sys::chrdev::major(self.disk.devt())
+    }
+
     /// Whether the device is delegated to the (global) user `uid`.
     pub(crate) fn delegated_to(&self, uid: u32) -> bool {
         self.delegate.load(Ordering::Acquire) == DELEGATE | uid as u64

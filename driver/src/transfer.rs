@@ -1,20 +1,22 @@
 // SPDX-License-Identifier: GPL-2.0
 //! GET_BIO, PUT_BIO and SERVE: moving requests and their data between the
 //! queues and a server's memory, in the server's process context. Data is
-//! copied once, between the request's pages and the server's buffer;
-//! nothing is allocated per call (requests move in fixed chunks).
+//! copied once, between the request's pages and the server's buffer, or
+//! between them and a file the server names (ABUSE_BIO_FILE); nothing is
+//! allocated per call (requests move in fixed chunks).
 
 use crate::queue::{split_id, Batch, PutError, CHUNK};
 use crate::requests::Requests;
-use crate::sys::{blk::Status, msecs_to_jiffies, Process, ENOMSG, ESTALE};
+use crate::sys::{blk::Status, file::File, msecs_to_jiffies, Process, ENOMSG, ESTALE};
 use crate::uapi::*;
 use core::mem::size_of;
 use kernel::{prelude::*, uaccess::UserSlice};
 
-/// Reads and checks a GET_BIO/PUT_BIO header at `arg`.
-fn read_xfer(arg: usize) -> Result<AbuseXfer> {
+/// Reads and checks a GET_BIO/PUT_BIO header at `arg`, whose flags may be
+/// `flags`.
+fn read_xfer(arg: usize, flags: u32) -> Result<AbuseXfer> {
     let x: AbuseXfer = UserSlice::new(arg, size_of::<AbuseXfer>()).reader().read()?;
-    if x.flags != 0 || x.reserved != [0; 4] || x.count == 0 || x.count > ABUSE_MAX_BATCH {
+    if x.flags & !flags != 0 || x.reserved != [0; 4] || x.count == 0 || x.count > ABUSE_MAX_BATCH {
         return Err(EINVAL);
     }
     Ok(x)
@@ -34,6 +36,17 @@ struct Dest {
     data_len: u64,
     /// Room in the descriptor array.
     count: u32,
+    /// Descriptors only (ABUSE_XFER_DESCRIPTORS): no payload is copied.
+    descriptors: bool,
+}
+
+impl Dest {
+    fn new(bios: u64, data: u64, data_len: u64, count: u32, flags: u32) -> Self {
+        let descriptors = flags & ABUSE_XFER_DESCRIPTORS != 0;
+        // Without payloads, the buffer's room bounds nothing.
+        let data_len = if descriptors { u64::MAX } else { data_len };
+        Dest { bios, data, data_len, count, descriptors }
+    }
 }
 
 /// What a fetch got.
@@ -60,7 +73,7 @@ fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched>
             let got = batch.len();
             if got > 0 {
                 let at = dst.bios + n as u64 * size_of::<AbuseBio>() as u64;
-                match hand_out(at, dst.data, &batch) {
+                match hand_out(at, dst, &batch) {
                     Ok(()) => {
                         let process = process.get_or_insert_with(Process::current);
                         q.fetched(batch, opener, process);
@@ -85,16 +98,18 @@ fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched>
     Ok(Fetched { n, no_room: false })
 }
 
-/// Copies WRITE payloads into the data buffer and the descriptors to
-/// `bios`.
-fn hand_out(bios: u64, data: u64, batch: &Batch) -> Result {
+/// Copies WRITE payloads into the data buffer (unless `dst` takes
+/// descriptors only) and the descriptors to `bios`.
+fn hand_out(bios: u64, dst: &Dest, batch: &Batch) -> Result {
     let mut descs = UserSlice::new(bios as usize, batch.len() * size_of::<AbuseBio>()).writer();
     for t in batch.items() {
         let mut bio = t.bio;
         let has_data = matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) && bio.len > 0;
-        if has_data {
+        if dst.descriptors {
+            bio.addr = 0;
+        } else if has_data {
             // `addr` holds the payload's offset in the buffer.
-            bio.addr = data.checked_add(bio.addr).ok_or(EFAULT)?;
+            bio.addr = dst.data.checked_add(bio.addr).ok_or(EFAULT)?;
             if bio.cmd == ABUSE_CMD_WRITE {
                 let mut dst = UserSlice::new(bio.addr as usize, bio.len as usize).writer();
                 t.rq.copy_to_user(&mut dst)?;
@@ -107,11 +122,11 @@ fn hand_out(bios: u64, data: u64, batch: &Batch) -> Result {
 
 /// ABUSE_GET_BIO: fetches pending requests for the server.
 pub(crate) fn get_bio(reqs: &Requests, opener: u64, arg: usize) -> Result<isize> {
-    let mut x = read_xfer(arg)?;
+    let mut x = read_xfer(arg, ABUSE_XFER_DESCRIPTORS)?;
     // The header must take the count back: checked before anything is
     // fetched, so that fetched requests are never left unreported.
     write_back(arg, &x)?;
-    let dst = Dest { bios: x.bios, data: x.data, data_len: x.data_len, count: x.count };
+    let dst = Dest::new(x.bios, x.data, x.data_len, x.count, x.flags);
     let got = fetch(reqs, opener, opener as u32, &dst)?;
     if got.n == 0 {
         // The next request's payload does not fit the buffer at all.
@@ -123,10 +138,11 @@ pub(crate) fn get_bio(reqs: &Requests, opener: u64, arg: usize) -> Result<isize>
 }
 
 /// ABUSE_PUT_BIO: completes fetched requests, in order, stopping at the
-/// first entry that fails; writes back how many completed.
-pub(crate) fn put_bio(reqs: &Requests, arg: usize) -> Result<isize> {
-    let mut x = read_xfer(arg)?;
-    let (done, result) = complete(reqs, x.bios, x.count);
+/// first entry that fails; writes back how many completed. `major`: the
+/// driver's block major (no request's file may be one of its devices).
+pub(crate) fn put_bio(reqs: &Requests, major: u32, arg: usize) -> Result<isize> {
+    let mut x = read_xfer(arg, 0)?;
+    let (done, result) = complete(reqs, major, x.bios, x.count);
     x.count = done;
     let written = write_back(arg, &x);
     result.and(written).map(|()| 0)
@@ -134,9 +150,9 @@ pub(crate) fn put_bio(reqs: &Requests, arg: usize) -> Result<isize> {
 
 /// ABUSE_SERVE: completes a batch, then fetches the next, sleeping when
 /// none is pending.
-pub(crate) fn serve(reqs: &Requests, opener: u64, arg: usize) -> Result<isize> {
+pub(crate) fn serve(reqs: &Requests, major: u32, opener: u64, arg: usize) -> Result<isize> {
     let mut x: AbuseServe = UserSlice::new(arg, size_of::<AbuseServe>()).reader().read()?;
-    let valid = x.flags == 0
+    let valid = x.flags & !ABUSE_XFER_DESCRIPTORS == 0
         && x.reserved0 == 0
         && x.reserved == [0; 2]
         && x.count <= ABUSE_MAX_BATCH
@@ -147,10 +163,10 @@ pub(crate) fn serve(reqs: &Requests, opener: u64, arg: usize) -> Result<isize> {
     }
     // As in GET_BIO: the counts must be able to go back.
     write_back(arg, &x)?;
-    let (done, result) = complete(reqs, x.bios, x.put);
+    let (done, result) = complete(reqs, major, x.bios, x.put);
     x.put = done;
     let fetched = result.and_then(|()| {
-        let dst = Dest { bios: x.bios, data: x.data, data_len: x.data_len, count: x.count };
+        let dst = Dest::new(x.bios, x.data, x.data_len, x.count, x.flags);
         let mut got = fetch(reqs, opener, x.queue, &dst)?;
         if got.n == 0 && !got.no_room && x.wait_ms > 0 {
             reqs.sleep(x.queue, msecs_to_jiffies(x.wait_ms));
@@ -169,7 +185,7 @@ pub(crate) fn serve(reqs: &Requests, opener: u64, arg: usize) -> Result<isize> {
 
 /// Completes the `count` entries at `bios` in order, stopping at the first
 /// that fails: how many completed, and the failure.
-fn complete(reqs: &Requests, bios: u64, count: u32) -> (u32, Result) {
+fn complete(reqs: &Requests, major: u32, bios: u64, count: u32) -> (u32, Result) {
     let mut reader = UserSlice::new(bios as usize, count as usize * size_of::<AbuseBio>()).reader();
     let mut done = 0u32;
     while done < count {
@@ -177,7 +193,7 @@ fn complete(reqs: &Requests, bios: u64, count: u32) -> (u32, Result) {
             Ok(bio) => bio,
             Err(e) => return (done, Err(e)),
         };
-        if let Err(e) = put_one(reqs, &bio) {
+        if let Err(e) = put_one(reqs, major, &bio) {
             return (done, Err(e));
         }
         done += 1;
@@ -191,11 +207,18 @@ fn complete(reqs: &Requests, bios: u64, count: u32) -> (u32, Result) {
 
 /// The status a PUT entry asks for: `None` if the entry is malformed (an
 /// errno without a failure result, out of range, or set without the flag;
-/// ZEROES other than on a successful READ).
+/// ZEROES other than on a successful READ; FILE other than on a successful
+/// READ or WRITE, with another data flag, or with an offset past `off_t`).
 fn status_of(bio: &AbuseBio) -> Option<Status> {
     let with_errno = bio.flags & ABUSE_BIO_ERRNO != 0;
-    if bio.flags & ABUSE_BIO_ZEROES != 0 && (bio.cmd != ABUSE_CMD_READ || bio.result != ABUSE_RESULT_OKAY) {
+    let ok = bio.result == ABUSE_RESULT_OKAY;
+    if bio.flags & ABUSE_BIO_ZEROES != 0 && (bio.cmd != ABUSE_CMD_READ || !ok) {
         return None;
+    }
+    if bio.flags & ABUSE_BIO_FILE != 0 {
+        let fits = bio.addr.checked_add(bio.len as u64).is_some_and(|end| end <= i64::MAX as u64);
+        let data_op = matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE);
+        return (data_op && ok && fits && bio.flags & (ABUSE_BIO_ZEROES | ABUSE_BIO_ERRNO) == 0).then_some(Status::Ok);
     }
     match (bio.result, with_errno) {
         (ABUSE_RESULT_OKAY, false) if bio.error == 0 => Some(Status::Ok),
@@ -209,7 +232,7 @@ fn status_of(bio: &AbuseBio) -> Option<Status> {
     }
 }
 
-fn put_one(reqs: &Requests, bio: &AbuseBio) -> Result {
+fn put_one(reqs: &Requests, major: u32, bio: &AbuseBio) -> Result {
     // Checked before the request is touched: a bad entry changes nothing.
     let status = status_of(bio).ok_or(EINVAL)?;
     let (gen, hw, tag) = split_id(bio.id);
@@ -218,11 +241,60 @@ fn put_one(reqs: &Requests, bio: &AbuseBio) -> Result {
         PutError::Stale => ESTALE(),
         PutError::Mismatch => EINVAL,
     };
+    if bio.flags & ABUSE_BIO_FILE != 0 && bio.len > 0 {
+        let write = bio.cmd == ABUSE_CMD_WRITE;
+        let file = File::get(bio.error)?;
+        if !file.opened_for(write) {
+            return Err(EBADF);
+        }
+        if file.is_block_device_of(major) {
+            // Its requests could wait on this very PUT.
+            return Err(EINVAL);
+        }
+        // Out of the slot during the I/O, which sleeps (as for a copy).
+        let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
+        let (moved, res) = t.rq.file_io(&file, bio.addr, write);
+        let short = res.is_err() || moved < bio.len as usize;
+        let refusal = match res {
+            // A signal cut the I/O short (the server is being killed, say):
+            // the request is the next server's to do whole, not a failure.
+            _ if short && kernel::current!().signal_pending() => Some(EINTR),
+            // The file refused the operation before doing any (not open
+            // for it, no such operation, misaligned O_DIRECT): a bad PUT.
+            Err(e) if moved == 0 && (e == EBADF || e == EINVAL) => Some(e),
+            _ => None,
+        };
+        if let Some(e) = refusal {
+            if q.untake(t) {
+                reqs.wake_for(hw);
+            }
+            return Err(e);
+        }
+        let status = match res {
+            Err(e) => Status::Errno(e.to_errno().unsigned_abs()),
+            // A WRITE that came up short, as loop takes it.
+            Ok(()) if write && moved < bio.len as usize => Status::Errno(EIO.to_errno().unsigned_abs()),
+            // The request's own FUA, whatever the entry says.
+            Ok(()) if write && t.rq.is_fua() => match file.sync_range(bio.addr, bio.len as u64) {
+                Ok(()) => Status::Ok,
+                Err(e) => Status::Errno(e.to_errno().unsigned_abs()),
+            },
+            Ok(()) => {
+                // Past the file's end a READ reads zeroes.
+                if moved < bio.len as usize {
+                    t.rq.zero_fill(moved);
+                }
+                Status::Ok
+            }
+        };
+        q.complete(t, status);
+        return Ok(());
+    }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 && bio.flags & ABUSE_BIO_ZEROES != 0 {
         // Out of the slot while it is filled (not under the lock: up to
         // max_bytes of memset); nothing is read from user memory.
         let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
-        t.rq.zero_fill();
+        t.rq.zero_fill(0);
         q.complete(t, Status::Ok);
         return Ok(());
     }

@@ -31,6 +31,14 @@ pub trait Backend: Send + Sync {
     fn read_or_hole(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         self.read(offset, buf).map(|()| false)
     }
+    /// The file that holds the device's bytes at the same offsets, if
+    /// there is one: the kernel then moves READ and WRITE data between the
+    /// request and this file itself (ABUSE_BIO_FILE, as loop does with its
+    /// backing file): one copy, none through the server, and `read` and
+    /// `write` are not called for them. A FUA WRITE is synced by the kernel.
+    fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Writes `buf` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.

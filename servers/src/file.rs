@@ -130,6 +130,11 @@ impl Backend for FileBackend {
         self.read_only
     }
 
+    fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.file.as_fd())
+    }
+
     fn features(&self) -> u32 {
         let discard = if self.can_discard {
             ABUSE_FLAG_DISCARD

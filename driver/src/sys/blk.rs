@@ -176,6 +176,11 @@ impl Request {
         unsafe { self.rq.as_ref() }
     }
 
+    /// Forced unit access.
+    pub(crate) fn is_fua(&self) -> bool {
+        self.raw().cmd_flags & bindings::REQ_FUA != 0
+    }
+
     /// Copies the request's data (a WRITE's payload) to user memory.
     pub(crate) fn copy_to_user(&self, dst: &mut UserSliceWriter) -> Result {
         self.for_each_chunk(|chunk, len| {
@@ -195,14 +200,70 @@ impl Request {
         })
     }
 
-    /// Fills the request's data with zeroes (a READ of a hole).
-    pub(crate) fn zero_fill(&self) {
+    /// Fills the request's data with zeroes from byte `from` on (a READ of
+    /// a hole: from 0).
+    pub(crate) fn zero_fill(&self, from: usize) {
+        let mut at = 0usize;
         let _ = self.for_each_chunk(|chunk, len| {
+            let skip = from.saturating_sub(at).min(len);
+            at += len;
             // SAFETY: as in `copy_from_user`: `len` mapped bytes of the
-            // request's own pages, which no one else accesses meanwhile.
-            unsafe { core::ptr::write_bytes(chunk, 0, len) };
+            // request's own pages, which no one else accesses meanwhile;
+            // `skip <= len`.
+            unsafe { core::ptr::write_bytes(chunk.add(skip), 0, len - skip) };
             Ok(())
         });
+    }
+
+    /// Moves the request's data between its pages and `file` from byte
+    /// `pos` on: a READ's pages are read from the file, a WRITE's written
+    /// to it (`vfs_iter_read`/`vfs_iter_write` over each bio's vector, as
+    /// loop does), in the calling process's context. Returns the bytes
+    /// moved, stopping short at the file's end; an error comes with what
+    /// moved before it.
+    pub(crate) fn file_io(&self, file: &super::file::File, pos: u64, write: bool) -> (usize, Result) {
+        let mut pos = pos as i64;
+        let mut moved = 0usize;
+        let mut bio = self.raw().bio;
+        while !bio.is_null() {
+            // SAFETY: as in `for_each_chunk`: live, unmodified bios.
+            let b = unsafe { &*bio };
+            let (idx, done, size) = (b.bi_iter.bi_idx as usize, b.bi_iter.bi_bvec_done, b.bi_iter.bi_size);
+            // The vectors from `idx` that hold `done + size` bytes (a split
+            // bio shares its parent's vector: `bi_vcnt` is not its own).
+            let (mut nr, mut covered) = (0usize, 0u64);
+            while covered < done as u64 + size as u64 {
+                // SAFETY: `bi_iter` describes bytes within `bi_io_vec`, so
+                // these vectors exist.
+                covered += unsafe { (*b.bi_io_vec.add(idx + nr)).bv_len } as u64;
+                nr += 1;
+            }
+            // SAFETY: all-zero is a valid (empty) iterator for
+            // `iov_iter_bvec` to initialise.
+            let mut iter: bindings::iov_iter = unsafe { core::mem::zeroed() };
+            let dir = if write { bindings::ITER_SOURCE } else { bindings::ITER_DEST };
+            // SAFETY: `nr` vectors from `idx` are the bio's; the request's
+            // pages stay ours, unmapped by no one, until it is ended.
+            unsafe { bindings::iov_iter_bvec(&mut iter, dir, b.bi_io_vec.add(idx), nr as _, size as usize) };
+            iter.iov_offset = done as usize;
+            let ret = if write {
+                // SAFETY: a live file and an iterator over live pages; the
+                // call may sleep (we hold no lock: an ioctl).
+                unsafe { bindings::vfs_iter_write(file.as_ptr(), &mut iter, &mut pos, 0) }
+            } else {
+                // SAFETY: as above.
+                unsafe { bindings::vfs_iter_read(file.as_ptr(), &mut iter, &mut pos, 0) }
+            };
+            if ret < 0 {
+                return (moved, Err(Error::from_errno(ret as i32)));
+            }
+            moved += ret as usize;
+            if (ret as usize) < size as usize {
+                break;
+            }
+            bio = b.bi_next;
+        }
+        (moved, Ok(()))
     }
 
     /// Calls `f` on every piece of the request's data, one page at a time

@@ -27,6 +27,11 @@ pub(crate) const fn mkdev(major: u32, minor: u32) -> u32 {
     (major << MINORBITS) | minor
 }
 
+/// `MAJOR(dev)`.
+pub(crate) const fn major(dev: u32) -> u32 {
+    dev >> MINORBITS
+}
+
 /// `new_encode_dev`: dev_t as user space (glibc `makedev`) encodes it.
 pub(crate) const fn encode_dev(dev: u32) -> u64 {
     let (major, minor) = (dev >> MINORBITS, dev & ((1 << MINORBITS) - 1));

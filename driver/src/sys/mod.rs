@@ -7,6 +7,7 @@
 
 pub(crate) mod blk;
 pub(crate) mod chrdev;
+pub(crate) mod file;
 pub(crate) mod param;
 pub(crate) mod wait;
 

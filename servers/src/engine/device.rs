@@ -5,12 +5,15 @@ use std::time::Duration;
 
 use abuse_sys::{AbuseBio, AbuseStatus, Control};
 
-/// A control node the engine serves.
-pub trait ControlDevice: Send + 'static {
+/// A control node the engine serves. The I/O threads complete requests
+/// through their worker's node, hence `Sync`.
+pub trait ControlDevice: Send + Sync + 'static {
     /// ABUSE_GET_STATUS.
     fn status(&self) -> abuse_sys::Result<AbuseStatus>;
-    /// ABUSE_GET_BIO: how many were fetched (0: nothing pending).
-    fn get_bios(&self, bios: &mut [AbuseBio], data: &mut [u8]) -> abuse_sys::Result<usize>;
+    /// ABUSE_GET_BIO: how many were fetched (0: nothing pending), with
+    /// their payloads in `data`, or descriptors only (None:
+    /// ABUSE_XFER_DESCRIPTORS).
+    fn get_bios(&self, bios: &mut [AbuseBio], data: Option<&mut [u8]>) -> abuse_sys::Result<usize>;
     /// ABUSE_PUT_BIO: how many completed.
     fn put_bios(&self, bios: &[AbuseBio]) -> abuse_sys::Result<usize>;
     /// Waits until requests are pending or `timeout` passes.
@@ -23,7 +26,7 @@ pub trait ControlDevice: Send + 'static {
         &self,
         bios: &mut [AbuseBio],
         put: usize,
-        data: &mut [u8],
+        data: Option<&mut [u8]>,
         _queue: u32,
         wait: Duration,
     ) -> abuse_sys::Result<usize> {
@@ -38,8 +41,11 @@ impl ControlDevice for Control {
         Control::status(self)
     }
 
-    fn get_bios(&self, bios: &mut [AbuseBio], data: &mut [u8]) -> abuse_sys::Result<usize> {
-        Control::get_bios(self, bios, data)
+    fn get_bios(&self, bios: &mut [AbuseBio], data: Option<&mut [u8]>) -> abuse_sys::Result<usize> {
+        match data {
+            Some(data) => Control::get_bios(self, bios, data),
+            None => Control::get_descriptors(self, bios),
+        }
     }
 
     fn put_bios(&self, bios: &[AbuseBio]) -> abuse_sys::Result<usize> {
@@ -58,11 +64,14 @@ impl ControlDevice for Control {
         &self,
         bios: &mut [AbuseBio],
         put: usize,
-        data: &mut [u8],
+        data: Option<&mut [u8]>,
         queue: u32,
         wait: Duration,
     ) -> abuse_sys::Result<usize> {
-        Control::serve(self, bios, put, data, queue, wait)
+        match data {
+            Some(data) => Control::serve(self, bios, put, data, queue, wait),
+            None => Control::serve_descriptors(self, bios, put, queue, wait),
+        }
     }
 }
 
@@ -72,13 +81,13 @@ pub fn serve_compat<C: ControlDevice + ?Sized>(
     ctl: &C,
     bios: &mut [AbuseBio],
     put: usize,
-    data: &mut [u8],
+    mut data: Option<&mut [u8]>,
     wait: Duration,
 ) -> abuse_sys::Result<usize> {
     if put > 0 {
         ctl.put_bios(&bios[..put])?;
     }
-    let n = ctl.get_bios(bios, data)?;
+    let n = ctl.get_bios(bios, data.as_deref_mut())?;
     if n > 0 || wait.is_zero() {
         return Ok(n);
     }

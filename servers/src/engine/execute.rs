@@ -3,6 +3,7 @@
 //! errno and logged (rate-limited).
 
 use std::io;
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -245,6 +246,69 @@ pub fn execute_payload(
             }
             Some(f)
         }
+    }
+}
+
+/// Hands a READ or WRITE to the kernel to move between the request and
+/// the backend's file `fd` (ABUSE_BIO_FILE): fills in the PUT entry and
+/// counts it. False: not such a request, or not one the file may take (a
+/// WRITE to a read-only backend, a range past the backend's end): the
+/// backend runs it.
+pub fn by_file(backend: &dyn Backend, bio: &mut AbuseBio, fd: RawFd, stats: &Stats) -> bool {
+    let write = match bio.cmd {
+        ABUSE_CMD_READ => false,
+        ABUSE_CMD_WRITE if !backend.read_only() => true,
+        _ => return false,
+    };
+    let (offset, len) = (bio.sector << ABUSE_SECTOR_SHIFT, bio.len as u64);
+    if len == 0
+        || offset
+            .checked_add(len)
+            .is_none_or(|end| end > backend.size())
+    {
+        return false;
+    }
+    let stats = stats.mine();
+    if bio.flags & ABUSE_BIO_REQUEUED != 0 {
+        stats.requeued.fetch_add(1, Ordering::Relaxed);
+    }
+    bio.flags = (bio.flags & !(ABUSE_BIO_ERRNO | ABUSE_BIO_ZEROES)) | ABUSE_BIO_FILE;
+    bio.addr = offset;
+    bio.error = fd as u32;
+    bio.result = ABUSE_RESULT_OKAY;
+    stats.file_io.fetch_add(1, Ordering::Relaxed);
+    if write {
+        stats.writes.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        if bio.flags & ABUSE_BIO_FUA != 0 {
+            stats.fua.fetch_add(1, Ordering::Relaxed);
+        }
+    } else {
+        stats.reads.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+    }
+    true
+}
+
+/// The kernel refused to move a request's data to or from the file
+/// (`errno`: EBADF, EINVAL): the entry becomes an I/O error for the next
+/// PUT, with the refusal as its detail.
+pub fn file_refused(bio: &mut AbuseBio, errno: Errno, stats: &Stats, kernel: Kernel) -> Failure {
+    stats.mine().errors.fetch_add(1, Ordering::Relaxed);
+    bio.flags &= !ABUSE_BIO_FILE;
+    bio.addr = 0;
+    bio.result = ABUSE_RESULT_MEDIA_FAILURE;
+    bio.error = 0;
+    if kernel.errno {
+        bio.flags |= ABUSE_BIO_ERRNO;
+        bio.error = Errno::EIO as u32;
+    }
+    Failure {
+        errno: Errno::EIO as i32,
+        detail: Some(format!(
+            "the kernel would not move its data to or from the backing file: {}",
+            errno.desc()
+        )),
     }
 }
 

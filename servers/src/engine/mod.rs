@@ -2,7 +2,10 @@
 //! that each complete a batch and fetch the next in one call (ABUSE_SERVE,
 //! sleeping in the kernel when nothing is pending) and run it on the
 //! backend; a blocking backend's batch runs on a pool of I/O threads, so
-//! a FLUSH or a slow read does not hold up the requests beside it.
+//! a FLUSH or a slow read does not hold up the requests beside it. Where
+//! the backend's storage is a file (the file server), the kernel moves
+//! READ and WRITE data between the request and that file itself
+//! (ABUSE_BIO_FILE), fetching descriptors only: one copy instead of two.
 //! Stateless like the protocol: workers share nothing but the backend and
 //! the counters, and other engines (in other processes) may serve the same
 //! device.
@@ -21,6 +24,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +38,7 @@ use nix::errno::Errno;
 use crate::backend::{Backend, ALL_FEATURES};
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
-use execute::{execute_payload, split_payloads, FailureLog, Kernel};
+use execute::{by_file, execute_payload, file_refused, split_payloads, FailureLog, Kernel};
 pub use stats::{Counters, Stats, Totals};
 
 /// How an engine runs.
@@ -51,6 +55,9 @@ pub struct EngineConfig {
     /// Run worker i on the CPUs of hardware queue i (when there is one
     /// worker per queue).
     pub pin: bool,
+    /// Move READ and WRITE data through the server's buffers even where
+    /// the kernel could move it to and from the backend's file itself.
+    pub copy_data: bool,
 }
 
 /// Why an engine stopped, or would not start.
@@ -170,7 +177,15 @@ pub fn serve_with<C: ControlDevice>(
         0 => (st.queues as usize).max(1),
         n => n,
     };
+    let data_file = match cfg.copy_data || st.version < 5 {
+        true => None,
+        false => backend
+            .data_file()
+            .filter(|fd| !is_abuse_device(*fd, st.dev))
+            .map(|fd| fd.as_raw_fd()),
+    };
     let shared = Arc::new(Shared {
+        data_file,
         backend,
         stop,
         stats,
@@ -216,8 +231,22 @@ pub fn serve_with<C: ControlDevice>(
     failure.map_or(Ok(()), Err)
 }
 
+/// Whether `fd` is a block device of the same major as the device `dev`
+/// (an ABUSE device: the kernel does not move data to those).
+fn is_abuse_device(fd: BorrowedFd<'_>, dev: u64) -> bool {
+    use nix::sys::stat::{fstat, major, SFlag};
+    fstat(fd.as_raw_fd()).is_ok_and(|st| {
+        SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFBLK
+            && major(st.st_rdev) == major(dev)
+    })
+}
+
 /// What the workers of one engine share.
 struct Shared {
+    /// The backend's file, which the kernel moves READ and WRITE data to
+    /// and from itself (fetches are then descriptors only). Open as long
+    /// as `backend`.
+    data_file: Option<RawFd>,
     backend: Arc<dyn Backend>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
@@ -284,10 +313,11 @@ fn worker<C: ControlDevice>(
     let mut held = 0;
     let mut delay = Duration::from_millis(1);
     while !stop.load(Ordering::Relaxed) {
+        let data = shared.data_file.is_none().then_some(&mut buf[..]);
         let served = if shared.combined {
-            ctl.serve(&mut bios, held, &mut buf, queue, POLL_INTERVAL)
+            ctl.serve(&mut bios, held, data, queue, POLL_INTERVAL)
         } else {
-            serve_compat(ctl, &mut bios, held, &mut buf, POLL_INTERVAL)
+            serve_compat(ctl, &mut bios, held, data, POLL_INTERVAL)
         };
         let n = match served {
             Ok(n) => n,
@@ -303,6 +333,12 @@ fn worker<C: ControlDevice>(
                     Errno::ESTALE if done < held => {
                         shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
                         done + 1
+                    }
+                    errno @ (Errno::EBADF | Errno::EINVAL)
+                        if done < held && bios[done].flags & ABUSE_BIO_FILE != 0 =>
+                    {
+                        refused(ctl.path(), &mut bios[done], errno, shared);
+                        done
                     }
                     Errno::EINTR | Errno::ENOMEM | Errno::EAGAIN => {
                         std::thread::sleep(delay);
@@ -326,32 +362,81 @@ fn worker<C: ControlDevice>(
             }
             continue;
         }
-        run_batch(ctl.path(), &mut bios[..n], &mut buf, shared);
-        held = n;
+        held = run_batch(ctl, &mut bios[..n], &mut buf, shared);
         shared.stats.mine().batches.fetch_add(1, Ordering::Relaxed);
     }
-    complete(ctl, &bios[..held], shared)?;
+    complete(ctl, &mut bios[..held], shared)?;
     Ok(())
 }
 
 /// Runs a fetched batch on the backend, on the I/O threads if there are
 /// several requests and a pool, and fills in each request's result.
-fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shared: &Shared) {
+/// Returns how many entries, now at the front of `bios`, the next call
+/// completes: on the I/O threads, a request the kernel moves to or from
+/// the backend's file is completed by its thread alone (the move may
+/// block on the disk: the others need not wait for it).
+fn run_batch<C: ControlDevice>(
+    ctl: &C,
+    bios: &mut [AbuseBio],
+    buf: &mut [u8],
+    shared: &Shared,
+) -> usize {
     let base = buf.as_ptr() as u64;
-    let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| {
+    let pooled = shared.pool.is_some() && bios.len() > 1;
+    let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| -> bool {
         let (backend, stats) = (&*shared.backend, &*shared.stats);
-        if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.kernel) {
-            shared.log.failed(path, bio, &failure);
+        if let Some(fd) = shared.data_file {
+            if by_file(backend, bio, fd, stats) {
+                return pooled && put_alone(ctl, bio, shared);
+            }
         }
+        if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.kernel) {
+            shared.log.failed(ctl.path(), bio, &failure);
+        }
+        false
     };
     let jobs = split_payloads(bios, buf, base);
-    match &shared.pool {
-        Some(pool) if jobs.len() > 1 => {
+    let done: Vec<bool> = match &shared.pool {
+        Some(pool) if pooled => {
             use rayon::iter::{IntoParallelIterator, ParallelIterator};
-            pool.install(|| jobs.into_par_iter().for_each(run));
+            pool.install(|| jobs.into_par_iter().map(run).collect())
         }
-        _ => jobs.into_iter().for_each(run),
+        _ => jobs.into_iter().map(run).collect(),
+    };
+    let mut kept = 0;
+    for (i, done) in done.into_iter().enumerate() {
+        if !done {
+            bios[kept] = bios[i];
+            kept += 1;
+        }
     }
+    kept
+}
+
+/// PUT_BIO of one entry the kernel moves to or from the file: true if the
+/// request is done with (completed, or stale), false if it is left, as an
+/// I/O error, for the next call to complete.
+fn put_alone<C: ControlDevice>(ctl: &C, bio: &mut AbuseBio, shared: &Shared) -> bool {
+    match retry(&AtomicBool::new(false), || {
+        ctl.put_bios(std::slice::from_ref(bio))
+    }) {
+        Ok(_) => true,
+        Err(e) if e.errno() == Errno::ESTALE => {
+            shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            refused(ctl.path(), bio, e.errno(), shared);
+            false
+        }
+    }
+}
+
+/// The kernel refused a PUT entry moving data to or from the file: it
+/// becomes an I/O error, logged.
+fn refused(path: &std::path::Path, bio: &mut AbuseBio, errno: Errno, shared: &Shared) {
+    let failure = file_refused(bio, errno, &shared.stats, shared.kernel);
+    shared.log.failed(path, bio, &failure);
 }
 
 /// Fails if the device was reset or reconfigured since the engine started.
@@ -374,10 +459,11 @@ fn check_generation<C: ControlDevice>(ctl: &C, generation: u64) -> Result<(), En
 }
 
 /// PUT_BIO for a batch. An entry that is stale (the device was reset, or
-/// the request failed with DEVICE_FAILURE) is skipped.
+/// the request failed with DEVICE_FAILURE) is skipped; one whose move to or
+/// from the file is refused becomes an I/O error.
 fn complete<C: ControlDevice>(
     ctl: &C,
-    mut bios: &[AbuseBio],
+    mut bios: &mut [AbuseBio],
     shared: &Shared,
 ) -> Result<(), abuse_sys::Error> {
     while !bios.is_empty() {
@@ -386,7 +472,16 @@ fn complete<C: ControlDevice>(
             Ok(_) => return Ok(()),
             Err(e @ abuse_sys::Error::Ioctl { done, .. }) if e.errno() == Errno::ESTALE => {
                 shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
-                bios = &bios[done + 1..];
+                bios = &mut bios[done + 1..];
+            }
+            Err(e @ abuse_sys::Error::Ioctl { done, .. })
+                if matches!(e.errno(), Errno::EBADF | Errno::EINVAL)
+                    && bios
+                        .get(done)
+                        .is_some_and(|b| b.flags & ABUSE_BIO_FILE != 0) =>
+            {
+                refused(ctl.path(), &mut bios[done], e.errno(), shared);
+                bios = &mut bios[done..];
             }
             Err(e) => return Err(e),
         }

@@ -38,6 +38,9 @@ counters! {
     reads,
     /// READs of those completed as zeroes (ABUSE_BIO_ZEROES).
     holes,
+    /// READs and WRITEs whose data the kernel moved between the request
+    /// and the backend's file (ABUSE_BIO_FILE).
+    file_io,
     writes,
     flushes,
     fua,

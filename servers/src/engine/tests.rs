@@ -37,6 +37,8 @@ struct FakeState {
     stale: HashSet<u64>,
     /// GET_BIO fails with this errno once, for the worker that hits it.
     fail_get: Option<Errno>,
+    /// A PUT entry with ABUSE_BIO_FILE is refused with this errno once.
+    refuse_file: Option<Errno>,
     next_id: u64,
 }
 
@@ -121,7 +123,11 @@ impl ControlDevice for Fake {
         Ok(self.lock().status)
     }
 
-    fn get_bios(&self, bios: &mut [AbuseBio], data: &mut [u8]) -> abuse_sys::Result<usize> {
+    fn get_bios(
+        &self,
+        bios: &mut [AbuseBio],
+        mut data: Option<&mut [u8]>,
+    ) -> abuse_sys::Result<usize> {
         let mut st = self.lock();
         if let Some(e) = st.fail_get.take() {
             return Err(self.err("GET_BIO", e, 0));
@@ -132,15 +138,19 @@ impl ControlDevice for Fake {
             let Some(req) = st.pending.front() else { break };
             let off = used.next_multiple_of(ABUSE_DATA_ALIGN as usize);
             let len = req.bio.len as usize;
-            if off + len > data.len() {
+            if data.as_ref().is_some_and(|d| off + len > d.len()) {
                 break;
             }
             let mut req = st.pending.pop_front().unwrap();
-            if req.bio.cmd == ABUSE_CMD_WRITE {
-                data[off..off + len].copy_from_slice(&req.data);
+            // Descriptors only: the WRITE's data stays with the request.
+            req.bio.addr = 0;
+            if let Some(data) = data.as_deref_mut() {
+                if req.bio.cmd == ABUSE_CMD_WRITE {
+                    data[off..off + len].copy_from_slice(&req.data);
+                }
+                req.bio.addr = data.as_ptr() as u64 + off as u64;
+                used = off + len;
             }
-            req.bio.addr = data.as_ptr() as u64 + off as u64;
-            used = off + len;
             bios[n] = req.bio;
             st.fetched.insert(req.bio.id, req);
             n += 1;
@@ -154,9 +164,34 @@ impl ControlDevice for Fake {
             if st.stale.contains(&b.id) || !st.fetched.contains_key(&b.id) {
                 return Err(self.err("PUT_BIO", Errno::ESTALE, i));
             }
-            let req = st.fetched.remove(&b.id).unwrap();
+            let refuse = match b.flags & ABUSE_BIO_FILE {
+                0 => None,
+                _ => st.refuse_file.take(),
+            };
+            let req = st.fetched.get(&b.id).unwrap();
             let mut read = Vec::new();
-            if b.flags & ABUSE_BIO_ZEROES != 0 {
+            if b.flags & ABUSE_BIO_FILE != 0 {
+                // As the kernel: the data moves between the request and
+                // the file `error` at `addr`; a bad fd is refused.
+                if !matches!(b.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) || b.result != 0 {
+                    return Err(self.err("PUT_BIO", Errno::EINVAL, i));
+                }
+                if let Some(e) = refuse {
+                    return Err(self.err("PUT_BIO", e, i));
+                }
+                // SAFETY: the engine names its backend's file, open while
+                // it serves; a wrong number is what this checks.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(b.error as i32) };
+                let moved = if b.cmd == ABUSE_CMD_READ {
+                    read = vec![0; b.len as usize];
+                    nix::sys::uio::pread(fd, &mut read, b.addr as i64)
+                } else {
+                    nix::sys::uio::pwrite(fd, &req.data, b.addr as i64)
+                };
+                if let Err(e) = moved {
+                    return Err(self.err("PUT_BIO", e, i));
+                }
+            } else if b.flags & ABUSE_BIO_ZEROES != 0 {
                 // As the kernel: only on a successful READ, then zeroes
                 // without looking at `addr`.
                 if b.cmd != ABUSE_CMD_READ || b.result != ABUSE_RESULT_OKAY {
@@ -170,7 +205,7 @@ impl ControlDevice for Fake {
                 read = unsafe { std::slice::from_raw_parts(b.addr as *const u8, b.len as usize) }
                     .to_vec();
             }
-            let _ = req;
+            st.fetched.remove(&b.id);
             st.done.push((*b, read));
         }
         Ok(bios.len())
@@ -290,6 +325,7 @@ fn start(fake: &Fake, backend: Arc<dyn Backend>, threads: usize, batch: usize) -
         batch,
         io_threads: None,
         pin: false,
+        copy_data: false,
     };
     let (f, s, st) = (fake.clone(), stop.clone(), stats.clone());
     let handle =
@@ -642,4 +678,90 @@ fn payloads_split_disjoint() {
             ABUSE_RESULT_MEDIA_FAILURE
         ]
     );
+}
+
+/// A file backend's READs and WRITEs: the kernel moves the data (the fake
+/// does it with the fd and offset the engine names), fetches carry no
+/// payloads; with `copy_data`, or a kernel before version 5, the engine
+/// copies as before. Either way the file and the reads hold the writes.
+#[test]
+fn the_kernel_moves_a_file_backends_data_where_it_can() {
+    use crate::file::{FileBackend, FileOptions};
+    for (version, copy_data, by_file) in [(5, false, true), (5, true, false), (4, false, false)] {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(1 << 20).unwrap();
+        let backend = Arc::new(FileBackend::open(tmp.path(), FileOptions::default()).unwrap());
+        let fake = Fake::new(1 << 20, ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA);
+        fake.lock().status.version = version;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let cfg = EngineConfig {
+            ctl: fake.path.clone(),
+            threads: 2,
+            batch: 4,
+            io_threads: None,
+            pin: false,
+            copy_data,
+        };
+        let (f, s, st, b) = (fake.clone(), stop.clone(), stats.clone(), backend.clone());
+        let handle = std::thread::spawn(move || serve_with(move || Ok(f.clone()), &cfg, b, s, st));
+        for i in 0..8u64 {
+            fake.queue(ABUSE_CMD_WRITE, i * 16, vec![i as u8 + 1; 4096]);
+        }
+        fake.wait_done(8);
+        fake.queue(ABUSE_CMD_FLUSH, 0, Vec::new());
+        let reads: Vec<u64> = (0..8u64)
+            .map(|i| fake.queue(ABUSE_CMD_READ, i * 16, vec![0; 4096]))
+            .collect();
+        let done = fake.wait_done(17);
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap().unwrap();
+        let file = std::fs::read(tmp.path()).unwrap();
+        for (i, id) in reads.iter().enumerate() {
+            let at = i * 16 * 512;
+            assert!(file[at..at + 4096].iter().all(|&x| x == i as u8 + 1));
+            let (bio, data) = done.iter().find(|(b, _)| b.id == *id).unwrap();
+            assert_eq!(bio.result, ABUSE_RESULT_OKAY);
+            assert!(data.iter().all(|&x| x == i as u8 + 1), "read {i}");
+        }
+        for (bio, _) in &done {
+            let expect = by_file && bio.cmd != ABUSE_CMD_FLUSH;
+            assert_eq!(bio.flags & ABUSE_BIO_FILE != 0, expect, "{bio:?}");
+        }
+        let t = stats.totals();
+        assert_eq!(
+            (t.file_io, t.reads, t.writes, t.flushes),
+            (if by_file { 16 } else { 0 }, 8, 8, 1)
+        );
+    }
+}
+
+/// A move to or from the file the kernel refuses (EBADF, EINVAL) fails
+/// that request with an I/O error; the engine serves on.
+#[test]
+fn a_refused_file_move_fails_its_request_and_serving_goes_on() {
+    use crate::file::{FileBackend, FileOptions};
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    tmp.as_file().set_len(1 << 20).unwrap();
+    let backend = Arc::new(FileBackend::open(tmp.path(), FileOptions::default()).unwrap());
+    let fake = Fake::new(1 << 20, 0);
+    fake.lock().refuse_file = Some(Errno::EINVAL);
+    let run = start(&fake, backend, 1, 4);
+    let first = fake.queue(ABUSE_CMD_WRITE, 0, vec![7; 4096]);
+    let second = fake.queue(ABUSE_CMD_WRITE, 8, vec![8; 4096]);
+    let done = fake.wait_done(2);
+    let by_id = |id| done.iter().find(|(b, _)| b.id == id).unwrap().0;
+    let (a, b) = (by_id(first), by_id(second));
+    assert_eq!(
+        (a.result, a.flags & ABUSE_BIO_FILE, a.error),
+        (ABUSE_RESULT_MEDIA_FAILURE, 0, Errno::EIO as u32)
+    );
+    assert_eq!(
+        (b.result, b.flags & ABUSE_BIO_FILE),
+        (ABUSE_RESULT_OKAY, ABUSE_BIO_FILE)
+    );
+    assert_eq!(run.stats.totals().errors, 1);
+    run.finish().unwrap();
+    let file = std::fs::read(tmp.path()).unwrap();
+    assert!(file[4096..8192].iter().all(|&x| x == 8));
 }

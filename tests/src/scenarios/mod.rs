@@ -4,6 +4,7 @@ mod backends;
 mod cow;
 mod data;
 mod delegation;
+mod file_io;
 mod module;
 mod power_cut;
 mod recovery;
@@ -77,6 +78,7 @@ scenarios![
     safety::errno_reaches_filesystem,
     safety::put_errno_rules,
     safety::put_zeroes_rules,
+    file_io::put_file_rules,
     safety::file_direct_alignment_checked,
     safety::compat_ioctl_32bit,
     // The real servers.

@@ -24,12 +24,17 @@ fn status() -> Result<AbuseStatus, String> {
     control(CTL)?.status().map_err(|e| e.to_string())
 }
 
-/// Each PUT entry of `bad` is refused with EINVAL and changes nothing: the
+/// Each PUT entry of `bad` is refused with `want` and changes nothing: the
 /// `in_flight` fetched requests stay fetched.
-fn puts_refused(ctl: &abuse_sys::Control, bad: &[(&str, AbuseBio)], in_flight: u32) -> Outcome {
+pub(super) fn puts_refused(
+    ctl: &abuse_sys::Control,
+    bad: &[(&str, AbuseBio)],
+    in_flight: u32,
+    want: Errno,
+) -> Outcome {
     for (what, b) in bad {
         let e = ctl.put_bios(&[*b]).err().map(|e| e.errno());
-        ensure!(e == Some(Errno::EINVAL), "{what}: {e:?}, want EINVAL");
+        ensure!(e == Some(want), "{what}: {e:?}, want {want}");
         ensure!(
             status()?.in_flight == in_flight,
             "{what}: a fetched request moved"
@@ -494,7 +499,7 @@ pub fn put_errno_rules() -> Outcome {
             },
         ),
     ];
-    puts_refused(&ctl, &bad, 1)?;
+    puts_refused(&ctl, &bad, 1, Errno::EINVAL)?;
     let good = AbuseBio {
         result: ABUSE_RESULT_MEDIA_FAILURE,
         flags: f.flags | ABUSE_BIO_ERRNO,
@@ -571,7 +576,7 @@ pub fn put_zeroes_rules() -> Outcome {
             },
         ),
     ];
-    puts_refused(&ctl, &bad, 2)?;
+    puts_refused(&ctl, &bad, 2, Errno::EINVAL)?;
     let hole = AbuseBio {
         flags: read.flags | ABUSE_BIO_ZEROES,
         addr: 0,

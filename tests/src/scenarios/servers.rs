@@ -68,7 +68,10 @@ pub fn file_server_ext4() -> Outcome {
 
 /// fio --verify=crc32c randwrite + verify, 4 jobs, iodepth 16, against 4
 /// server threads, then against 2 server processes: 0 errors, and each
-/// process served a share (its own counters).
+/// process served a share (its own counters). The file server has the
+/// kernel move the data to and from its file (every READ and WRITE counted
+/// as file_io); the second process of the pair copies (--copy-data), so
+/// the two ways serve one device side by side.
 pub fn fio_threads_and_processes() -> Outcome {
     insmod("max_abuse=1")?;
     backing("/tmp/fio.img", 64 * MIB)?;
@@ -84,14 +87,19 @@ pub fn fio_threads_and_processes() -> Outcome {
         ],
     )?;
     fio_verify(4, 8, "")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let moved = one.stat("reads") + one.stat("writes");
     ensure!(
-        one.stat("writes") > 0 && one.stat("reads") > 0,
-        "the server saw no I/O: {}",
+        one.stat("writes") > 0 && one.stat("reads") > 0 && one.stat("file_io") == moved,
+        "the server saw no I/O, or copied some: {}",
         one.stats()
     );
     drop(one);
     let a = Server::abusectl(CTL, &["file", "/tmp/fio.img", "--threads", "2"])?;
-    let b = Server::abusectl(CTL, &["file", "/tmp/fio.img", "--threads", "2"])?;
+    let b = Server::abusectl(
+        CTL,
+        &["file", "/tmp/fio.img", "--threads", "2", "--copy-data"],
+    )?;
     fio_verify(4, 8, "--randseed=7")?;
     // Counters are saved every second.
     std::thread::sleep(Duration::from_millis(1500));
@@ -99,6 +107,12 @@ pub fn fio_threads_and_processes() -> Outcome {
     ensure!(
         ra > 0 && rb > 0,
         "not both processes served: {ra} and {rb} requests"
+    );
+    ensure!(
+        a.stat("file_io") > 0 && b.stat("file_io") == 0,
+        "file_io: {} by the default server, {} by the copying one",
+        a.stat("file_io"),
+        b.stat("file_io")
     );
     println!("fio: two processes served {ra} and {rb} requests");
     teardown()
