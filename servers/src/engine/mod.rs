@@ -362,7 +362,8 @@ fn worker<C: ControlDevice>(
             }
             continue;
         }
-        held = run_batch(ctl, &mut bios[..n], &mut buf, shared);
+        run_batch(ctl.path(), &mut bios[..n], &mut buf, shared);
+        held = n;
         shared.stats.mine().batches.fetch_add(1, Ordering::Relaxed);
     }
     complete(ctl, &mut bios[..held], shared)?;
@@ -370,65 +371,29 @@ fn worker<C: ControlDevice>(
 }
 
 /// Runs a fetched batch on the backend, on the I/O threads if there are
-/// several requests and a pool, and fills in each request's result.
-/// Returns how many entries, now at the front of `bios`, the next call
-/// completes: on the I/O threads, a request the kernel moves to or from
-/// the backend's file is completed by its thread alone (the move may
-/// block on the disk: the others need not wait for it).
-fn run_batch<C: ControlDevice>(
-    ctl: &C,
-    bios: &mut [AbuseBio],
-    buf: &mut [u8],
-    shared: &Shared,
-) -> usize {
+/// several requests and a pool, and fills in each request's result. A
+/// READ or WRITE the kernel moves to or from the backend's file only gets
+/// its PUT entry: the move happens in the next call, in this worker (one
+/// pass over the batch in the kernel beats handing single PUTs to other
+/// threads; more workers, `--threads`, keep more such moves in flight).
+fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shared: &Shared) {
     let base = buf.as_ptr() as u64;
-    let pooled = shared.pool.is_some() && bios.len() > 1;
-    let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| -> bool {
-        let (backend, stats) = (&*shared.backend, &*shared.stats);
-        if let Some(fd) = shared.data_file {
-            if by_file(backend, bio, fd, stats) {
-                return pooled && put_alone(ctl, bio, shared);
-            }
-        }
+    let (backend, stats) = (&*shared.backend, &*shared.stats);
+    let run = |(bio, payload): (&mut AbuseBio, Option<&mut [u8]>)| {
         if let Some(failure) = execute_payload(backend, bio, payload, stats, shared.kernel) {
-            shared.log.failed(ctl.path(), bio, &failure);
+            shared.log.failed(path, bio, &failure);
         }
-        false
     };
-    let jobs = split_payloads(bios, buf, base);
-    let done: Vec<bool> = match &shared.pool {
-        Some(pool) if pooled => {
-            use rayon::iter::{IntoParallelIterator, ParallelIterator};
-            pool.install(|| jobs.into_par_iter().map(run).collect())
-        }
-        _ => jobs.into_iter().map(run).collect(),
-    };
-    let mut kept = 0;
-    for (i, done) in done.into_iter().enumerate() {
-        if !done {
-            bios[kept] = bios[i];
-            kept += 1;
-        }
+    let mut jobs = split_payloads(bios, buf, base);
+    if let Some(fd) = shared.data_file {
+        jobs.retain_mut(|(bio, _)| !by_file(backend, bio, fd, stats));
     }
-    kept
-}
-
-/// PUT_BIO of one entry the kernel moves to or from the file: true if the
-/// request is done with (completed, or stale), false if it is left, as an
-/// I/O error, for the next call to complete.
-fn put_alone<C: ControlDevice>(ctl: &C, bio: &mut AbuseBio, shared: &Shared) -> bool {
-    match retry(&AtomicBool::new(false), || {
-        ctl.put_bios(std::slice::from_ref(bio))
-    }) {
-        Ok(_) => true,
-        Err(e) if e.errno() == Errno::ESTALE => {
-            shared.stats.mine().stale.fetch_add(1, Ordering::Relaxed);
-            true
+    match &shared.pool {
+        Some(pool) if jobs.len() > 1 => {
+            use rayon::iter::{IntoParallelIterator, ParallelIterator};
+            pool.install(|| jobs.into_par_iter().for_each(run));
         }
-        Err(e) => {
-            refused(ctl.path(), bio, e.errno(), shared);
-            false
-        }
+        _ => jobs.into_iter().for_each(run),
     }
 }
 
