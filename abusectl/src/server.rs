@@ -25,7 +25,7 @@ pub struct ServerArgs {
     /// The backend's arguments.
     args: Vec<String>,
     /// Worker threads, each fetching from its own hardware queue first
-    /// [default: one per hardware queue of the device].
+    /// [default: one per hardware queue of the device; one for file].
     #[arg(long)]
     threads: Option<usize>,
     /// Threads that run a batch's requests at once [default: 4 for file

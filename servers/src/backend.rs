@@ -39,6 +39,14 @@ pub trait Backend: Send + Sync {
     fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// Whether it looks at request data at all. One whose every READ is a
+    /// hole (`read_or_hole` says so without touching the buffer) and whose
+    /// WRITEs go nowhere (null) answers false: the engine then fetches
+    /// descriptors only and passes it empty buffers, so no payload is
+    /// copied either way.
+    fn needs_payloads(&self) -> bool {
+        true
+    }
     /// Writes `buf` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.

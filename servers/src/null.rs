@@ -38,6 +38,10 @@ impl Backend for Null {
         Ok(true)
     }
 
+    fn needs_payloads(&self) -> bool {
+        false
+    }
+
     fn write(&self, _offset: u64, _buf: &[u8], _fua: bool) -> io::Result<()> {
         Ok(())
     }

@@ -39,6 +39,8 @@ struct FakeState {
     fail_get: Option<Errno>,
     /// A PUT entry with ABUSE_BIO_FILE is refused with this errno once.
     refuse_file: Option<Errno>,
+    /// Fetches of descriptors only, and with payloads.
+    fetches: (u32, u32),
     next_id: u64,
 }
 
@@ -131,6 +133,10 @@ impl ControlDevice for Fake {
         let mut st = self.lock();
         if let Some(e) = st.fail_get.take() {
             return Err(self.err("GET_BIO", e, 0));
+        }
+        match data {
+            None => st.fetches.0 += 1,
+            Some(_) => st.fetches.1 += 1,
         }
         let mut n = 0;
         let mut used = 0usize;
@@ -764,4 +770,30 @@ fn a_refused_file_move_fails_its_request_and_serving_goes_on() {
     run.finish().unwrap();
     let file = std::fs::read(tmp.path()).unwrap();
     assert!(file[4096..8192].iter().all(|&x| x == 8));
+}
+
+/// The null backend needs no payloads: on a version 5 kernel the engine
+/// fetches descriptors only, drops WRITEs and answers READs as holes.
+#[test]
+fn null_fetches_descriptors_only() {
+    for (version, descriptors) in [(5, true), (4, false)] {
+        let fake = Fake::new(1 << 20, 0);
+        fake.lock().status.version = version;
+        let run = start(&fake, Arc::new(Null::new(1 << 20)), 1, 4);
+        fake.queue(ABUSE_CMD_WRITE, 0, vec![9; 4096]);
+        let read = fake.queue(ABUSE_CMD_READ, 0, vec![0; 4096]);
+        let done = fake.wait_done(2);
+        run.finish().unwrap();
+        for (bio, _) in &done {
+            assert_eq!(bio.result, ABUSE_RESULT_OKAY, "{bio:?}");
+        }
+        let (bio, data) = done.iter().find(|(b, _)| b.id == read).unwrap();
+        assert_eq!(bio.flags & ABUSE_BIO_ZEROES, ABUSE_BIO_ZEROES);
+        assert!(data.iter().all(|&b| b == 0));
+        let (with_none, with_payloads) = fake.lock().fetches;
+        assert_eq!(
+            (with_none > 0, with_payloads > 0),
+            (descriptors, !descriptors)
+        );
+    }
 }
