@@ -192,9 +192,9 @@ pub fn bad_input() -> Outcome {
             Errno::EINVAL,
         ),
         (
-            "flags set",
+            "unknown flags set",
             AbuseXfer {
-                flags: 1,
+                flags: !ABUSE_XFER_DESCRIPTORS,
                 ..good(&mut bios, &mut buf)
             },
             Errno::EINVAL,

@@ -384,32 +384,45 @@ pub fn server_stops_when_reset() -> Outcome {
 }
 
 /// A backend's errno reaches the filesystem as what it is: a backing file
-/// on a full tmpfs gives "No space left on device", not an I/O error, and
-/// the server logs each failure with device, command, offset and errno.
+/// on a full tmpfs gives "No space left on device", not an I/O error,
+/// whether the kernel moves the data to the file (the file server's
+/// default) or the server writes it (--copy-data); the server logs each
+/// failure of its own with device, command, offset and errno.
 pub fn errno_reaches_filesystem() -> Outcome {
     insmod("max_abuse=1")?;
     sh("mkdir -p /tmp/small && mount -t tmpfs -o size=4m tmpfs /tmp/small")?;
-    backing("/tmp/small/x.img", 64 * MIB)?;
     let log = "/tmp/errno.log";
-    let server =
-        Server::abusectl_logged(CTL, &["file", "/tmp/small/x.img", "--setup", ""], Some(log))?;
-    let res = sh(&format!(
-        "dd if=/dev/zero of={DEV} bs=1M count=16 oflag=direct 2>&1"
-    ));
-    let out = match res {
-        Ok(out) => return Err(format!("16 MiB fit a 4 MiB tmpfs: {out}")),
-        Err(e) => e,
-    };
-    ensure!(out.contains("No space left on device"), "dd said: {out}");
-    let st = status()?;
-    ensure!(st.errors > 0, "no errors counted: {st:?}");
-    drop(server);
+    for (i, copy) in [(0, false), (1, true)] {
+        let img = format!("/tmp/small/x{i}.img");
+        backing(&img, 64 * MIB)?;
+        let mut args = vec!["file", &img, "--setup", ""];
+        if copy {
+            args.push("--copy-data");
+        }
+        let server = Server::abusectl_logged(CTL, &args, Some(log))?;
+        let res = sh(&format!(
+            "dd if=/dev/zero of={DEV} bs=1M count=16 oflag=direct 2>&1"
+        ));
+        let out = match res {
+            Ok(out) => return Err(format!("16 MiB fit a 4 MiB tmpfs: {out}")),
+            Err(e) => e,
+        };
+        ensure!(
+            out.contains("No space left on device"),
+            "dd said (copy {copy}): {out}"
+        );
+        let st = status()?;
+        ensure!(st.errors > 0, "no errors counted (copy {copy}): {st:?}");
+        drop(server);
+        crate::guest::kill_servers();
+        control(CTL)?.reset().map_err(|e| e.to_string())?;
+        sh(&format!("rm -f {img}"))?;
+    }
     let said = std::fs::read_to_string(log).unwrap_or_default();
     ensure!(
         said.contains("/dev/abctl0: WRITE of") && said.contains("No space left on device"),
         "server log: {said}"
     );
-    crate::guest::kill_servers();
     sh("umount /tmp/small")?;
     teardown()
 }

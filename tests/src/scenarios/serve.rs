@@ -57,7 +57,13 @@ pub fn serve_rules() -> Outcome {
         ..Default::default()
     };
     let bad = [
-        ("flags", AbuseServe { flags: 1, ..good }),
+        (
+            "unknown flags",
+            AbuseServe {
+                flags: !ABUSE_XFER_DESCRIPTORS,
+                ..good
+            },
+        ),
         (
             "reserved0",
             AbuseServe {
