@@ -6,6 +6,7 @@
 mod chart;
 mod report;
 mod results;
+mod targets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,10 +38,12 @@ fn run() -> Result<(), String> {
     }
     let rows = report::rows(&runs);
     println!(
-        "Medians of {} run(s); ratios above 1 mean faster (or lower latency) than the peer.",
+        "Medians of {} run(s); ratios (each boot's, then their median) above 1 mean faster (or lower latency) than the peer.",
         runs.len()
     );
     print!("{}", report::table(&rows));
+    let goals = targets::outcomes(&runs);
+    print!("{}", targets::summary(&goals));
     let stats: Vec<results::ServerStats> = logs
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -56,8 +59,7 @@ fn run() -> Result<(), String> {
         );
     }
     if let Some(p) = json {
-        let v =
-            serde_json::json!({ "runs": runs.len(), "rows": rows, "raw": runs, "servers": stats });
+        let v = serde_json::json!({ "runs": runs.len(), "rows": rows, "targets": goals, "raw": runs, "servers": stats });
         std::fs::write(&p, serde_json::to_string_pretty(&v).expect("serialisable"))
             .map_err(|e| format!("{}: {e}", p.display()))?;
         println!("JSON: {}", p.display());

@@ -1,11 +1,13 @@
-//! Medians over runs, ratios to the peers, and the table people read.
+//! Medians over runs, ratios to the peers (per boot, then the median), and
+//! the table people read.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::results::{headline, ublk_peer, Result, JOBS};
+use crate::results::{ublk_peer, Result, JOBS};
+use crate::targets::paired;
 
 /// One (device, job): the median over the runs that produced it.
 #[derive(Clone, Debug, Serialize)]
@@ -24,7 +26,7 @@ pub struct Row {
     pub ublk_peer: Option<String>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
     if n % 2 == 1 {
@@ -58,38 +60,18 @@ pub fn rows(runs: &[Vec<Result>]) -> Vec<Row> {
             ublk_peer: None,
         })
         .collect();
-    let head = |r: &Row| {
-        headline(&Result {
-            device: r.device.clone(),
-            job: r.job.clone(),
-            iops: r.iops,
-            mib_s: r.mib_s,
-            p50_us: r.p50_us,
-            p99_us: r.p99_us,
-        })
-    };
-    let snapshot = rows.clone();
-    let find = |job: &str, dev: &str| {
-        snapshot
-            .iter()
-            .find(|r| r.job == job && r.device == dev)
-            .map(head)
+    // Ratios are taken within each boot, then the median over boots: the
+    // peers ran minutes apart in the same boot, while boots differ by up
+    // to ±40%.
+    let ratio = |r: &Row, peer: &str| {
+        let v = paired(runs, (&r.device, &r.job), (peer, &r.job));
+        (!v.is_empty()).then(|| median(v))
     };
     for r in &mut rows {
-        let mine = head(r);
-        // For latency, lower is better: the ratio is theirs over ours, so
-        // that above 1 always means better.
-        let ratio = |theirs: f64| {
-            if r.job == "qd1" {
-                theirs / mine
-            } else {
-                mine / theirs
-            }
-        };
-        r.vs_null_blk = find(&r.job, "null_blk").map(ratio);
+        r.vs_null_blk = ratio(r, "null_blk");
         if let Some(peer) = ublk_peer(&r.device) {
             r.ublk_peer = Some(peer.to_string());
-            r.vs_ublk = find(&r.job, peer).map(ratio);
+            r.vs_ublk = ratio(r, peer);
         }
     }
     rows.sort_by_key(|r| {
@@ -196,8 +178,9 @@ mod tests {
             .find(|x| x.device == "abuse-null" && x.job == "randread")
             .unwrap();
         assert_eq!((a.runs, a.iops), (3, 50.0));
-        assert!((a.vs_null_blk.unwrap() - 50.0 / 110.0).abs() < 1e-9);
-        assert!((a.vs_ublk.unwrap() - 1.0).abs() < 1e-9);
+        // Per boot 0.30, 0.42, 0.64 of null_blk; 0.75, 0.83, 1.40 of ublk.
+        assert!((a.vs_null_blk.unwrap() - 50.0 / 120.0).abs() < 1e-9);
+        assert!((a.vs_ublk.unwrap() - 50.0 / 60.0).abs() < 1e-9);
         // Latency: lower is better, so 20 us against ublk's 30 is 1.5x.
         let l = rows
             .iter()
@@ -206,7 +189,7 @@ mod tests {
         assert!((l.vs_ublk.unwrap() - 1.5).abs() < 1e-9);
         let t = table(&rows);
         assert!(
-            t.contains("4k randread QD32x2") && t.contains("1.00x null"),
+            t.contains("4k randread QD32x2") && t.contains("0.83x null"),
             "{t}"
         );
         // Peers come first within a job.
