@@ -39,6 +39,19 @@ pub trait Backend: Send + Sync {
     fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// Where a READ of `len` bytes at `offset` lies whole in one regular
+    /// file, if it does: the file and the offset there. The kernel then
+    /// moves it from there itself (ABUSE_BIO_FILE), when the worker next
+    /// calls SERVE, and `read` is not called for it: what the file holds
+    /// there must not change meanwhile, other than by writes racing the
+    /// READ (a cow's mapped block never moves, its base never changes).
+    fn read_from_file(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        None
+    }
     /// Whether it looks at request data at all. One whose every READ is a
     /// hole (`read_or_hole` says so without touching the buffer) and whose
     /// WRITEs go nowhere (null) answers false: the engine then fetches

@@ -1261,3 +1261,52 @@ fn a_version_2_delta_is_still_served() {
     d.read(3 * BS as u64 + 100, &mut got).unwrap();
     assert_eq!(got, pattern(9, 500));
 }
+
+/// Where `locate` places a range (for the kernel to read it from there
+/// itself), the bytes there are what `read` returns; and it places
+/// unmapped ranges in the base, ranges within mapped runs in the delta,
+/// and nothing that straddles the two.
+#[test]
+fn locate_places_reads_where_read_finds_the_bytes() {
+    use abuse_servers::cow::delta::Source;
+    let blocks = 12;
+    let base = MemStore::with(pattern(5, blocks * BS));
+    let (store, delta) = create(&base);
+    let bs = BS as u64;
+    // Blocks 2 and 3 first-written in order (consecutive delta blocks),
+    // 7 partially, 5 zeroed; the rest unmapped.
+    delta.write(2 * bs, &pattern(1, 2 * BS), false).unwrap();
+    delta.write(7 * bs + 100, &pattern(2, 300), false).unwrap();
+    delta.write_zeroes(5 * bs, bs, true).unwrap();
+    let mut placed = [0, 0];
+    for start in (0..blocks as u64 * bs).step_by(512) {
+        for len in [512, 4096, 8192, 3 * 4096] {
+            if start + len > blocks as u64 * bs {
+                continue;
+            }
+            let mut want = vec![0u8; len as usize];
+            delta.read(start, &mut want).unwrap();
+            let Some((source, at)) = delta.locate(start, len) else {
+                continue;
+            };
+            let file = match source {
+                Source::Base => base.bytes(),
+                Source::Delta => store.bytes(),
+            };
+            let mut got = vec![0u8; len as usize];
+            let have = file.len().saturating_sub(at as usize).min(len as usize);
+            got[..have].copy_from_slice(&file[at as usize..at as usize + have]);
+            assert_eq!(
+                got, want,
+                "{len} bytes at {start}, placed in {source:?} at {at}"
+            );
+            placed[(source == Source::Delta) as usize] += 1;
+        }
+    }
+    assert!(placed[0] > 0 && placed[1] > 0, "placed: {placed:?}");
+    // Straddling the base and the delta, or past the device: nowhere.
+    assert_eq!(delta.locate(bs, 2 * bs), None);
+    assert_eq!(delta.locate(3 * bs, 2 * bs), None);
+    assert_eq!(delta.locate(11 * bs, 2 * bs), None);
+    assert!(delta.locate(2 * bs + 512, bs).is_some());
+}

@@ -465,6 +465,11 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self.store
     }
 
+    /// The base.
+    pub fn base(&self) -> &B {
+        &self.base
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -519,6 +524,31 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 e => self.store.read_at(&mut buf[r], self.data_at(e)? + inner),
             }
         })
+    }
+
+    /// Where `len` bytes at virtual `offset` lie in one piece: the base at
+    /// the same offset (every block unmapped) or the delta (mapped to
+    /// consecutive delta blocks). None: split between them, or scattered.
+    /// Stays true while a READ that asked is in flight, except for writes
+    /// racing it: a mapped block never moves, the base never changes.
+    pub fn locate(&self, offset: u64, len: u64) -> Option<(Source, u64)> {
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.header.virtual_size {
+            return None;
+        }
+        let (first, last) = (offset / self.bs(), (end - 1) / self.bs());
+        let table = self.table();
+        let e0 = table[first as usize].load(Ordering::Acquire);
+        let expect = |i: u64| if e0 == 0 { 0 } else { e0 + i };
+        if (first + 1..=last)
+            .any(|b| table[b as usize].load(Ordering::Acquire) != expect(b - first))
+        {
+            return None;
+        }
+        match e0 {
+            0 => Some((Source::Base, offset)),
+            e => Some((Source::Delta, self.data_at(e).ok()? + offset % self.bs())),
+        }
     }
 
     /// Writes `data` at virtual `offset` (durably, with `fua`).
@@ -766,6 +796,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
         entries
     }
+}
+
+/// Which file holds a range of the device (`Delta::locate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Base,
+    Delta,
 }
 
 /// What a first write puts in a block.

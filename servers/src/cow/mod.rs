@@ -11,6 +11,7 @@ pub mod storage;
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -125,6 +126,10 @@ impl storage::Storage for NoBase {
 pub struct Cow {
     delta: Delta<Flock<File>, Flock<File>>,
     pub base_path: PathBuf,
+    /// Whether the base and the delta are regular files, which the kernel
+    /// may read READs from itself (a block device base might be an ABUSE
+    /// device, which it refuses).
+    regular: (bool, bool),
 }
 
 /// Attempts to join a delta whose first server is still setting it up.
@@ -173,6 +178,16 @@ enum BaseLock {
 }
 
 impl Cow {
+    fn new(delta: Delta<Flock<File>, Flock<File>>, base_path: PathBuf) -> Cow {
+        let regular = |f: &File| f.metadata().is_ok_and(|m| m.file_type().is_file());
+        let regular = (regular(delta.base()), regular(delta.store()));
+        Cow {
+            delta,
+            base_path,
+            regular,
+        }
+    }
+
     /// Creates an empty delta `delta` over `base` with `block_size` blocks
     /// (reading the whole base once; `progress` is told the bytes done).
     pub fn create(
@@ -204,10 +219,7 @@ impl Cow {
             progress,
         ) {
             Ok(d) => {
-                let cow = Cow {
-                    delta: d,
-                    base_path: abs,
-                };
+                let cow = Cow::new(d, abs);
                 cow.delta_store()
                     .relock(FlockArg::LockShared)
                     .map_err(|e| CowError::Io(delta.to_path_buf(), e.into()))?;
@@ -251,10 +263,7 @@ impl Cow {
             };
             match d {
                 Ok(d) => {
-                    let cow = Cow {
-                        delta: d,
-                        base_path,
-                    };
+                    let cow = Cow::new(d, base_path);
                     if first {
                         cow.delta_store()
                             .relock(FlockArg::LockShared)
@@ -284,10 +293,7 @@ impl Cow {
         let (base_path, base_file) = Self::open_base(&*store, delta, base, BaseLock::Exclusive)?;
         let d = Delta::open_for_merge(store, base_file)
             .map_err(|e| CowError::Delta(delta.to_path_buf(), e))?;
-        Ok(Cow {
-            delta: d,
-            base_path,
-        })
+        Ok(Cow::new(d, base_path))
     }
 
     /// Where the working area of the delta at `delta` lives (while any
@@ -464,6 +470,14 @@ impl Backend for Cow {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.delta.read(offset, buf)
+    }
+
+    fn read_from_file(&self, offset: u64, len: u64) -> Option<(BorrowedFd<'_>, u64)> {
+        match self.delta.locate(offset, len)? {
+            (delta::Source::Base, at) if self.regular.0 => Some((self.delta.base().as_fd(), at)),
+            (delta::Source::Delta, at) if self.regular.1 => Some((self.delta.store().as_fd(), at)),
+            _ => None,
+        }
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {

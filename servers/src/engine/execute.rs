@@ -3,7 +3,7 @@
 //! errno and logged (rate-limited).
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -268,12 +268,37 @@ pub fn by_file(backend: &dyn Backend, bio: &mut AbuseBio, fd: RawFd, stats: &Sta
     {
         return false;
     }
+    hand_to_file(bio, fd, offset, write, stats);
+    true
+}
+
+/// Hands a READ whose data lies whole in one of the backend's files
+/// (`Backend::read_from_file`) to the kernel to move from there. False:
+/// not such a request; the backend runs it.
+pub fn read_by_file(backend: &dyn Backend, bio: &mut AbuseBio, stats: &Stats) -> bool {
+    if bio.cmd != ABUSE_CMD_READ || bio.len == 0 {
+        return false;
+    }
+    let offset = bio.sector << ABUSE_SECTOR_SHIFT;
+    match backend.read_from_file(offset, bio.len as u64) {
+        Some((fd, at)) => {
+            hand_to_file(bio, fd.as_raw_fd(), at, false, stats);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Fills in the PUT entry that has the kernel move the request's data to
+/// or from `fd` at `at`, and counts the request.
+fn hand_to_file(bio: &mut AbuseBio, fd: RawFd, at: u64, write: bool, stats: &Stats) {
+    let len = bio.len as u64;
     let stats = stats.mine();
     if bio.flags & ABUSE_BIO_REQUEUED != 0 {
         stats.requeued.fetch_add(1, Ordering::Relaxed);
     }
     bio.flags = (bio.flags & !(ABUSE_BIO_ERRNO | ABUSE_BIO_ZEROES)) | ABUSE_BIO_FILE;
-    bio.addr = offset;
+    bio.addr = at;
     bio.error = fd as u32;
     bio.result = ABUSE_RESULT_OKAY;
     stats.file_io.fetch_add(1, Ordering::Relaxed);
@@ -287,7 +312,6 @@ pub fn by_file(backend: &dyn Backend, bio: &mut AbuseBio, fd: RawFd, stats: &Sta
         stats.reads.fetch_add(1, Ordering::Relaxed);
         stats.bytes_read.fetch_add(len, Ordering::Relaxed);
     }
-    true
 }
 
 /// The kernel refused to move a request's data to or from the file

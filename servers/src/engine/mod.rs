@@ -38,7 +38,9 @@ use nix::errno::Errno;
 use crate::backend::{Backend, ALL_FEATURES};
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
-use execute::{by_file, execute_payload, file_refused, split_payloads, FailureLog, Kernel};
+use execute::{
+    by_file, execute_payload, file_refused, read_by_file, split_payloads, FailureLog, Kernel,
+};
 pub use stats::{Counters, Stats, Totals};
 
 /// How an engine runs.
@@ -174,7 +176,9 @@ pub fn serve_with<C: ControlDevice>(
         })
         .transpose()
         .map_err(|e| EngineError::Pool(e.to_string()))?;
-    let data_file = match cfg.copy_data || st.version < 5 {
+    // Whether the kernel may move data to and from the backend's files.
+    let moves = !cfg.copy_data && st.version >= 5;
+    let data_file = match !moves {
         true => None,
         false => backend
             .data_file()
@@ -191,6 +195,7 @@ pub fn serve_with<C: ControlDevice>(
     let descriptors = st.version >= 5 && (data_file.is_some() || !backend.needs_payloads());
     let shared = Arc::new(Shared {
         data_file,
+        moves,
         descriptors,
         backend,
         stop,
@@ -253,6 +258,10 @@ struct Shared {
     /// and from itself (fetches are then descriptors only). Open as long
     /// as `backend`.
     data_file: Option<RawFd>,
+    /// The kernel may move data to and from the backend's files (protocol
+    /// 5, and not `--copy-data`): READs `Backend::read_from_file` places
+    /// go that way.
+    moves: bool,
     /// Fetch descriptors only (ABUSE_XFER_DESCRIPTORS): the kernel moves
     /// the data to and from `data_file`, or the backend needs none.
     descriptors: bool,
@@ -396,7 +405,10 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
     let mut jobs = split_payloads(bios, buf, base);
     if let Some(fd) = shared.data_file {
         jobs.retain_mut(|(bio, _)| !by_file(backend, bio, fd, stats));
-    } else if shared.descriptors {
+    } else if shared.moves {
+        jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, stats));
+    }
+    if shared.data_file.is_none() && shared.descriptors {
         // A backend that needs no payloads gets empty ones.
         for (bio, payload) in jobs.iter_mut() {
             if matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) {

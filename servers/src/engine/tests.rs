@@ -797,3 +797,45 @@ fn null_fetches_descriptors_only() {
         );
     }
 }
+
+/// A cow backend's READs that lie whole in its base or in consecutive
+/// delta blocks are moved by the kernel from there (the fake does it with
+/// the fd and offset the engine names); one that straddles the two, and
+/// every WRITE (a first write needs its payload), is run by the backend.
+/// The data read is the device's either way.
+#[test]
+fn the_kernel_reads_a_cows_blocks_from_the_file_that_holds_them() {
+    use crate::cow::Cow;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, delta) = (dir.path().join("base.img"), dir.path().join("d.cow"));
+    std::fs::write(&base, vec![9u8; 1 << 20]).unwrap();
+    let backend = Arc::new(Cow::create(&base, &delta, 4096, &|_| {}).unwrap());
+    let fake = Fake::new(1 << 20, ABUSE_FLAG_FLUSH);
+    let run = start(&fake, backend.clone(), 1, 4);
+    fake.queue(ABUSE_CMD_WRITE, 8, vec![1; 4096]);
+    fake.wait_done(1);
+    // In the delta, in the base, across both.
+    let reads = [(8, 8, 1u8), (64, 8, 9), (8, 16, 0)];
+    let ids: Vec<u64> = reads
+        .iter()
+        .map(|&(sector, sectors, _)| fake.queue(ABUSE_CMD_READ, sector, vec![0; sectors * 512]))
+        .collect();
+    let done = fake.wait_done(4);
+    run.finish().unwrap();
+    // The last server's stop: no working area left in /dev/shm.
+    backend.stop().unwrap();
+    for (&(_, _, fill), id) in reads.iter().zip(&ids) {
+        let (bio, data) = done.iter().find(|(b, _)| b.id == *id).unwrap();
+        assert_eq!(bio.result, ABUSE_RESULT_OKAY);
+        let by_file = bio.flags & ABUSE_BIO_FILE != 0;
+        if fill == 0 {
+            assert!(!by_file, "a READ across the base and the delta: {bio:?}");
+            assert!(data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 9));
+        } else {
+            assert!(by_file, "{bio:?}");
+            assert!(data.iter().all(|&x| x == fill), "{bio:?}");
+        }
+    }
+    let write = done.iter().find(|(b, _)| b.cmd == ABUSE_CMD_WRITE).unwrap();
+    assert_eq!(write.0.flags & ABUSE_BIO_FILE, 0);
+}
