@@ -923,15 +923,33 @@ mod files {
 
     const BLOCKS: usize = 24;
 
-    fn setup(
-        seed: u64,
-    ) -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        std::path::PathBuf,
-        Vec<u8>,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
+    /// A test's directory. The working areas (in /dev/shm) of the deltas
+    /// in it go with it: the tests leave servers "killed", whose areas
+    /// would otherwise stay there until a reboot.
+    struct Scratch(tempfile::TempDir);
+
+    impl Scratch {
+        fn path(&self) -> &std::path::Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            for entry in std::fs::read_dir(self.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(area) = Cow::working_area_path(&entry.path()) {
+                    let _ = std::fs::remove_file(area);
+                }
+            }
+        }
+    }
+
+    fn setup(seed: u64) -> (Scratch, std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+        let dir = Scratch(tempfile::tempdir().unwrap());
         let (base, delta) = (dir.path().join("base"), dir.path().join("delta"));
         let bytes = pattern(seed, BLOCKS * BS);
         std::fs::write(&base, &bytes).unwrap();
