@@ -178,13 +178,10 @@ pub fn serve_with<C: ControlDevice>(
         .map_err(|e| EngineError::Pool(e.to_string()))?;
     // Whether the kernel may move data to and from the backend's files.
     let moves = !cfg.copy_data && st.version >= 5;
-    let data_file = match !moves {
-        true => None,
-        false => backend
-            .data_file()
-            .filter(|fd| !is_abuse_device(*fd, st.dev))
-            .map(|fd| fd.as_raw_fd()),
-    };
+    let data_file = backend
+        .data_file()
+        .filter(|fd| moves && !is_abuse_device(*fd, st.dev))
+        .map(|fd| fd.as_raw_fd());
     let threads = match cfg.threads {
         // Moves into one file serialize on its inode lock: one worker, as
         // loop has (several measured slower on writes, no faster on reads).
@@ -405,14 +402,16 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
     let mut jobs = split_payloads(bios, buf, base);
     if let Some(fd) = shared.data_file {
         jobs.retain_mut(|(bio, _)| !by_file(backend, bio, fd, stats));
-    } else if shared.moves {
-        jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, stats));
-    }
-    if shared.data_file.is_none() && shared.descriptors {
-        // A backend that needs no payloads gets empty ones.
-        for (bio, payload) in jobs.iter_mut() {
-            if matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) {
-                payload.get_or_insert(&mut []);
+    } else {
+        if shared.moves {
+            jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, stats));
+        }
+        if shared.descriptors {
+            // A backend that needs no payloads gets empty ones.
+            for (bio, payload) in jobs.iter_mut() {
+                if matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) {
+                    payload.get_or_insert(&mut []);
+                }
             }
         }
     }
