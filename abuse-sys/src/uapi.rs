@@ -267,7 +267,9 @@ pub struct AbuseXfer {
 /// `bios` (from `queue`'s FIFO first, then the others), as GET_BIO does.
 /// When none is pending it sleeps up to `wait_ms`, woken (one sleeper per
 /// new request) when one is queued; a signal or the timeout ends the sleep
-/// with none fetched, which is not an error. It writes back in `put` how
+/// with none fetched, which is not an error. If the first pending
+/// request's payload cannot fit `data` at all, it fails with EINVAL and
+/// wakes another sleeper for that request. It writes back in `put` how
 /// many completed and in `count` how many it fetched.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

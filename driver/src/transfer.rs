@@ -173,7 +173,9 @@ pub(crate) fn serve(reqs: &Requests, major: u32, opener: u64, arg: usize) -> Res
             got = fetch(reqs, opener, x.queue, &dst)?;
         }
         if got.n == 0 && got.no_room {
-            // The next request's payload does not fit the buffer at all.
+            // The next request's payload does not fit the buffer at all;
+            // another server's may (and this one may have had the wake-up).
+            reqs.wake_for(x.queue);
             return Err(EINVAL);
         }
         Ok(got.n)

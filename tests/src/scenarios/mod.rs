@@ -69,6 +69,7 @@ scenarios![
     // The fast path: SERVE, wake-one, several hardware queues.
     serve::serve_rules,
     serve::serve_wakes_one,
+    serve::serve_hands_on_what_does_not_fit,
     serve::queues_served_by_any,
     // Protocol safety (reconfiguration, errors, servers that notice).
     safety::reset_leaves_nothing_behind,

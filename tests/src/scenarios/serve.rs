@@ -222,6 +222,59 @@ pub fn serve_wakes_one() -> Outcome {
     teardown()
 }
 
+/// A server woken for a request its buffer cannot hold gets EINVAL and
+/// hands the request on: another server sleeping for work is woken for it,
+/// instead of sleeping on until its wait ends.
+pub fn serve_hands_on_what_does_not_fit() -> Outcome {
+    insmod("max_abuse=1")?;
+    setup_queues(1, 16)?;
+    // sleeper LEN WAIT: a SERVE with a LEN-byte buffer; (fetched, when).
+    let start = Instant::now();
+    let sleeper = move |len: usize, wait: u64| {
+        std::thread::spawn(move || -> Result<(usize, Duration), String> {
+            let ctl = control(CTL)?;
+            let mut bios = [AbuseBio::default(); 1];
+            let mut buf = vec![0u8; len];
+            let n = ctl
+                .serve(&mut bios, 0, &mut buf, 0, Duration::from_secs(wait))
+                .map_err(|e| e.to_string())?;
+            if n == 1 {
+                let off = (bios[0].addr - buf.as_ptr() as u64) as usize;
+                buf[off..off + bios[0].len as usize].fill(0xa5);
+                ctl.put_bios(&bios).map_err(|e| format!("PUT_BIO: {e}"))?;
+            }
+            Ok((n, start.elapsed()))
+        })
+    };
+    // The small one sleeps first, so the wake-up goes to it.
+    let small = sleeper(4096, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    let big = sleeper(65536, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    sh(&format!(
+        "dd if={DEV} of=/tmp/serve-big bs=16384 count=1 iflag=direct 2>&1"
+    ))?;
+    let read_at = start.elapsed();
+    let big = big.join().map_err(|_| "big sleeper panicked")??;
+    ensure!(big.0 == 1, "the big-buffer SERVE fetched {}", big.0);
+    // Without the hand-on it would return after its 100 s wait.
+    ensure!(
+        read_at < Duration::from_secs(60),
+        "the 16 KiB read took until {read_at:?}"
+    );
+    let data = std::fs::read("/tmp/serve-big").map_err(|e| e.to_string())?;
+    ensure!(
+        data.len() == 16384 && data.iter().all(|&b| b == 0xa5),
+        "the reader did not get what the big-buffer SERVE completed"
+    );
+    let small = small.join().map_err(|_| "small sleeper panicked")?;
+    ensure!(
+        matches!(&small, Err(e) if e.contains("EINVAL") || e.contains("Invalid argument")),
+        "the 4 KiB-buffer SERVE woken for a 16 KiB READ: {small:?}, want EINVAL"
+    );
+    teardown()
+}
+
 /// Several hardware queues: I/O submitted on every CPU lands on more than
 /// one queue (request ids carry it), and a server that fetches with one
 /// queue's hint serves them all promptly: a request on a queue nobody
