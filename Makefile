@@ -31,9 +31,15 @@ kernel-bench: deps
 driver: kernel
 	tests/vm/build-module.sh $(FLAVOR)
 
-## Host tests: uapi layout against the C header, parsing, backends.
+## Host tests: uapi layout against the C header, parsing, backends. The cow
+## working areas go to a directory of their own, which must end empty: a
+## test that leaves one behind (a server never stopped) fails the run.
 host-test:
-	cargo test --workspace
+	work=$$(mktemp -d /dev/shm/abuse-host-test.XXXXXX); \
+	  ABUSE_COW_WORKDIR=$$work cargo test --workspace; rc=$$?; \
+	  left=$$(ls -A $$work); rm -rf $$work; \
+	  if [ -n "$$left" ]; then echo "host-test: cow working areas left behind: $$left" >&2; exit 1; fi; \
+	  exit $$rc
 
 ## The VM suite (all scenarios, or SCENARIO=name[,name]).
 vm-test: kernel
