@@ -94,6 +94,7 @@ scenarios![
     cow::cow_ext4_modify_merge,
     cow::cow_kill_during_fio,
     cow::cow_block_device_base,
+    cow::cow_over_abuse_device,
     // Storage users already have.
     backends::nbd_backend,
     backends::nbd_errors_reach_the_reader,
