@@ -605,11 +605,11 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let at = self.data_at(d + 1)?;
         self.cover(at + self.bs())?;
         match piece {
+            // A whole block needs nothing of the base, nor a copy.
+            Piece::Data(data) if data.len() as u64 == self.bs() => self.store.write_at(data, at)?,
             Piece::Data(data) => {
                 let mut full = vec![0u8; self.bs() as usize];
-                if data.len() as u64 != self.bs() {
-                    self.base.read_at(&mut full, block * self.bs())?;
-                }
+                self.base.read_at(&mut full, block * self.bs())?;
                 full[inner as usize..inner as usize + data.len()].copy_from_slice(data);
                 self.store.write_at(&full, at)?;
             }
@@ -786,9 +786,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     }
 
     /// The working table's entries of page `p`, padded to a full page.
-    fn page_entries(&self, p: usize) -> Vec<u64> {
+    fn page_entries(&self, p: usize) -> [u64; ENTRIES_PER_PAGE] {
         let first = p * ENTRIES_PER_PAGE;
-        let mut entries = vec![0u64; ENTRIES_PER_PAGE];
+        let mut entries = [0u64; ENTRIES_PER_PAGE];
         let table = self.table();
         let n = (table.len() - first).min(ENTRIES_PER_PAGE);
         for (e, t) in entries[..n].iter_mut().zip(&table[first..first + n]) {
