@@ -84,25 +84,6 @@ fn ioctl_cause(op: &str, errno: Errno) -> String {
     }
 }
 
-/// The block major the abuse module registered, from /proc/devices (None
-/// when the module is not loaded or the list cannot be read).
-pub fn block_major() -> Option<u32> {
-    let devices = std::fs::read_to_string("/proc/devices").ok()?;
-    block_major_in(&devices)
-}
-
-/// The "abuse" entry of the "Block devices:" section of a /proc/devices
-/// listing.
-fn block_major_in(devices: &str) -> Option<u32> {
-    let block = devices.split_once("Block devices:")?.1;
-    block.lines().find_map(
-        |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
-            [major, "abuse"] => major.parse().ok(),
-            _ => None,
-        },
-    )
-}
-
 /// The name of a request command (`ABUSE_CMD_*`), for messages.
 pub fn cmd_name(cmd: u16) -> &'static str {
     match cmd {
@@ -344,21 +325,5 @@ impl std::os::fd::AsRawFd for Control {
 impl AsFd for Control {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::block_major_in;
-
-    #[test]
-    fn block_major_is_read_from_the_block_section_only() {
-        let listing = "Character devices:\n  1 mem\n250 abuse\n\nBlock devices:\n  7 loop\n252 abuse\n259 blkext\n";
-        assert_eq!(block_major_in(listing), Some(252));
-        assert_eq!(
-            block_major_in("Character devices:\n250 abuse\n\nBlock devices:\n  7 loop\n"),
-            None
-        );
-        assert_eq!(block_major_in(""), None);
     }
 }

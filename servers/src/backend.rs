@@ -39,12 +39,19 @@ pub trait Backend: Send + Sync {
     fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
-    /// Where a READ of `len` bytes at `offset` lies whole in one regular
-    /// file, if it does: the file and the offset there. The kernel then
-    /// moves it from there itself (ABUSE_BIO_FILE), when the worker next
-    /// calls SERVE, and `read` is not called for it: what the file holds
-    /// there must not change meanwhile, other than by writes racing the
-    /// READ (a cow's mapped block never moves, its base never changes).
+    /// The files `read_from_file` may name. The engine checks them once, at
+    /// start: a READ placed in one the kernel cannot move from (neither a
+    /// regular file nor a block device, or an ABUSE device) is run by
+    /// `read` instead.
+    fn read_files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        Vec::new()
+    }
+    /// Where a READ of `len` bytes at `offset` lies whole in one of
+    /// `read_files`, if it does: the file and the offset there. The kernel
+    /// then moves it from there itself (ABUSE_BIO_FILE), when the worker
+    /// next calls SERVE, and `read` is not called for it: what the file
+    /// holds there must not change meanwhile, other than by writes racing
+    /// the READ (a cow's mapped block never moves, its base never changes).
     fn read_from_file(
         &self,
         _offset: u64,

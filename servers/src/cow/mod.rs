@@ -126,24 +126,6 @@ impl storage::Storage for NoBase {
 pub struct Cow {
     delta: Delta<Flock<File>, Flock<File>>,
     pub base_path: PathBuf,
-    /// Whether the kernel may read READs from the base and from the delta
-    /// itself: regular files, and block devices other than ABUSE devices
-    /// (which it refuses: their requests could wait on the very PUT).
-    movable: (bool, bool),
-}
-
-/// Whether the kernel may move a READ's data from `f` itself: a regular
-/// file, or a block device that is not an ABUSE device (when the module's
-/// major cannot be told, none is).
-fn movable(f: &File) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let Ok(m) = f.metadata() else { return false };
-    if m.file_type().is_file() {
-        return true;
-    }
-    m.file_type().is_block_device()
-        && abuse_sys::block_major()
-            .is_some_and(|abuse| nix::sys::stat::major(m.rdev()) != u64::from(abuse))
 }
 
 /// Attempts to join a delta whose first server is still setting it up.
@@ -193,12 +175,7 @@ enum BaseLock {
 
 impl Cow {
     fn new(delta: Delta<Flock<File>, Flock<File>>, base_path: PathBuf) -> Cow {
-        let movable = (movable(delta.base()), movable(delta.store()));
-        Cow {
-            delta,
-            base_path,
-            movable,
-        }
+        Cow { delta, base_path }
     }
 
     /// Creates an empty delta `delta` over `base` with `block_size` blocks
@@ -485,12 +462,15 @@ impl Backend for Cow {
         self.delta.read(offset, buf)
     }
 
+    fn read_files(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.delta.base().as_fd(), self.delta.store().as_fd()]
+    }
+
     fn read_from_file(&self, offset: u64, len: u64) -> Option<(BorrowedFd<'_>, u64)> {
-        match self.delta.locate(offset, len)? {
-            (delta::Source::Base, at) if self.movable.0 => Some((self.delta.base().as_fd(), at)),
-            (delta::Source::Delta, at) if self.movable.1 => Some((self.delta.store().as_fd(), at)),
-            _ => None,
-        }
+        Some(match self.delta.locate(offset, len)? {
+            (delta::Source::Base, at) => (self.delta.base().as_fd(), at),
+            (delta::Source::Delta, at) => (self.delta.store().as_fd(), at),
+        })
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {

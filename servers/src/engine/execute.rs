@@ -273,19 +273,24 @@ pub fn by_file(backend: &dyn Backend, bio: &mut AbuseBio, fd: RawFd, stats: &Sta
 }
 
 /// Hands a READ whose data lies whole in one of the backend's files
-/// (`Backend::read_from_file`) to the kernel to move from there. False:
-/// not such a request; the backend runs it.
-pub fn read_by_file(backend: &dyn Backend, bio: &mut AbuseBio, stats: &Stats) -> bool {
+/// (`Backend::read_from_file`) to the kernel to move from there, if it is
+/// one of `files`. False: not such a request; the backend runs it.
+pub fn read_by_file(
+    backend: &dyn Backend,
+    bio: &mut AbuseBio,
+    files: &[RawFd],
+    stats: &Stats,
+) -> bool {
     if bio.cmd != ABUSE_CMD_READ || bio.len == 0 {
         return false;
     }
     let offset = bio.sector << ABUSE_SECTOR_SHIFT;
     match backend.read_from_file(offset, bio.len as u64) {
-        Some((fd, at)) => {
+        Some((fd, at)) if files.contains(&fd.as_raw_fd()) => {
             hand_to_file(bio, fd.as_raw_fd(), at, false, stats);
             true
         }
-        None => false,
+        _ => false,
     }
 }
 

@@ -182,6 +182,13 @@ pub fn serve_with<C: ControlDevice>(
         .data_file()
         .filter(|fd| moves && !is_abuse_device(*fd, st.dev))
         .map(|fd| fd.as_raw_fd());
+    // The files READs may be moved from (the data file takes them all).
+    let read_files = backend
+        .read_files()
+        .into_iter()
+        .filter(|fd| moves && data_file.is_none() && kernel_reads_from(*fd, st.dev))
+        .map(|fd| fd.as_raw_fd())
+        .collect();
     let threads = match cfg.threads {
         // Moves into one file serialize on its inode lock: one worker, as
         // loop has (several measured slower on writes, no faster on reads).
@@ -192,7 +199,7 @@ pub fn serve_with<C: ControlDevice>(
     let descriptors = st.version >= 5 && (data_file.is_some() || !backend.needs_payloads());
     let shared = Arc::new(Shared {
         data_file,
-        moves,
+        read_files,
         descriptors,
         backend,
         stop,
@@ -249,16 +256,26 @@ fn is_abuse_device(fd: BorrowedFd<'_>, dev: u64) -> bool {
     })
 }
 
+/// Whether the kernel moves READs from `fd` (`Backend::read_files`): a
+/// regular file, or a block device other than an ABUSE device.
+fn kernel_reads_from(fd: BorrowedFd<'_>, dev: u64) -> bool {
+    use nix::sys::stat::{fstat, SFlag};
+    fstat(fd.as_raw_fd()).is_ok_and(|st| {
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        kind == SFlag::S_IFREG || kind == SFlag::S_IFBLK
+    }) && !is_abuse_device(fd, dev)
+}
+
 /// What the workers of one engine share.
 struct Shared {
     /// The backend's file, which the kernel moves READ and WRITE data to
     /// and from itself (fetches are then descriptors only). Open as long
     /// as `backend`.
     data_file: Option<RawFd>,
-    /// The kernel may move data to and from the backend's files (protocol
-    /// 5, and not `--copy-data`): READs `Backend::read_from_file` places
-    /// go that way.
-    moves: bool,
+    /// The backend's `read_files` the kernel may move READs from (protocol
+    /// 5, not `--copy-data`, no data file): READs `Backend::read_from_file`
+    /// places in one of them go that way.
+    read_files: Vec<RawFd>,
     /// Fetch descriptors only (ABUSE_XFER_DESCRIPTORS): the kernel moves
     /// the data to and from `data_file`, or the backend needs none.
     descriptors: bool,
@@ -403,8 +420,8 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
     if let Some(fd) = shared.data_file {
         jobs.retain_mut(|(bio, _)| !by_file(backend, bio, fd, stats));
     } else {
-        if shared.moves {
-            jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, stats));
+        if !shared.read_files.is_empty() {
+            jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, &shared.read_files, stats));
         }
         if shared.descriptors {
             // A backend that needs no payloads gets empty ones.
