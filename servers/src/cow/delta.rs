@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::format::{
-    self, decode_any_page, decode_page, encode_page, page_hash, xor_into, Commit, FormatError,
-    Header, ENTRIES_PER_PAGE, PAGE,
+    self, decode_any_page, decode_page, decode_records, encode_page, encode_records, page_hash,
+    xor_into, Commit, FormatError, Header, ENTRIES_PER_PAGE, ENTRY_JOURNAL, PAGE, RECORDS_PER_PAGE,
 };
 use super::storage::{Shared, Storage};
 
@@ -51,7 +51,8 @@ const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWRK");
 
 /// The working area: control words, per table page its newest version in
 /// its slots (`seq << 1 | slot`), a dirty count and the sequence of its
-/// committed version in the journal (0: none), then the working table.
+/// newest change in the journal (0: none), then the working table, then
+/// (version 4) a bit per block whose mapping is not yet committed.
 /// Shared between processes through a mapping in shared memory, or private.
 struct Working {
     map: Option<memmap2::MmapMut>,
@@ -106,8 +107,8 @@ struct Durable {
     committed: u64,
     /// Per page: `seq << 1 | slot` of its newest version in its slots.
     pages: Vec<u64>,
-    /// Per page: the sequence of its committed version in the journal, if
-    /// that is newer than its slots' (else 0).
+    /// Per page: the sequence of its newest change in the journal, if that
+    /// is newer than its slots' (else 0).
     journaled: Vec<u64>,
     /// Journal pages in use.
     journal: u32,
@@ -314,22 +315,51 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self.words()[W_CONTROL + self.pages()..W_CONTROL + 2 * self.pages()]
     }
 
-    /// Per table page, the sequence of its committed version in the
-    /// journal (0: its slots hold it).
+    /// Per table page, the sequence of its newest change in the journal
+    /// (0: its slots hold its committed version): a checkpoint writes it.
     fn journaled(&self) -> &[AtomicU64] {
         &self.words()[W_CONTROL + 2 * self.pages()..W_CONTROL + 3 * self.pages()]
     }
 
-    /// The sequence of page `p`'s committed version.
-    fn committed_seq(&self, p: usize) -> u64 {
+    /// Whether the journal holds table entries (version 4), not pages.
+    fn entry_journal(&self) -> bool {
+        self.header.version >= ENTRY_JOURNAL
+    }
+
+    /// The sequence of page `p`'s version that the commit record's page
+    /// hash counts: its slots' (version 4, whose journal holds entries),
+    /// or its newest committed one (version 3's journal holds pages).
+    fn hashed_seq(&self, p: usize) -> u64 {
         let home = self.page_meta()[p].load(Ordering::Acquire) >> 1;
-        home.max(self.journaled()[p].load(Ordering::Acquire))
+        if self.entry_journal() {
+            home
+        } else {
+            home.max(self.journaled()[p].load(Ordering::Acquire))
+        }
     }
 
     /// The working table: 0 = unmapped, d + 1 = delta block d.
     fn table(&self) -> &[AtomicU64] {
         let at = W_CONTROL + 3 * self.pages();
         &self.words()[at..at + self.header.nblocks() as usize]
+    }
+
+    /// Version 4: a bit per block, set while its mapping is not committed
+    /// (the records a flush journals). Empty before version 4.
+    fn uncommitted(&self) -> &[AtomicU64] {
+        if !self.entry_journal() {
+            return &[];
+        }
+        let at = W_CONTROL + 3 * self.pages() + self.header.nblocks() as usize;
+        &self.words()[at..at + self.header.nblocks().div_ceil(64) as usize]
+    }
+
+    /// Marks block `b`'s mapping uncommitted, and its page dirty.
+    fn mark_uncommitted(&self, b: usize) {
+        if let Some(w) = self.uncommitted().get(b / 64) {
+            w.fetch_or(1 << (b % 64), Ordering::Release);
+        }
+        self.dirty()[b / ENTRIES_PER_PAGE].fetch_add(1, Ordering::Release);
     }
 
     fn next_free(&self) -> &AtomicU64 {
@@ -356,7 +386,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         for (e, &v) in self.table().iter().zip(&d.table) {
             e.store(v, Ordering::Relaxed);
         }
-        for x in self.dirty() {
+        for x in self.dirty().iter().chain(self.uncommitted()) {
             x.store(0, Ordering::Relaxed);
         }
         // Entries are d + 1: the largest is the next free block.
@@ -427,11 +457,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             highest = highest.max(Some((blk, b)));
             if e == 0 {
                 pending += 1;
-                let page = b / ENTRIES_PER_PAGE;
-                let dirty = &self.dirty()[page];
-                if dirty.load(Ordering::Acquire) == 0 {
-                    dirty.store(1, Ordering::Release);
-                }
+                self.mark_uncommitted(b);
             }
         }
         let next = self.next_free().load(Ordering::Acquire);
@@ -663,15 +689,16 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     /// mapping makes the data durable before the page.
     fn publish(&self, block: u64, d: u64) {
         self.table()[block as usize].store(d + 1, Ordering::Release);
-        self.dirty()[block as usize / ENTRIES_PER_PAGE].fetch_add(1, Ordering::Release);
+        self.mark_uncommitted(block as usize);
     }
 
-    /// Makes every acknowledged write durable: the data and the table pages
-    /// with uncommitted mappings, then a commit record that names their new
-    /// versions. The pages go to the journal, one write, while it has room;
-    /// else every page changed since the journal was last emptied goes to
-    /// its own other slot (a checkpoint), and the journal starts over. One
-    /// flush commits the first writes of every server of this delta.
+    /// Makes every acknowledged write durable: the data, then what changed
+    /// in the table, then a commit record naming it. The changes go to the
+    /// journal, one write, while it has room: the uncommitted mappings as
+    /// records (version 4), or the pages that hold them (version 3). Else
+    /// every page changed since the journal was last emptied goes to its
+    /// own other slot (a checkpoint), and the journal starts over. One flush
+    /// commits the first writes of every server of this delta.
     pub fn flush(&self) -> io::Result<()> {
         let _local = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _shared = lock_byte(&self.store, PAGE_LOCK)?;
@@ -685,15 +712,24 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             .map(|(p, d)| (p, d.load(Ordering::Acquire)))
             .filter(|&(_, v)| v != 0)
             .collect();
-        if dirty.is_empty() {
+        let (records, taken) = self.uncommitted_records(&dirty);
+        if dirty.is_empty() || (self.entry_journal() && records.is_empty()) {
+            // Nothing to commit (a page's count may outlive its records,
+            // which a flush racing the first write took).
+            self.clear_dirty(&dirty);
             return self.store.sync();
         }
         let w = self.words();
         let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
         let used = w[W_JOURNAL].load(Ordering::Acquire) as u32;
-        let journal = used as usize + dirty.len() <= self.journal_limit as usize;
-        // A checkpoint also writes the pages whose committed version is in
-        // the journal, which it empties.
+        let need = if self.entry_journal() {
+            records.len().div_ceil(RECORDS_PER_PAGE)
+        } else {
+            dirty.len()
+        };
+        let journal = used as usize + need <= self.journal_limit as usize;
+        // A checkpoint also writes the pages with changes in the journal,
+        // which it empties.
         let pages: Vec<usize> = if journal {
             dirty.iter().map(|&(p, _)| p).collect()
         } else {
@@ -708,17 +744,24 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         for (i, chunk) in hash.chunks_mut(8).enumerate() {
             chunk.copy_from_slice(&w[W_HASH + i].load(Ordering::Acquire).to_le_bytes());
         }
-        let mut bytes = Vec::with_capacity(pages.len() * PAGE);
-        for &p in &pages {
-            let page = encode_page(seq, p as u32, &self.page_entries(p));
-            xor_into(&mut hash, &page_hash(p as u32, self.committed_seq(p)));
-            xor_into(&mut hash, &page_hash(p as u32, seq));
-            if journal {
-                bytes.extend_from_slice(&page);
-            } else {
-                let slot = (self.page_meta()[p].load(Ordering::Acquire) & 1) as u32;
-                self.store
-                    .write_at(&page, self.header.slot_offset(p as u32, 1 - slot))?;
+        let mut bytes = Vec::with_capacity(need * PAGE);
+        if journal && self.entry_journal() {
+            // Records leave the pages, and so the hash, as they are.
+            for chunk in records.chunks(RECORDS_PER_PAGE) {
+                bytes.extend_from_slice(&encode_records(seq, chunk));
+            }
+        } else {
+            for &p in &pages {
+                let page = encode_page(seq, p as u32, &self.page_entries(p));
+                xor_into(&mut hash, &page_hash(p as u32, self.hashed_seq(p)));
+                xor_into(&mut hash, &page_hash(p as u32, seq));
+                if journal {
+                    bytes.extend_from_slice(&page);
+                } else {
+                    let slot = (self.page_meta()[p].load(Ordering::Acquire) & 1) as u32;
+                    self.store
+                        .write_at(&page, self.header.slot_offset(p as u32, 1 - slot))?;
+                }
             }
         }
         if journal {
@@ -726,14 +769,10 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 .write_at(&bytes, self.header.journal_offset(used))?;
         }
         // The new versions count for nothing until a commit record names
-        // them, so one sync makes the data and the pages durable together,
-        // and only then is the commit written (two syncs a flush).
+        // them, so one sync makes the data and the table's changes durable
+        // together, and only then is the commit written (two syncs a flush).
         self.store.sync()?;
-        let now_used = if journal {
-            used + pages.len() as u32
-        } else {
-            0
-        };
+        let now_used = if journal { used + need as u32 } else { 0 };
         let commit = Commit {
             seq,
             pages: hash,
@@ -754,9 +793,10 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 self.journaled()[p].store(0, Ordering::Release);
             }
         }
-        for &(p, v) in &dirty {
-            let _ = self.dirty()[p].compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire);
+        for (word, bits) in taken {
+            self.uncommitted()[word].fetch_and(!bits, Ordering::AcqRel);
         }
+        self.clear_dirty(&dirty);
         for (i, chunk) in hash.chunks(8).enumerate() {
             w[W_HASH + i].store(
                 u64::from_le_bytes(chunk.try_into().unwrap()),
@@ -766,6 +806,50 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         w[W_JOURNAL].store(now_used as u64, Ordering::Release);
         w[W_COMMITTED].store(seq, Ordering::Release);
         Ok(())
+    }
+
+    /// Version 4: the uncommitted mappings of the `dirty` pages as journal
+    /// records (block, entry), and the bits that name them (word, bits), to
+    /// clear once they are committed. Empty before version 4.
+    #[allow(clippy::type_complexity)]
+    fn uncommitted_records(&self, dirty: &[(usize, u64)]) -> (Vec<(u64, u64)>, Vec<(usize, u64)>) {
+        let (bits, table) = (self.uncommitted(), self.table());
+        let (mut records, mut taken) = (Vec::new(), Vec::new());
+        if bits.is_empty() {
+            return (records, taken);
+        }
+        let nblocks = self.header.nblocks();
+        for &(p, _) in dirty {
+            let first = (p * ENTRIES_PER_PAGE) as u64;
+            let end = (first + ENTRIES_PER_PAGE as u64).min(nblocks);
+            let mut b = first;
+            while b < end {
+                // The bits of blocks b..end in b's word (pages share words).
+                let word = (b / 64) as usize;
+                let (lo, hi) = (b % 64, (end - word as u64 * 64).min(64));
+                let mask = (u64::MAX >> (64 - hi)) & (u64::MAX << lo);
+                let set = bits[word].load(Ordering::Acquire) & mask;
+                if set != 0 {
+                    taken.push((word, set));
+                    let mut rest = set;
+                    while rest != 0 {
+                        let block = word as u64 * 64 + rest.trailing_zeros() as u64;
+                        rest &= rest - 1;
+                        records.push((block, table[block as usize].load(Ordering::Acquire)));
+                    }
+                }
+                b = word as u64 * 64 + hi;
+            }
+        }
+        (records, taken)
+    }
+
+    /// Clears the dirty counts a flush snapshot took, unless a page changed
+    /// again meanwhile.
+    fn clear_dirty(&self, dirty: &[(usize, u64)]) {
+        for &(p, v) in dirty {
+            let _ = self.dirty()[p].compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     /// A flusher that died between its commit record and recording it in
@@ -847,13 +931,29 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
     let committed = commit.map_or(0, |c| c.seq);
     let journal = commit.map_or(0, |c| c.journal);
     // The journal's pages in use were all durable before the commit that
-    // counts them was written: one that is not intact, or names a page the
-    // delta does not have or a later flush, is damage.
+    // counts them was written: one that is not intact, or names a page (a
+    // block) the delta does not have or a later flush, is damage.
+    let nblocks = h.nblocks();
     let mut in_journal: std::collections::HashMap<u32, (u64, [u64; ENTRIES_PER_PAGE])> =
         std::collections::HashMap::new();
+    let mut records: Vec<(u64, u64, u64)> = Vec::new();
     for i in 0..journal {
         let mut b = [0u8; PAGE];
         store.read_at(&mut b, h.journal_offset(i))?;
+        if h.version >= ENTRY_JOURNAL {
+            // Flushes append in order: sequences never go down.
+            let last = records.last().map_or(1, |r| r.0);
+            match decode_records(&b) {
+                Some((seq, recs))
+                    if (last..=committed).contains(&seq)
+                        && recs.iter().all(|&(blk, e)| blk < nblocks && e != 0) =>
+                {
+                    records.extend(recs.into_iter().map(|(blk, e)| (seq, blk, e)));
+                }
+                _ => return Err(FormatError::TableCorrupt.into()),
+            }
+            continue;
+        }
         match decode_any_page(&b) {
             Some((seq, p, e)) if p < h.table_pages && seq <= committed => {
                 if in_journal.get(&p).is_none_or(|(s, _)| seq > *s) {
@@ -863,7 +963,6 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
             _ => return Err(FormatError::TableCorrupt.into()),
         }
     }
-    let nblocks = h.nblocks();
     let mut pages = Vec::with_capacity(h.table_pages as usize);
     let mut journaled = Vec::with_capacity(h.table_pages as usize);
     let mut table = Vec::with_capacity(nblocks as usize);
@@ -913,6 +1012,18 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
     };
     if hash != want {
         return Err(FormatError::TableCorrupt.into());
+    }
+    // Version 4: the journal's records, newer than the page's slot (a
+    // checkpoint empties the journal), map a block that is unmapped there
+    // or already so (a mapping a checkpoint took before its record).
+    for (seq, blk, e) in records {
+        let p = (blk / ENTRIES_PER_PAGE as u64) as usize;
+        let t = &mut table[blk as usize];
+        if seq <= pages[p] >> 1 || (*t != 0 && *t != e) {
+            return Err(FormatError::TableCorrupt.into());
+        }
+        *t = e;
+        journaled[p] = seq;
     }
     // The length is read after the table: a running server may have grown
     // the delta meanwhile, and its data precedes the page that maps it.

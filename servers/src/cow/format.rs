@@ -5,10 +5,13 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"ABUSECOW";
-/// The version `create` writes; version 2 (no journal) is still read
-/// and served.
-pub const VERSION: u32 = 3;
-/// Pages in a version 3 delta's page journal: 16 per table page (so that
+/// The version `create` writes (a journal of table entries); versions 2
+/// (no journal) and 3 (a journal of whole table pages) are still read and
+/// served.
+pub const VERSION: u32 = 4;
+/// The first version whose journal holds table entries, not pages.
+pub const ENTRY_JOURNAL: u32 = 4;
+/// Pages in a delta's journal (version 3 on): 16 per table page (so that
 /// flushes checkpoint rarely), from 64 to 1024.
 pub fn journal_pages(table_pages: u32) -> u32 {
     table_pages.saturating_mul(16).clamp(64, 1024)
@@ -16,6 +19,8 @@ pub fn journal_pages(table_pages: u32) -> u32 {
 pub const PAGE: usize = 4096;
 /// Table entries per page (after the 16-byte page header).
 pub const ENTRIES_PER_PAGE: usize = (PAGE - 16) / 8;
+/// (block, entry) records per page of a version 4 journal.
+pub const RECORDS_PER_PAGE: usize = (PAGE - 16) / 16;
 pub const MIN_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = 1 << 20;
 /// The largest virtual size: every offset fits an i64 with room to spare.
@@ -40,7 +45,7 @@ const COMMIT_MAGIC: &[u8; 8] = b"ABUSECMT";
 pub enum FormatError {
     #[error("not an ABUSE cow delta (bad magic)")]
     Magic,
-    #[error("unsupported delta version {0} (this build reads versions 2 and {VERSION})")]
+    #[error("unsupported delta version {0} (this build reads versions 2 to {VERSION})")]
     Version(u32),
     #[error("the delta header is corrupt (checksum mismatch)")]
     HeaderChecksum,
@@ -63,7 +68,7 @@ pub enum FormatError {
 /// The delta's header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// 2 or 3 (which has a page journal).
+    /// 2 (no journal), 3 (a journal of pages) or 4 (of entries).
     pub version: u32,
     pub block_size: u32,
     pub virtual_size: u64,
@@ -198,9 +203,15 @@ impl Header {
 
     /// The size of the working area (see `delta::Working`, which lives in
     /// shared memory): a page of control words, then three words per table
-    /// page, then one word per block (the working table).
+    /// page, then one word per block (the working table), then (version 4)
+    /// a bit per block: its mapping is not yet committed.
     pub fn work_len(&self) -> u64 {
-        (PAGE as u64 + 8 * (3 * self.table_pages as u64 + self.nblocks()))
+        let bits = if self.version >= ENTRY_JOURNAL {
+            self.nblocks().div_ceil(64)
+        } else {
+            0
+        };
+        (PAGE as u64 + 8 * (3 * self.table_pages as u64 + self.nblocks() + bits))
             .next_multiple_of(PAGE as u64)
     }
 
@@ -260,7 +271,7 @@ impl Header {
             return Err(FormatError::HeaderChecksum);
         }
         let version = u32_at(8);
-        if version != 2 && version != VERSION {
+        if !(2..=VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         let path_bytes = &b[PATH_AT..PATH_AT + PATH_LEN];
@@ -399,6 +410,39 @@ pub fn encode_page(seq: u64, index: u32, entries: &[u64]) -> [u8; PAGE] {
     let crc = page_crc(&b);
     b[12..16].copy_from_slice(&crc.to_le_bytes());
     b
+}
+
+/// Encodes one page of a version 4 journal: up to [`RECORDS_PER_PAGE`]
+/// (block, entry) records of flush `seq`, after a header of the table
+/// page's form (the count where a page has its index).
+pub fn encode_records(seq: u64, records: &[(u64, u64)]) -> [u8; PAGE] {
+    debug_assert!(!records.is_empty() && records.len() <= RECORDS_PER_PAGE);
+    let mut b = [0u8; PAGE];
+    b[0..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..12].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    for (i, (block, entry)) in records.iter().enumerate() {
+        b[16 + 16 * i..24 + 16 * i].copy_from_slice(&block.to_le_bytes());
+        b[24 + 16 * i..32 + 16 * i].copy_from_slice(&entry.to_le_bytes());
+    }
+    let crc = page_crc(&b);
+    b[12..16].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes a version 4 journal page: Some((seq, records)) if it is
+/// written, intact and holds 1 to [`RECORDS_PER_PAGE`] records.
+pub fn decode_records(b: &[u8; PAGE]) -> Option<(u64, Vec<(u64, u64)>)> {
+    let seq = u64::from_le_bytes(b[0..8].try_into().unwrap());
+    let n = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(b[12..16].try_into().unwrap());
+    if seq == 0 || n == 0 || n > RECORDS_PER_PAGE || crc != page_crc(b) {
+        return None;
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let records = (0..n)
+        .map(|i| (u64_at(16 + 16 * i), u64_at(24 + 16 * i)))
+        .collect();
+    Some((seq, records))
 }
 
 fn page_crc(b: &[u8; PAGE]) -> u32 {
@@ -610,6 +654,30 @@ mod tests {
         assert!(
             decode_page(&[0u8; PAGE], 0).is_none(),
             "a never-written slot"
+        );
+    }
+
+    #[test]
+    fn records_roundtrip_and_torn_pages() {
+        let records: Vec<(u64, u64)> = (0..RECORDS_PER_PAGE as u64)
+            .map(|i| (i * 7, i + 1))
+            .collect();
+        let b = encode_records(9, &records);
+        assert_eq!(decode_records(&b), Some((9, records.clone())));
+        let one = encode_records(3, &records[..1]);
+        assert_eq!(decode_records(&one), Some((3, records[..1].to_vec())));
+        let mut torn = b;
+        torn[2000..].fill(0);
+        assert!(decode_records(&torn).is_none(), "a torn page");
+        let mut padding = one;
+        padding[4000] = 1;
+        assert!(
+            decode_records(&padding).is_none(),
+            "damage past the records"
+        );
+        assert!(
+            decode_records(&[0u8; PAGE]).is_none(),
+            "a never-written page"
         );
     }
 
