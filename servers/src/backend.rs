@@ -39,15 +39,15 @@ pub trait Backend: Send + Sync {
     fn data_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
-    /// The files `read_from_file` may name. The engine checks them once, at
-    /// start: a READ placed in one the kernel cannot move from (neither a
-    /// regular file nor a block device, or an ABUSE device) is run by
-    /// `read` instead.
-    fn read_files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+    /// The files `read_from_file` and `write_to_file` may name. The engine
+    /// checks them once, at start: a request placed in one the kernel
+    /// cannot move to or from (neither a regular file nor a block device,
+    /// or an ABUSE device) is run by the backend instead.
+    fn moved_files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         Vec::new()
     }
     /// Where a READ of `len` bytes at `offset` lies whole in one of
-    /// `read_files`, if it does: the file and the offset there. The kernel
+    /// `moved_files`, if it does: the file and the offset there. The kernel
     /// then moves it from there itself (ABUSE_BIO_FILE), when the worker
     /// next calls SERVE, and `read` is not called for it: what the file
     /// holds there must not change meanwhile, other than by writes racing
@@ -57,6 +57,15 @@ pub trait Backend: Send + Sync {
         _offset: u64,
         _len: u64,
     ) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        None
+    }
+    /// Where a WRITE of `len` bytes at `offset` lies whole in one of
+    /// `moved_files`, if it does (and the device is writable): the file and
+    /// the offset there. The kernel then moves the data there itself, as
+    /// for `read_from_file`, and `write` is not called for it. Only asked
+    /// for WRITEs without FUA: the kernel's sync of the file would not
+    /// commit what else the backend keeps (a cow's mappings).
+    fn write_to_file(&self, _offset: u64, _len: u64) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
         None
     }
     /// Whether it looks at request data at all. One whose every READ is a

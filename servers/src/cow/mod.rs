@@ -462,7 +462,7 @@ impl Backend for Cow {
         self.delta.read(offset, buf)
     }
 
-    fn read_files(&self) -> Vec<BorrowedFd<'_>> {
+    fn moved_files(&self) -> Vec<BorrowedFd<'_>> {
         vec![self.delta.base().as_fd(), self.delta.store().as_fd()]
     }
 
@@ -471,6 +471,15 @@ impl Backend for Cow {
             (delta::Source::Base, at) => (self.delta.base().as_fd(), at),
             (delta::Source::Delta, at) => (self.delta.store().as_fd(), at),
         })
+    }
+
+    /// A rewrite of mapped blocks goes where they are (a mapped block never
+    /// moves); a first write is the server's to copy and map.
+    fn write_to_file(&self, offset: u64, len: u64) -> Option<(BorrowedFd<'_>, u64)> {
+        match self.delta.locate(offset, len)? {
+            (delta::Source::Delta, at) => Some((self.delta.store().as_fd(), at)),
+            (delta::Source::Base, _) => None,
+        }
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {

@@ -272,22 +272,33 @@ pub fn by_file(backend: &dyn Backend, bio: &mut AbuseBio, fd: RawFd, stats: &Sta
     true
 }
 
-/// Hands a READ whose data lies whole in one of the backend's files
-/// (`Backend::read_from_file`) to the kernel to move from there, if it is
-/// one of `files`. False: not such a request; the backend runs it.
-pub fn read_by_file(
+/// Hands a READ, or a WRITE without FUA, whose data lies whole in one of
+/// the backend's files (`Backend::read_from_file`, `write_to_file`) to the
+/// kernel to move there, if it is one of `files`. False: not such a
+/// request; the backend runs it.
+pub fn place_by_file(
     backend: &dyn Backend,
     bio: &mut AbuseBio,
     files: &[RawFd],
     stats: &Stats,
 ) -> bool {
-    if bio.cmd != ABUSE_CMD_READ || bio.len == 0 {
+    let write = match bio.cmd {
+        ABUSE_CMD_READ => false,
+        ABUSE_CMD_WRITE if bio.flags & ABUSE_BIO_FUA == 0 && !backend.read_only() => true,
+        _ => return false,
+    };
+    if bio.len == 0 {
         return false;
     }
-    let offset = bio.sector << ABUSE_SECTOR_SHIFT;
-    match backend.read_from_file(offset, bio.len as u64) {
+    let (offset, len) = (bio.sector << ABUSE_SECTOR_SHIFT, bio.len as u64);
+    let placed = if write {
+        backend.write_to_file(offset, len)
+    } else {
+        backend.read_from_file(offset, len)
+    };
+    match placed {
         Some((fd, at)) if files.contains(&fd.as_raw_fd()) => {
-            hand_to_file(bio, fd.as_raw_fd(), at, false, stats);
+            hand_to_file(bio, fd.as_raw_fd(), at, write, stats);
             true
         }
         _ => false,

@@ -39,7 +39,7 @@ use crate::backend::{Backend, ALL_FEATURES};
 pub use device::{serve_compat, ControlDevice};
 pub use execute::errno_of;
 use execute::{
-    by_file, execute_payload, file_refused, read_by_file, split_payloads, FailureLog, Kernel,
+    by_file, execute_payload, file_refused, place_by_file, split_payloads, FailureLog, Kernel,
 };
 pub use stats::{Counters, Stats, Totals};
 
@@ -183,10 +183,10 @@ pub fn serve_with<C: ControlDevice>(
         .filter(|fd| moves && !is_abuse_device(*fd, st.dev))
         .map(|fd| fd.as_raw_fd());
     // The files READs may be moved from (the data file takes them all).
-    let read_files = backend
-        .read_files()
+    let moved_files = backend
+        .moved_files()
         .into_iter()
-        .filter(|fd| moves && data_file.is_none() && kernel_reads_from(*fd, st.dev))
+        .filter(|fd| moves && data_file.is_none() && kernel_moves_with(*fd, st.dev))
         .map(|fd| fd.as_raw_fd())
         .collect();
     let threads = match cfg.threads {
@@ -199,7 +199,7 @@ pub fn serve_with<C: ControlDevice>(
     let descriptors = st.version >= 5 && (data_file.is_some() || !backend.needs_payloads());
     let shared = Arc::new(Shared {
         data_file,
-        read_files,
+        moved_files,
         descriptors,
         backend,
         stop,
@@ -256,9 +256,9 @@ fn is_abuse_device(fd: BorrowedFd<'_>, dev: u64) -> bool {
     })
 }
 
-/// Whether the kernel moves READs from `fd` (`Backend::read_files`): a
-/// regular file, or a block device other than an ABUSE device.
-fn kernel_reads_from(fd: BorrowedFd<'_>, dev: u64) -> bool {
+/// Whether the kernel moves data to and from `fd` (`Backend::moved_files`):
+/// a regular file, or a block device other than an ABUSE device.
+fn kernel_moves_with(fd: BorrowedFd<'_>, dev: u64) -> bool {
     use nix::sys::stat::{fstat, SFlag};
     fstat(fd.as_raw_fd()).is_ok_and(|st| {
         let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
@@ -272,10 +272,11 @@ struct Shared {
     /// and from itself (fetches are then descriptors only). Open as long
     /// as `backend`.
     data_file: Option<RawFd>,
-    /// The backend's `read_files` the kernel may move READs from (protocol
-    /// 5, not `--copy-data`, no data file): READs `Backend::read_from_file`
-    /// places in one of them go that way.
-    read_files: Vec<RawFd>,
+    /// The backend's `moved_files` the kernel may move data to and from
+    /// (protocol 5, not `--copy-data`, no data file): READs and WRITEs
+    /// `Backend::read_from_file` and `write_to_file` place in one of them
+    /// go that way.
+    moved_files: Vec<RawFd>,
     /// Fetch descriptors only (ABUSE_XFER_DESCRIPTORS): the kernel moves
     /// the data to and from `data_file`, or the backend needs none.
     descriptors: bool,
@@ -420,8 +421,8 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
     if let Some(fd) = shared.data_file {
         jobs.retain_mut(|(bio, _)| !by_file(backend, bio, fd, stats));
     } else {
-        if !shared.read_files.is_empty() {
-            jobs.retain_mut(|(bio, _)| !read_by_file(backend, bio, &shared.read_files, stats));
+        if !shared.moved_files.is_empty() {
+            jobs.retain_mut(|(bio, _)| !place_by_file(backend, bio, &shared.moved_files, stats));
         }
         if shared.descriptors {
             // A backend that needs no payloads gets empty ones.

@@ -74,6 +74,11 @@ impl Fake {
 
     /// Queues a request; returns its id.
     fn queue(&self, cmd: u16, sector: u64, data: Vec<u8>) -> u64 {
+        self.queue_with(cmd, sector, data, 0)
+    }
+
+    /// Queues a request with `flags` (ABUSE_BIO_FUA, say); returns its id.
+    fn queue_with(&self, cmd: u16, sector: u64, data: Vec<u8>, flags: u16) -> u64 {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -86,6 +91,7 @@ impl Fake {
                 data.len() as u32
             },
             cmd,
+            flags,
             ..Default::default()
         };
         st.pending.push_back(Req { bio, data });
@@ -838,4 +844,45 @@ fn the_kernel_reads_a_cows_blocks_from_the_file_that_holds_them() {
     }
     let write = done.iter().find(|(b, _)| b.cmd == ABUSE_CMD_WRITE).unwrap();
     assert_eq!(write.0.flags & ABUSE_BIO_FILE, 0);
+}
+
+/// A cow backend's rewrites of mapped blocks (no FUA) are moved by the
+/// kernel into the delta blocks that hold them; a first write, a write
+/// reaching an unmapped block and a FUA write (whose durability is the
+/// cow's commit, not the file's sync) are run by the backend. The device
+/// reads what was written either way.
+#[test]
+fn the_kernel_rewrites_a_cows_mapped_blocks_in_place() {
+    use crate::cow::Cow;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, delta) = (dir.path().join("base.img"), dir.path().join("d.cow"));
+    std::fs::write(&base, vec![9u8; 1 << 20]).unwrap();
+    let backend = Arc::new(Cow::create(&base, &delta, 4096, &|_| {}).unwrap());
+    let fake = Fake::new(1 << 20, ABUSE_FLAG_FLUSH | ABUSE_FLAG_FUA);
+    let run = start(&fake, backend.clone(), 1, 4);
+    let moved = |done: &[Done], id: u64| {
+        let (bio, _) = done.iter().find(|(b, _)| b.id == id).unwrap();
+        assert_eq!(bio.result, ABUSE_RESULT_OKAY, "{bio:?}");
+        bio.flags & ABUSE_BIO_FILE != 0
+    };
+    // Blocks 1 and 2 mapped by first writes.
+    let first = fake.queue(ABUSE_CMD_WRITE, 8, vec![1; 4096]);
+    fake.queue(ABUSE_CMD_WRITE, 16, vec![4; 4096]);
+    let done = fake.wait_done(2);
+    assert!(!moved(&done, first), "a first write");
+    let rewrite = fake.queue(ABUSE_CMD_WRITE, 8, vec![2; 4096]);
+    let fua = fake.queue_with(ABUSE_CMD_WRITE, 16, vec![5; 4096], ABUSE_BIO_FUA);
+    let done = fake.wait_done(4);
+    assert!(moved(&done, rewrite), "a rewrite of a mapped block");
+    assert!(!moved(&done, fua), "a FUA rewrite");
+    let across = fake.queue(ABUSE_CMD_WRITE, 16, vec![6; 8192]);
+    let done = fake.wait_done(5);
+    assert!(!moved(&done, across), "a write reaching an unmapped block");
+    run.finish().unwrap();
+    let mut got = vec![0u8; 4 * 4096];
+    backend.read(4096, &mut got).unwrap();
+    backend.stop().unwrap();
+    assert!(got[..4096].iter().all(|&x| x == 2), "the moved rewrite");
+    assert!(got[4096..3 * 4096].iter().all(|&x| x == 6));
+    assert!(got[3 * 4096..].iter().all(|&x| x == 9), "the base");
 }
