@@ -460,6 +460,47 @@ fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
     }
 }
 
+/// A flush whose commit record was written but whose last sync failed (as
+/// one that died there) may have committed: the next flush must take that
+/// record as the last commit and write after it, never over what it named
+/// (its records, its commit slot), which a crash could then tear.
+#[test]
+fn a_flush_after_one_that_failed_past_its_commit_record_writes_after_it() {
+    let blocks = 40;
+    let base = MemStore::with(pattern(5, blocks * BS));
+    let (store, delta) = create(&base);
+    let writes = |from: usize| -> Vec<(u64, u64)> {
+        store.log()[from..]
+            .iter()
+            .filter_map(|o| match o {
+                Op::Write(off, d) => Some((*off, *off + d.len() as u64)),
+                Op::Sync => None,
+            })
+            .collect()
+    };
+    for round in 0..3u64 {
+        for b in 0..3 {
+            let at = (round * 3 + b) * BS as u64;
+            delta.write(at, &pattern(at, BS), false).unwrap();
+        }
+        let before = store.log().len();
+        // The data sync passes, the one after the commit record fails.
+        store.fail_sync_after(1);
+        assert!(delta.flush().is_err());
+        let failed = writes(before);
+        assert!(!failed.is_empty(), "the failed flush wrote nothing");
+        delta.write(0, &pattern(100 + round, 512), false).unwrap();
+        let before = store.log().len();
+        delta.flush().unwrap();
+        for (s, e) in writes(before) {
+            assert!(
+                failed.iter().all(|&(fs, fe)| e <= fs || s >= fe),
+                "round {round}: the next flush wrote {s}..{e} over what the failed one may have committed"
+            );
+        }
+    }
+}
+
 /// `image` with the writes of `log` applied up to the one at `at`, of which
 /// only the first `keep` bytes land: a crash tearing that write.
 fn torn_at(image: &[u8], log: &[Op], at: u64, keep: usize) -> Vec<u8> {

@@ -44,10 +44,16 @@ const W_NEXT_FREE: usize = 5;
 const W_COMMITTED: usize = 6;
 const W_JOURNAL: usize = 7;
 const W_HASH: usize = 8;
+/// The sequence of the commit record a flush is writing: it differs from
+/// `W_COMMITTED` only while a flush is between its record and the update
+/// of the area (or died there), the one case the next flush rereads disk.
+const W_COMMITTING: usize = 12;
 /// Words in the control page.
 const W_CONTROL: usize = PAGE / 8;
-/// `W_MARKER` of a working area that is set up.
-const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWRK");
+/// `W_MARKER` of a working area that is set up. (`ABUSEWRK`, before
+/// `W_COMMITTING`, is not adopted: a server of that version would not
+/// announce its commits.)
+const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWK2");
 
 /// The working area: control words, per table page its newest version in
 /// its slots (`seq << 1 | slot`), a dirty count and the sequence of its
@@ -426,6 +432,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             );
         }
         w[W_COMMITTED].store(d.committed, Ordering::Release);
+        w[W_COMMITTING].store(d.committed, Ordering::Release);
     }
 
     /// Checks an existing working area against the table on disk: every
@@ -778,6 +785,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             pages: hash,
             journal: now_used,
         };
+        w[W_COMMITTING].store(seq, Ordering::Release);
         self.store
             .write_at(&commit.encode(self.header.version), Commit::slot(seq))?;
         self.store.sync()?;
@@ -854,8 +862,14 @@ impl<S: Shared, B: Storage> Delta<S, B> {
 
     /// A flusher that died between its commit record and recording it in
     /// the working area left the committed state behind: take it from disk.
+    /// Only then is the commit record read: a flush's own syncs are its
+    /// cost, not rereading what the working area already says.
     fn catch_up(&self) -> io::Result<()> {
-        let committed = self.words()[W_COMMITTED].load(Ordering::Acquire);
+        let w = self.words();
+        let committed = w[W_COMMITTED].load(Ordering::Acquire);
+        if w[W_COMMITTING].load(Ordering::Acquire) == committed {
+            return Ok(());
+        }
         let on_disk = read_commit(&self.store, &self.header)
             .map_err(corrupt)?
             .map_or(0, |c| c.seq);
@@ -865,6 +879,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 other => corrupt(other),
             })?;
             self.refresh_committed(&d);
+        } else {
+            // The record was never written (or failed): nothing to take.
+            w[W_COMMITTING].store(committed, Ordering::Release);
         }
         Ok(())
     }
