@@ -1305,6 +1305,53 @@ mod files {
 
     /// Merge takes the base exclusively: refused while a server of another
     /// delta over the same base runs; and a server cannot start during it.
+    /// Where in `[from, to)` of `path` the first hole is, if any.
+    fn first_hole(path: &std::path::Path, from: u64, to: u64) -> Option<u64> {
+        use nix::unistd::{lseek, Whence};
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let hole = lseek(f.as_raw_fd(), from as i64, Whence::SeekHole).unwrap() as u64;
+        (hole < to).then_some(hole)
+    }
+
+    /// Every flush writes a commit slot and journal pages: they are real
+    /// zeroes from creation (a write to a hole allocates, and the flush's
+    /// fdatasync then commits the file system's journal too), and a delta
+    /// made with holes there gets them filled when it is served.
+    #[test]
+    fn the_commit_slots_and_journal_are_allocated_before_any_flush() {
+        let (_dir, base, delta, _) = setup(44);
+        let h = header(&delta);
+        let (from, to) = (PAGE as u64, h.journal_offset(h.journal_pages()));
+        assert_eq!(
+            first_hole(&delta, from, to),
+            None,
+            "a new delta has holes where flushes write"
+        );
+        {
+            let cow = Cow::open(&delta, None).unwrap();
+            cow.write(0, &pattern(7, BS), false).unwrap();
+            cow.flush().unwrap();
+        }
+        // As a delta made before: holes in the journal past its use.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&delta)
+            .unwrap();
+        abuse_servers::backend::punch_file(&f, h.journal_offset(4), 8 * PAGE as u64).unwrap();
+        drop(f);
+        assert!(
+            first_hole(&delta, from, to).is_some(),
+            "this file system made no hole: the test cannot tell"
+        );
+        let cow = Cow::open(&delta, Some(&base)).unwrap();
+        assert_eq!(first_hole(&delta, from, to), None, "serving left the holes");
+        let mut got = vec![0u8; BS];
+        cow.read(0, &mut got).unwrap();
+        assert_eq!(got, pattern(7, BS));
+        cow.flush().unwrap();
+    }
+
     #[test]
     fn merge_takes_the_base_exclusively() {
         let (dir, base, delta, _) = setup(43);

@@ -183,10 +183,12 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let header = Header::new(block_size, &id, random_uuid()?, base_path)?;
         store.write_at(&header.encode(), 0)?;
         // Commit slots and table slots all zero: nothing committed, every
-        // block unmapped.
+        // block unmapped (`open` makes the commit slots and the journal
+        // real zeroes; the table's slots stay holes until a checkpoint).
         store.write_at(&[0], header.data_offset - 1)?;
-        store.sync()?;
-        Self::open(store, base)
+        let delta = Self::open(store, base)?;
+        delta.store.sync()?;
+        Ok(delta)
     }
 
     /// Opens a delta as its first (or only) server.
@@ -254,6 +256,14 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             let words = header.work_len() / 8;
             (0..words).map(|_| AtomicU64::new(0)).collect()
         };
+        if matches!(mode, Mode::First | Mode::Merge) {
+            // The commit slots and the journal, which every flush writes,
+            // are real zeroes (a delta made before they were written at
+            // creation has holes there), so a flush allocates nothing.
+            // Exclusive here: nobody writes them meanwhile.
+            let at = format::COMMIT_OFFSET;
+            store.fill_holes(at, header.journal_offset(header.journal_pages()) - at)?;
+        }
         let journal_limit = header.journal_pages();
         let mut delta = Delta {
             header,

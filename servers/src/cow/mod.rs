@@ -147,6 +147,9 @@ impl storage::Storage for Flock<File> {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         storage::Storage::punch(&**self, offset, len)
     }
+    fn fill_holes(&self, offset: u64, len: u64) -> io::Result<()> {
+        storage::Storage::fill_holes(&**self, offset, len)
+    }
 }
 
 impl storage::Shared for Flock<File> {

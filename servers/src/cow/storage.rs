@@ -16,6 +16,13 @@ pub trait Storage: Send + Sync {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::backend::fill_zeroes(|b, at| self.write_at(b, at), offset, len)
     }
+    /// Writes zeroes into the holes of the range, so that later writes
+    /// there allocate nothing (and an fdatasync after them commits no file
+    /// system journal); what the range reads does not change. Only while
+    /// nobody else writes the range. By default, nothing (no holes).
+    fn fill_holes(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Storage for File {
@@ -39,6 +46,32 @@ impl Storage for File {
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::backend::punch_file(self, offset, len)
+    }
+
+    fn fill_holes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::unistd::{lseek, Whence};
+        use std::os::fd::AsRawFd;
+        let end = offset.saturating_add(len).min(self.size()?);
+        let mut at = offset;
+        while at < end {
+            let hole = match lseek(self.as_raw_fd(), at as i64, Whence::SeekHole) {
+                Ok(h) => h as u64,
+                // No hole-seeking here (or nothing left): nothing to fill.
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENXIO) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if hole >= end {
+                break;
+            }
+            let data = match lseek(self.as_raw_fd(), hole as i64, Whence::SeekData) {
+                Ok(d) => (d as u64).min(end),
+                Err(nix::errno::Errno::ENXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            crate::backend::fill_zeroes(|b, at| self.write_all_at(b, at), hole, data - hole)?;
+            at = data;
+        }
+        Ok(())
     }
 }
 
