@@ -96,6 +96,14 @@ pub trait Backend: Send + Sync {
     fn io_threads(&self) -> usize {
         4
     }
+    /// Whether running this request may wait on storage (a read that
+    /// misses the page cache, a sync): only then does handing it to an I/O
+    /// thread pay for the hand-off. A batch runs on the I/O threads when
+    /// two or more of its requests may block, else in the worker. By
+    /// default, every request may.
+    fn may_block(&self, _cmd: u16, _offset: u64, _len: u64, _fua: bool) -> bool {
+        true
+    }
     /// The server stops cleanly: no request is in flight or will come.
     fn stop(&self) -> io::Result<()> {
         Ok(())

@@ -1305,6 +1305,45 @@ mod files {
 
     /// Merge takes the base exclusively: refused while a server of another
     /// delta over the same base runs; and a server cannot start during it.
+    /// Only a WRITE that reads nothing of the base and syncs nothing (its
+    /// blocks mapped, or covered whole; no FUA) runs without blocking.
+    #[test]
+    fn only_writes_that_read_no_base_are_quick() {
+        use abuse_sys::uapi::{ABUSE_CMD_READ, ABUSE_CMD_WRITE};
+        let (_dir, _base, delta, _) = setup(45);
+        let cow = Cow::open(&delta, None).unwrap();
+        let bs = BS as u64;
+        let quick = |cmd, off, len, fua| !cow.may_block(cmd, off, len, fua);
+        assert!(
+            quick(ABUSE_CMD_WRITE, bs, 2 * bs, false),
+            "whole unmapped blocks"
+        );
+        assert!(
+            !quick(ABUSE_CMD_WRITE, bs + 512, bs, false),
+            "partial unmapped blocks"
+        );
+        assert!(!quick(ABUSE_CMD_WRITE, bs, bs, true), "FUA");
+        assert!(!quick(ABUSE_CMD_READ, bs, bs, false), "a READ");
+        cow.write(bs, &pattern(1, 512), false).unwrap();
+        assert!(
+            quick(ABUSE_CMD_WRITE, bs + 512, 1024, false),
+            "a mapped block, in part"
+        );
+        assert!(
+            !quick(ABUSE_CMD_WRITE, bs + 512, bs, false),
+            "reaching an unmapped block in part"
+        );
+        assert!(
+            quick(ABUSE_CMD_WRITE, bs + 512, 2 * bs - 512, false),
+            "mapped, then unmapped whole"
+        );
+        assert!(
+            !quick(ABUSE_CMD_WRITE, (BLOCKS as u64 - 1) * bs, 2 * bs, false),
+            "past the end"
+        );
+        cow.stop().unwrap();
+    }
+
     /// Where in `[from, to)` of `path` the first hole is, if any.
     fn first_hole(path: &std::path::Path, from: u64, to: u64) -> Option<u64> {
         use nix::unistd::{lseek, Whence};

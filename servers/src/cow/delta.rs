@@ -594,6 +594,22 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
     }
 
+    /// Whether a write of `len` bytes at `offset` needs nothing of the
+    /// base: each block it reaches is mapped, or it covers the block whole.
+    pub fn writes_in_place(&self, offset: u64, len: u64) -> bool {
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        if len == 0 || end > self.header.virtual_size {
+            return false;
+        }
+        let table = self.table();
+        (offset / self.bs()..=(end - 1) / self.bs()).all(|b| {
+            let whole = b * self.bs() >= offset && (b + 1) * self.bs() <= end;
+            whole || table[b as usize].load(Ordering::Acquire) != 0
+        })
+    }
+
     /// Writes `data` at virtual `offset` (durably, with `fua`).
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.pieces(offset, data.len() as u64, |block, inner, r| {

@@ -489,6 +489,14 @@ impl Backend for Cow {
         self.delta.write(offset, buf, fua)
     }
 
+    /// A WRITE without FUA that reads nothing of the base (its blocks are
+    /// mapped, or it covers them whole) only fills the page cache.
+    fn may_block(&self, cmd: u16, offset: u64, len: u64, fua: bool) -> bool {
+        !(cmd == abuse_sys::uapi::ABUSE_CMD_WRITE
+            && !fua
+            && self.delta.writes_in_place(offset, len))
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.delta.flush()
     }

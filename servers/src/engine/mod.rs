@@ -403,8 +403,9 @@ fn worker<C: ControlDevice>(
     Ok(())
 }
 
-/// Runs a fetched batch on the backend, on the I/O threads if there are
-/// several requests and a pool, and fills in each request's result. A
+/// Runs a fetched batch on the backend, on the I/O threads if there is a
+/// pool and two or more of its requests may block, and fills in each
+/// request's result. A
 /// READ or WRITE the kernel moves to or from the backend's file only gets
 /// its PUT entry: the move happens in the next call, in this worker (one
 /// pass over the batch in the kernel beats handing single PUTs to other
@@ -433,8 +434,17 @@ fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shar
             }
         }
     }
+    // The hand-off to the I/O threads pays only where two calls that may
+    // wait on storage can overlap.
+    let may_block = |bio: &AbuseBio| {
+        let (offset, fua) = (
+            bio.sector << ABUSE_SECTOR_SHIFT,
+            bio.flags & ABUSE_BIO_FUA != 0,
+        );
+        backend.may_block(bio.cmd, offset, bio.len as u64, fua)
+    };
     match &shared.pool {
-        Some(pool) if jobs.len() > 1 => {
+        Some(pool) if jobs.iter().filter(|(bio, _)| may_block(bio)).count() > 1 => {
             use rayon::iter::{IntoParallelIterator, ParallelIterator};
             pool.install(|| jobs.into_par_iter().for_each(run));
         }

@@ -886,3 +886,101 @@ fn the_kernel_rewrites_a_cows_mapped_blocks_in_place() {
     assert!(got[4096..3 * 4096].iter().all(|&x| x == 6));
     assert!(got[3 * 4096..].iter().all(|&x| x == 9), "the base");
 }
+
+/// Records which thread ran each call; READs "may block" (and each waits,
+/// up to a deadline, until another READ is running too), WRITEs do not.
+struct Threads {
+    calls: Mutex<Vec<(u16, String)>>,
+    reading: (Mutex<u32>, Condvar),
+}
+
+impl Backend for Threads {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn features(&self) -> u32 {
+        0
+    }
+    fn read(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.calls.lock().unwrap().push((ABUSE_CMD_READ, name));
+        let (n, cv) = &self.reading;
+        let mut n = n.lock().unwrap();
+        *n += 1;
+        cv.notify_all();
+        let (n, _) = cv
+            .wait_timeout_while(n, Duration::from_secs(2), |n| *n < 2)
+            .unwrap();
+        if *n < 2 {
+            return Err(std::io::Error::other("the two READs did not run at once"));
+        }
+        Ok(())
+    }
+    fn write(&self, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.calls.lock().unwrap().push((ABUSE_CMD_WRITE, name));
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+    fn may_block(&self, cmd: u16, _: u64, _: u64, _: bool) -> bool {
+        cmd == ABUSE_CMD_READ
+    }
+}
+
+#[test]
+fn a_batch_runs_on_the_io_threads_only_when_two_requests_may_block() {
+    let backend = Arc::new(Threads {
+        calls: Mutex::new(Vec::new()),
+        reading: (Mutex::new(0), Condvar::new()),
+    });
+    let fake = Fake::new(1 << 20, 0);
+    // One batch of quick WRITEs: run in the worker.
+    for i in 0..4 {
+        fake.queue(ABUSE_CMD_WRITE, i * 8, vec![1; 4096]);
+    }
+    let run = start(&fake, backend.clone(), 1, 16);
+    fake.wait_done(4);
+    // Then one batch with two READs that may block (each waits for the
+    // other) beside two WRITEs: on the I/O threads, the READs at once.
+    fake.lock().pending.extend((0..4).map(|i| {
+        let cmd = if i % 2 == 0 {
+            ABUSE_CMD_READ
+        } else {
+            ABUSE_CMD_WRITE
+        };
+        Req {
+            bio: AbuseBio {
+                id: 100 + i,
+                sector: i * 8,
+                len: 4096,
+                cmd,
+                ..Default::default()
+            },
+            data: vec![0; 4096],
+        }
+    }));
+    fake.state.1.notify_all();
+    let done = fake.wait_done(8);
+    run.finish().unwrap();
+    for (bio, _) in &done {
+        assert_eq!(bio.result, ABUSE_RESULT_OKAY, "{bio:?}");
+    }
+    let calls = backend.calls.lock().unwrap();
+    let on_pool = |(_, name): &(u16, String)| name.starts_with("abuse-io-");
+    assert!(
+        !calls[..4].iter().any(on_pool),
+        "quick WRITEs handed off: {calls:?}"
+    );
+    assert!(
+        calls[4..].iter().all(on_pool),
+        "a batch with two blocking READs ran in the worker: {calls:?}"
+    );
+}
