@@ -405,11 +405,11 @@ fn worker<C: ControlDevice>(
 
 /// Runs a fetched batch on the backend, on the I/O threads if there is a
 /// pool and two or more of its requests may block, and fills in each
-/// request's result. A
-/// READ or WRITE the kernel moves to or from the backend's file only gets
-/// its PUT entry: the move happens in the next call, in this worker (one
-/// pass over the batch in the kernel beats handing single PUTs to other
-/// threads; more workers, `--threads`, keep more such moves in flight).
+/// request's result. A READ or WRITE the kernel moves to or from the
+/// backend's file only gets its PUT entry: the move happens in the next
+/// call, in this worker (one pass over the batch in the kernel beats
+/// handing single PUTs to other threads; more workers, `--threads`, keep
+/// more such moves in flight).
 fn run_batch(path: &std::path::Path, bios: &mut [AbuseBio], buf: &mut [u8], shared: &Shared) {
     let base = buf.as_ptr() as u64;
     let (backend, stats) = (&*shared.backend, &*shared.stats);
