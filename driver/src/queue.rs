@@ -20,6 +20,8 @@
 use crate::sys::blk::{NewRequest, Op, Request, Status};
 use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, Process};
 use crate::uapi::*;
+use core::sync::atomic::{AtomicU32, Ordering};
+use kernel::sync::lock::{spinlock::SpinLockBackend, Guard};
 use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
 
 /// Where a slot's request is.
@@ -255,8 +257,40 @@ pub(crate) struct Queue {
     hw: u32,
     #[pin]
     state: SpinLock<State>,
+    /// How many requests are pending, as of the last unlock of `state`:
+    /// read without the lock, so that servers looking for work (and going
+    /// to sleep) leave the locks of empty queues alone.
+    queued: AtomicU32,
     #[pin]
     waiters: WaitQueue,
+}
+
+/// The locked state of a queue; unlocking publishes its pending count.
+struct Locked<'a> {
+    st: Guard<'a, State, SpinLockBackend>,
+    queued: &'a AtomicU32,
+}
+
+impl core::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl core::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.st
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: stores are published in lock order. A
+        // waker's full barrier (`Requests::wake_for`) orders this store
+        // before its check for sleepers.
+        self.queued.store(self.st.pending as u32, Ordering::Relaxed);
+    }
 }
 
 fn cmd_of(op: Op) -> Option<u16> {
@@ -322,19 +356,20 @@ impl Queue {
             index,
             hw,
             state <- new_spinlock!(state, "abuse_queue"),
+            queued: AtomicU32::new(0),
             waiters <- WaitQueue::new(c_str!("abuse_waiters"), kernel::static_lock_class!()),
         }))
     }
 
     /// Starts accepting requests (SET_STATUS) or changes what is accepted.
     pub(crate) fn set_live(&self, live: Option<Live>) {
-        self.state.lock().live = live;
+        self.lock().live = live;
         self.waiters.wake_all();
     }
 
     /// (pending, in flight) and the counters.
     pub(crate) fn snapshot(&self) -> (u32, u32, Counters) {
-        let st = self.state.lock();
+        let st = self.lock();
         let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched | Where::Busy)).count();
         (st.pending as u32, in_flight as u32, st.counters)
     }
@@ -347,7 +382,7 @@ impl Queue {
     ///
     /// Returns true if it stopped because the next payload did not fit.
     pub(crate) fn take_pending(&self, data_len: u64, used: &mut u64, max: usize, batch: &mut Batch) -> bool {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         while batch.len < max.min(CHUNK) {
             let Some(tag) = st.front() else { break };
             let slot = &mut st.slots[tag as usize];
@@ -379,9 +414,15 @@ impl Queue {
         false
     }
 
-    /// Whether any request is pending.
+    /// Locks the queue's state (unlocking publishes its pending count).
+    fn lock(&self) -> Locked<'_> {
+        Locked { st: self.state.lock(), queued: &self.queued }
+    }
+
+    /// Whether any request is pending (as of the last unlock: a sleeper
+    /// checks after a full barrier, which pairs with the waker's).
     pub(crate) fn has_pending(&self) -> bool {
-        self.state.lock().pending > 0
+        self.queued.load(Ordering::Relaxed) > 0
     }
 
     /// A GET's copies succeeded: the requests are now fetched through the
@@ -402,7 +443,7 @@ impl Queue {
     fn put_back(&self, batch: Batch, to: Option<(u64, &Process)>) {
         let mut failed: [Option<Request>; CHUNK] = core::array::from_fn(|_| None);
         let now = jiffies();
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let mut requeued = 0;
         for (i, t) in batch.items.into_iter().flatten().enumerate() {
             let slot = &mut st.slots[t.tag as usize];
@@ -439,7 +480,7 @@ impl Queue {
     /// Takes the fetched request `bio` names (by its `gen` and `tag`) for a
     /// PUT.
     pub(crate) fn take_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<Taken, PutError> {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let slot = st.fetched_slot(bio, gen, tag)?;
         let rq = slot.rq.take().ok_or(PutError::Stale)?;
         slot.at = Where::Busy;
@@ -450,7 +491,7 @@ impl Queue {
     /// copy (not a successful READ): checked, freed and counted in one pass
     /// under the lock.
     pub(crate) fn complete_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let rq = st.fetched_slot(bio, gen, tag)?.rq.take().ok_or(PutError::Stale)?;
         let fetcher = st.retire(tag, Some(status));
         drop(st);
@@ -463,7 +504,7 @@ impl Queue {
     /// if its owner's file was released meanwhile, is handed out again
     /// (returns true: a server must be woken).
     pub(crate) fn untake(&self, t: Taken) -> bool {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let slot = &mut st.slots[t.tag as usize];
         if core::mem::replace(&mut slot.abort, false) {
             st.free(t.tag);
@@ -482,7 +523,7 @@ impl Queue {
 
     /// Completes a request taken by `take_fetched`.
     pub(crate) fn complete(&self, t: Taken, status: Status) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let aborted = core::mem::replace(&mut st.slots[t.tag as usize].abort, false);
         // An aborted request was counted when RESET or DEVICE_FAILURE failed it.
         let fetcher = st.retire(t.tag, (!aborted).then_some(status));
@@ -494,9 +535,9 @@ impl Queue {
     /// Fails every pending and fetched request (RESET, DEVICE_FAILURE);
     /// requests held by a GET/PUT are failed by their holder.
     pub(crate) fn fail_all(&self) -> Result {
-        let slots = self.state.lock().slots.len();
+        let slots = self.lock().slots.len();
         let mut failed = KVec::with_capacity(slots, GFP_KERNEL)?;
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let (mut n, mut freed) = (0u64, 0u32);
         for slot in st.slots.iter_mut() {
             match slot.at {
@@ -534,7 +575,7 @@ impl Queue {
     /// its that another file's PUT is copying is marked, and requeued if that
     /// PUT gives it back. Returns whether any was requeued.
     pub(crate) fn release(&self, opener: u64) -> bool {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let mut any = false;
         for tag in 0..st.slots.len() as u32 {
             let slot = &mut st.slots[tag as usize];
@@ -571,7 +612,7 @@ impl Queue {
     /// Returns whether it was queued (a server must be woken).
     pub(crate) fn queue_rq(&self, rq: NewRequest) -> Result<bool, NewRequest> {
         let cmd = cmd_of(rq.op());
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         // Unconfigured (a race with RESET) or a write to a read-only
         // device: I/O error. An operation the server did not advertise:
         // not supported.
@@ -636,7 +677,7 @@ impl Queue {
 
     /// blk-mq's timer fired for the request with `tag`.
     pub(crate) fn timeout(&self, tag: u32) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let Some(live) = st.live else { return };
         if live.timeout_jiffies == 0 {
             return;

@@ -8,10 +8,11 @@
 //!
 //! Wake-one without loss: a new request wakes one exclusive sleeper of its
 //! own queue, or, if that queue has none, of the next queue that has one.
-//! A sleeper registers on its queue before it checks every queue for work,
-//! and a waker checks for sleepers after queueing (with full barriers on
-//! both sides), so a request queued while a server goes to sleep is either
-//! seen by the server or wakes it.
+//! A sleeper registers on its queue before it checks every queue for work
+//! (their pending counts, read without their locks), and a waker checks
+//! for sleepers after queueing (with full barriers on both sides), so a
+//! request queued while a server goes to sleep is either seen by the server
+//! or wakes it.
 
 use crate::queue::{Counters, Live, Queue};
 use crate::sys::blk::{NewRequest, QueueOps};

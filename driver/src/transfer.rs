@@ -63,6 +63,11 @@ fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched>
     let mut process = None;
     let (mut n, mut used) = (0u32, 0u64);
     for q in reqs.from_hint(hint) {
+        // An empty queue's lock is left alone (a request queued meanwhile
+        // is found by the check before sleeping, or wakes a sleeper).
+        if !q.has_pending() {
+            continue;
+        }
         loop {
             let want = (dst.count - n) as usize;
             if want == 0 {
