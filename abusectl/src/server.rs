@@ -36,6 +36,11 @@ pub struct ServerArgs {
     /// pinned when there is one worker per queue, as by default).
     #[arg(long)]
     no_pin: bool,
+    /// Run the workers under the normal scheduling policy rather than
+    /// SCHED_BATCH (under which a new request does not preempt the task
+    /// that queued it: fewer, larger batches).
+    #[arg(long)]
+    no_sched_batch: bool,
     /// Requests per fetch and per completion.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -204,6 +209,7 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
         batch: a.batch,
         io_threads: a.io_threads,
         pin: !a.no_pin,
+        sched_batch: !a.no_sched_batch,
         copy_data: a.copy_data,
     };
     let result = abuse_servers::serve(&cfg, backend.clone(), stop, stats.clone());

@@ -1,8 +1,15 @@
-//! Running each worker on the CPUs whose requests its hardware queue takes
-//! (as ublk's servers do): a request submitted on CPU n lands on queue
-//! n's FIFO and wakes queue n's worker, which then runs where the submitter
-//! runs, with no cross-CPU wakeup (an IPI, and a halted CPU to wake: the
-//! bulk of a QD1 request's latency otherwise).
+//! Where and how each worker runs.
+//!
+//! On the CPUs whose requests its hardware queue takes (as ublk's servers
+//! do): a request submitted on CPU n lands on queue n's FIFO and wakes
+//! queue n's worker, which then runs where the submitter runs, with no
+//! cross-CPU wakeup (an IPI, and a halted CPU to wake: the bulk of a QD1
+//! request's latency otherwise).
+//!
+//! Under SCHED_BATCH: a worker woken by a new request does not preempt the
+//! task that queued it, which goes on queueing until it waits for a
+//! completion; the worker then fetches what it queued in one call, where
+//! under the normal policy it would preempt at once to fetch one request.
 
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -44,6 +51,17 @@ pub fn pin_to_queue(index: u32, queue: u32) -> bool {
         }
     }
     sched_setaffinity(Pid::from_raw(0), &set).is_ok()
+}
+
+/// Puts the calling thread under SCHED_BATCH (the normal policy's
+/// priorities, without wake-up preemption). Best effort: where it is not
+/// allowed, the worker runs under the policy it has.
+pub fn batch_policy() -> bool {
+    let param = nix::libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that the call only reads; pid
+    // 0 names the calling thread.
+    let rc = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_BATCH, &param) };
+    rc == 0
 }
 
 #[cfg(test)]

@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// Run worker i on the CPUs of hardware queue i (when there is one
     /// worker per queue).
     pub pin: bool,
+    /// Run the workers under SCHED_BATCH, so that a new request does not
+    /// preempt its submitter to be fetched alone.
+    pub sched_batch: bool,
     /// Move READ and WRITE data through the server's buffers even where
     /// the kernel could move it to and from the backend's file itself.
     pub copy_data: bool,
@@ -217,6 +220,7 @@ pub fn serve_with<C: ControlDevice>(
     }
     // One worker per queue: each runs where its queue's requests come from.
     let pin = cfg.pin && threads == st.queues as usize;
+    let sched_batch = cfg.sched_batch;
     let index = st.index;
     let workers: Vec<_> = ctls
         .into_iter()
@@ -226,6 +230,9 @@ pub fn serve_with<C: ControlDevice>(
             std::thread::spawn(move || {
                 if pin {
                     affinity::pin_to_queue(index, i as u32);
+                }
+                if sched_batch {
+                    affinity::batch_policy();
                 }
                 if let Err(e) = worker(&ctl, i as u32, batch, &shared) {
                     shared.fail(e);

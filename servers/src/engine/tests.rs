@@ -337,6 +337,7 @@ fn start(fake: &Fake, backend: Arc<dyn Backend>, threads: usize, batch: usize) -
         batch,
         io_threads: None,
         pin: false,
+        sched_batch: true,
         copy_data: false,
     };
     let (f, s, st) = (fake.clone(), stop.clone(), stats.clone());
@@ -713,6 +714,7 @@ fn the_kernel_moves_a_file_backends_data_where_it_can() {
             batch: 4,
             io_threads: None,
             pin: false,
+            sched_batch: true,
             copy_data,
         };
         let (f, s, st, b) = (fake.clone(), stop.clone(), stats.clone(), backend.clone());
@@ -887,11 +889,21 @@ fn the_kernel_rewrites_a_cows_mapped_blocks_in_place() {
     assert!(got[3 * 4096..].iter().all(|&x| x == 9), "the base");
 }
 
-/// Records which thread ran each call; READs "may block" (and each waits,
-/// up to a deadline, until another READ is running too), WRITEs do not.
+/// Records which thread ran each call, and under which scheduling policy;
+/// READs "may block" (and each waits, up to a deadline, until another READ
+/// is running too), WRITEs do not.
 struct Threads {
-    calls: Mutex<Vec<(u16, String)>>,
+    calls: Mutex<Vec<(u16, String, i32)>>,
     reading: (Mutex<u32>, Condvar),
+}
+
+impl Threads {
+    fn call(cmd: u16) -> (u16, String, i32) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        // SAFETY: no arguments but the calling thread (pid 0).
+        let policy = unsafe { nix::libc::sched_getscheduler(0) };
+        (cmd, name, policy)
+    }
 }
 
 impl Backend for Threads {
@@ -902,8 +914,10 @@ impl Backend for Threads {
         0
     }
     fn read(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
-        let name = std::thread::current().name().unwrap_or("").to_string();
-        self.calls.lock().unwrap().push((ABUSE_CMD_READ, name));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Threads::call(ABUSE_CMD_READ));
         let (n, cv) = &self.reading;
         let mut n = n.lock().unwrap();
         *n += 1;
@@ -917,8 +931,10 @@ impl Backend for Threads {
         Ok(())
     }
     fn write(&self, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
-        let name = std::thread::current().name().unwrap_or("").to_string();
-        self.calls.lock().unwrap().push((ABUSE_CMD_WRITE, name));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Threads::call(ABUSE_CMD_WRITE));
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
@@ -974,7 +990,7 @@ fn a_batch_runs_on_the_io_threads_only_when_two_requests_may_block() {
         assert_eq!(bio.result, ABUSE_RESULT_OKAY, "{bio:?}");
     }
     let calls = backend.calls.lock().unwrap();
-    let on_pool = |(_, name): &(u16, String)| name.starts_with("abuse-io-");
+    let on_pool = |(_, name, _): &(u16, String, i32)| name.starts_with("abuse-io-");
     assert!(
         !calls[..4].iter().any(on_pool),
         "quick WRITEs handed off: {calls:?}"
@@ -982,5 +998,11 @@ fn a_batch_runs_on_the_io_threads_only_when_two_requests_may_block() {
     assert!(
         calls[4..].iter().all(on_pool),
         "a batch with two blocking READs ran in the worker: {calls:?}"
+    );
+    // The worker runs under SCHED_BATCH (a new request does not preempt its
+    // submitter).
+    assert!(
+        calls[..4].iter().all(|c| c.2 == nix::libc::SCHED_BATCH),
+        "the worker's policy: {calls:?}"
     );
 }
