@@ -36,9 +36,10 @@ pub struct ServerArgs {
     /// pinned when there is one worker per queue, as by default).
     #[arg(long)]
     no_pin: bool,
-    /// Run the workers under the normal scheduling policy rather than
-    /// SCHED_BATCH (under which a new request does not preempt the task
-    /// that queued it: fewer, larger batches).
+    /// Keep the workers under the normal scheduling policy rather than
+    /// switch them to SCHED_BATCH while requests come several at a time
+    /// (under which a new request does not preempt the task that queued
+    /// it: fewer, larger batches).
     #[arg(long)]
     no_sched_batch: bool,
     /// Requests per fetch and per completion.

@@ -58,8 +58,9 @@ pub struct EngineConfig {
     /// Run worker i on the CPUs of hardware queue i (when there is one
     /// worker per queue).
     pub pin: bool,
-    /// Run the workers under SCHED_BATCH, so that a new request does not
-    /// preempt its submitter to be fetched alone.
+    /// Run a worker under SCHED_BATCH while it fetches several requests at
+    /// a time, so that a new request does not preempt its submitter to be
+    /// fetched alone (the normal policy while they come one at a time).
     pub sched_batch: bool,
     /// Move READ and WRITE data through the server's buffers even where
     /// the kernel could move it to and from the backend's file itself.
@@ -210,6 +211,7 @@ pub fn serve_with<C: ControlDevice>(
         generation: st.generation,
         kernel: Kernel::of(st.version),
         combined: st.version >= 3,
+        sched_batch: cfg.sched_batch,
         pool,
         failure: Mutex::new(None),
         log: FailureLog::new(),
@@ -220,7 +222,6 @@ pub fn serve_with<C: ControlDevice>(
     }
     // One worker per queue: each runs where its queue's requests come from.
     let pin = cfg.pin && threads == st.queues as usize;
-    let sched_batch = cfg.sched_batch;
     let index = st.index;
     let workers: Vec<_> = ctls
         .into_iter()
@@ -230,9 +231,6 @@ pub fn serve_with<C: ControlDevice>(
             std::thread::spawn(move || {
                 if pin {
                     affinity::pin_to_queue(index, i as u32);
-                }
-                if sched_batch {
-                    affinity::batch_policy();
                 }
                 if let Err(e) = worker(&ctl, i as u32, batch, &shared) {
                     shared.fail(e);
@@ -296,6 +294,8 @@ struct Shared {
     kernel: Kernel,
     /// The kernel has ABUSE_SERVE (protocol version 3).
     combined: bool,
+    /// Workers switch to SCHED_BATCH while fetching several at a time.
+    sched_batch: bool,
     /// Runs a batch's requests at once (None: one by one in the worker).
     pool: Option<rayon::ThreadPool>,
     /// The first worker failure: it stops the others and is reported.
@@ -352,6 +352,7 @@ fn worker<C: ControlDevice>(
     // Entries of `bios` run and waiting to be completed by the next call.
     let mut held = 0;
     let mut delay = Duration::from_millis(1);
+    let mut policy = affinity::Policy::new(shared.sched_batch);
     while !stop.load(Ordering::Relaxed) {
         let data = (!shared.descriptors).then_some(&mut buf[..]);
         let served = if shared.combined {
@@ -402,6 +403,7 @@ fn worker<C: ControlDevice>(
             }
             continue;
         }
+        policy.fetched(n);
         run_batch(ctl.path(), &mut bios[..n], &mut buf, shared);
         held = n;
         shared.stats.mine().batches.fetch_add(1, Ordering::Relaxed);
