@@ -491,13 +491,22 @@ impl Queue {
     /// copy (not a successful READ): checked, freed and counted in one pass
     /// under the lock.
     pub(crate) fn complete_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
+        self.retire_fetched(bio, gen, tag, status)?.end(status);
+        Ok(())
+    }
+
+    /// Checks, frees and counts the fetched request `bio` names, which
+    /// will end with `status`, in one pass under the lock, and gives it to
+    /// the caller to end: once its slot is free it is no one else's (no
+    /// RESET or timeout finds it, and blk-mq hands its tag out again only
+    /// after it ends), so what cannot fail may still be done to its pages.
+    pub(crate) fn retire_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<Request, PutError> {
         let mut st = self.lock();
         let rq = st.fetched_slot(bio, gen, tag)?.rq.take().ok_or(PutError::Stale)?;
         let fetcher = st.retire(tag, Some(status));
         drop(st);
         drop(fetcher);
-        rq.end(status);
-        Ok(())
+        Ok(rq)
     }
 
     /// A PUT could not copy a READ's data: the request stays fetched, or,

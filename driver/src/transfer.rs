@@ -298,11 +298,12 @@ fn put_one(reqs: &Requests, major: u32, bio: &AbuseBio) -> Result {
         return Ok(());
     }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 && bio.flags & ABUSE_BIO_ZEROES != 0 {
-        // Out of the slot while it is filled (not under the lock: up to
-        // max_bytes of memset); nothing is read from user memory.
-        let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
-        t.rq.zero_fill(0);
-        q.complete(t, Status::Ok);
+        // Nothing is read from user memory, so nothing can fail: retired
+        // first (one pass under the lock), then filled out of the lock (up
+        // to max_bytes of memset) and ended.
+        let rq = q.retire_fetched(bio, gen, tag, Status::Ok).map_err(refused)?;
+        rq.zero_fill(0);
+        rq.end(Status::Ok);
         return Ok(());
     }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 {
