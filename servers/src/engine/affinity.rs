@@ -93,7 +93,8 @@ impl Policy {
                 self.set(nix::libc::SCHED_BATCH);
             }
         } else {
-            self.singles += 1;
+            // Saturating: a worker may fetch lone requests for ever.
+            self.singles = self.singles.saturating_add(1);
             if self.batch && self.singles >= SINGLES {
                 self.batch = false;
                 self.set(nix::libc::SCHED_OTHER);
@@ -113,15 +114,20 @@ impl Policy {
     }
 }
 
+/// The calling thread's scheduling policy (the tests' check of [`Policy`]).
+#[cfg(test)]
+pub(crate) fn current_policy() -> i32 {
+    // SAFETY: no arguments but the calling thread (pid 0).
+    unsafe { nix::libc::sched_getscheduler(0) }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{parse_cpu_list, Policy, SINGLES};
+    use super::{current_policy as policy, parse_cpu_list, Policy, SINGLES};
 
     #[test]
     fn the_policy_follows_the_fetches() {
         std::thread::spawn(|| {
-            // SAFETY: no arguments but the calling thread (pid 0).
-            let policy = || unsafe { nix::libc::sched_getscheduler(0) };
             let mut p = Policy::new(true);
             p.fetched(1);
             assert_eq!(policy(), nix::libc::SCHED_OTHER, "a lone request");

@@ -900,9 +900,7 @@ struct Threads {
 impl Threads {
     fn call(cmd: u16) -> (u16, String, i32) {
         let name = std::thread::current().name().unwrap_or("").to_string();
-        // SAFETY: no arguments but the calling thread (pid 0).
-        let policy = unsafe { nix::libc::sched_getscheduler(0) };
-        (cmd, name, policy)
+        (cmd, name, super::affinity::current_policy())
     }
 }
 
