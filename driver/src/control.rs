@@ -3,7 +3,7 @@
 
 use crate::device::Device;
 use crate::sys::{capable_sys_admin, chrdev::FileOps, current_fsuid, PollTable};
-use crate::transfer;
+use crate::transfer::{self, Call};
 use crate::uapi::*;
 use crate::DEVICES;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +27,8 @@ impl FileOps for Control {
     fn open(minor: u32) -> Result<KBox<OpenControl>> {
         let devices = DEVICES.get().ok_or(ENODEV)?;
         let device = devices.get(minor as usize).ok_or(ENXIO)?.clone();
-        if !capable_sys_admin() && !device.delegated_to(current_fsuid()) {
+        // The delegation first: a delegated server is no audited denial.
+        if !device.delegated_to(current_fsuid()) && !capable_sys_admin() {
             return Err(EPERM);
         }
         let opener = NEXT_OPENER.fetch_add(1, Ordering::Relaxed);
@@ -42,11 +43,10 @@ impl FileOps for Control {
     fn ioctl(data: &OpenControl, cmd: u32, arg: usize) -> Result<isize> {
         let dev = &data.device;
         // Root may do anything; the user the device is delegated to may
-        // serve it, nothing else (and nothing once a RESET ends it).
+        // serve it, nothing else (and nothing once a RESET ends it). The
+        // call is pinned to the configuration it started under.
         let serving = matches!(cmd, ABUSE_GET_STATUS | ABUSE_GET_BIO | ABUSE_PUT_BIO | ABUSE_SERVE);
-        if !capable_sys_admin() && !(serving && dev.delegated_to(current_fsuid())) {
-            return Err(EPERM);
-        }
+        let pin = dev.pin(serving)?;
         match cmd {
             ABUSE_GET_STATUS => {
                 let mut out = UserSlice::new(arg, core::mem::size_of::<AbuseStatus>()).writer();
@@ -59,12 +59,12 @@ impl FileOps for Control {
                 Ok(0)
             }
             ABUSE_RESET => {
-                dev.reset()?;
+                dev.reset();
                 Ok(0)
             }
-            ABUSE_GET_BIO => transfer::get_bio(dev.requests(), data.opener, arg),
-            ABUSE_PUT_BIO => transfer::put_bio(dev.requests(), dev.major(), arg),
-            ABUSE_SERVE => transfer::serve(dev.requests(), dev.major(), data.opener, arg),
+            ABUSE_GET_BIO => transfer::get_bio(&Call::new(dev, pin, data.opener), arg),
+            ABUSE_PUT_BIO => transfer::put_bio(&Call::new(dev, pin, data.opener), arg),
+            ABUSE_SERVE => transfer::serve(&Call::new(dev, pin, data.opener), arg),
             _ => Err(ENOTTY),
         }
     }

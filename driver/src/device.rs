@@ -6,14 +6,24 @@ use crate::requests::Requests;
 use crate::sys::{
     blk::{BlockDevice, DiskConfig, Limits},
     chrdev::encode_dev,
-    msecs_to_jiffies, online_cpus, possible_cpus, ModuleRef, PollTable,
+    capable_sys_admin, current_fsuid, msecs_to_jiffies, online_cpus, possible_cpus, ModuleRef, PollTable,
 };
 use crate::uapi::*;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{new_mutex, prelude::*, sync::{Arc, Mutex}};
 
-/// Marks `Device::delegate` as set (uid 0 is a uid like any other).
+/// Marks `Device::access` as delegated (uid 0 is a uid like any other).
 const DELEGATE: u64 = 1 << 32;
+/// Where `Device::access` keeps the configuration's generation.
+const GEN_SHIFT: u32 = 33;
+/// The generation bits an ioctl is pinned to (31).
+const GEN_MASK: u64 = (1 << 31) - 1;
+
+/// Who may serve the device, and under which configuration: an ioctl
+/// reads both at once when it starts, and is pinned to that generation.
+fn access_word(generation: u64, delegate: Option<u32>) -> u64 {
+    ((generation & GEN_MASK) << GEN_SHIFT) | delegate.map_or(0, |uid| DELEGATE | uid as u64)
+}
 
 /// blk-mq's timer period when requests never time out (it must tick anyway).
 const IDLE_TIMER_MS: u32 = 30_000;
@@ -46,9 +56,10 @@ pub(crate) struct Device {
     partitions: bool,
     requests: Arc<Requests>,
     disk: BlockDevice<Requests>,
-    /// `DELEGATE | uid` while the device is delegated to `uid`, else 0:
-    /// read without a lock on every unprivileged ioctl.
-    delegate: AtomicU64,
+    /// The configuration's generation (low 31 bits) and, while the device
+    /// is delegated to `uid`, `DELEGATE | uid` (see `access_word`): read
+    /// without a lock at the start of every ioctl.
+    access: AtomicU64,
     /// Serialises SET_STATUS and RESET (they sleep: queue freezes, limits).
     #[pin]
     setup: Mutex<Setup>,
@@ -73,8 +84,9 @@ fn valid_timeout(ms: u32) -> bool {
 }
 
 /// What the data path needs of a configuration.
-fn live(cfg: &Config) -> Live {
+fn live(cfg: &Config, generation: u64) -> Live {
     Live {
+        generation: (generation & GEN_MASK) as u32,
         flags: cfg.flags,
         sectors: cfg.size >> ABUSE_SECTOR_SHIFT,
         timeout_ms: cfg.timeout_ms,
@@ -121,7 +133,7 @@ impl Device {
                 partitions: minors > 1,
                 requests,
                 disk,
-                delegate: AtomicU64::new(0),
+                access: AtomicU64::new(0),
                 setup <- new_mutex!(Setup { config: None, generation: 0, _pin: None }, "abuse_setup"),
             }),
             GFP_KERNEL,
@@ -139,7 +151,23 @@ impl Device {
 
     /// Whether the device is delegated to the (global) user `uid`.
     pub(crate) fn delegated_to(&self, uid: u32) -> bool {
-        self.delegate.load(Ordering::Acquire) == DELEGATE | uid as u64
+        self.access.load(Ordering::Acquire) & (DELEGATE | u32::MAX as u64) == DELEGATE | uid as u64
+    }
+
+    /// Checks that the caller may serve the device (`serving`: fetch,
+    /// complete, status) or do anything with it, and returns the
+    /// configuration generation it is pinned to: it never touches a
+    /// request of a later configuration. The delegation is checked first,
+    /// so a delegated server is never an audited `capable()` denial.
+    pub(crate) fn pin(&self, serving: bool) -> Result<u32> {
+        let access = self.access.load(Ordering::Acquire);
+        let gen = ((access >> GEN_SHIFT) & GEN_MASK) as u32;
+        let delegated = access & (DELEGATE | u32::MAX as u64) == DELEGATE | current_fsuid() as u64;
+        if (serving && delegated) || capable_sys_admin() {
+            Ok(gen)
+        } else {
+            Err(EPERM)
+        }
     }
 
     /// ABUSE_GET_STATUS.
@@ -218,9 +246,10 @@ impl Device {
             owner_uid: st.owner_uid,
             owner_gid: st.owner_gid,
         };
-        self.requests.set_live(Some(live(&cfg)));
-        let delegate = if flags & ABUSE_FLAG_DELEGATED != 0 { DELEGATE | st.owner_uid as u64 } else { 0 };
-        self.delegate.store(delegate, Ordering::Release);
+        let generation = setup.generation + 1;
+        self.requests.set_live(Some(live(&cfg, generation)));
+        let delegate = (flags & ABUSE_FLAG_DELEGATED != 0).then_some(st.owner_uid);
+        self.access.store(access_word(generation, delegate), Ordering::Release);
         let sectors = st.size >> ABUSE_SECTOR_SHIFT;
         // A new medium, as loop does on configure: new disk sequence number,
         // media-change event, nothing cached from before.
@@ -232,7 +261,7 @@ impl Device {
         }
         self.disk.uevent_change();
         setup.config = Some(cfg);
-        setup.generation += 1;
+        setup.generation = generation;
         setup._pin = Some(pin);
         Ok(())
     }
@@ -262,22 +291,25 @@ impl Device {
         let flags = (cur.flags & !ABUSE_FLAG_READ_ONLY) | (st.flags & ABUSE_FLAG_READ_ONLY);
         self.disk.set_read_only(flags & ABUSE_FLAG_READ_ONLY != 0);
         let cfg = Config { queue_depth: depth, flags, ..cur };
-        self.requests.set_live(Some(live(&cfg)));
+        self.requests.set_live(Some(live(&cfg, setup.generation)));
         setup.config = Some(cfg);
         Ok(())
     }
 
-    /// ABUSE_RESET: fail everything, unconfigure. Harmless when unconfigured.
-    pub(crate) fn reset(&self) -> Result {
+    /// ABUSE_RESET: fail everything, unconfigure. Harmless when
+    /// unconfigured. Cannot fail, and waits for no server: what servers
+    /// hold is failed where it is (see `queue`).
+    pub(crate) fn reset(&self) {
         let mut setup = self.setup.lock();
         if setup.config.is_none() {
-            return Ok(());
+            return;
         }
-        // The delegated user loses the device first, then nothing new
+        // The delegated user loses the device, and every ioctl started
+        // under this configuration its pin, first; then nothing new
         // arrives while failing.
-        self.delegate.store(0, Ordering::Release);
+        self.access.store(access_word(setup.generation + 1, None), Ordering::Release);
         self.requests.set_live(None);
-        self.requests.fail_all()?;
+        self.requests.fail_all();
         // Nothing of this configuration stays visible (as loop's clear):
         // page cache dropped and capacity 0, udev told, a filesystem still
         // mounted shut down (its writes fail: the queue is not live), the
@@ -295,7 +327,6 @@ impl Device {
         setup.config = None;
         setup.generation += 1;
         setup._pin = None;
-        Ok(())
     }
 
     /// `poll()`.

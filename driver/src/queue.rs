@@ -4,23 +4,33 @@
 //! generation and who fetched it, under the queue's own lock, with the
 //! queue's own wait queue.
 //!
-//! Every request is in exactly one place: in its slot (pending or fetched),
-//! or out of it in the hands of one GET/PUT that is copying its data
-//! (`Busy`). Whoever takes a request out puts it back or ends it; a RESET or
-//! DEVICE_FAILURE meanwhile only marks the slot `abort`, and the holder then
-//! fails it. So no request is lost or completed twice, and no path waits on
-//! user space while holding the lock.
+//! Every request is in exactly one place: in its slot (pending, fetched, or
+//! being moved to or from a server's file), or out of it in the hands of
+//! one GET/PUT (`Busy`) for work that cannot sleep: a copy with page faults
+//! disabled, a copy between kernel pages, a zero fill. Whoever takes a
+//! request out puts it back or ends it; a RESET or DEVICE_FAILURE meanwhile
+//! only marks the slot `abort`, and the holder then fails it. Anything that
+//! may sleep (faulting the server's memory in, file I/O) happens with the
+//! request in its slot, where RESET fails it and the timeout fences it. So
+//! no request is lost or completed twice, no path waits on user space while
+//! holding the lock, and no server action makes RESET or the timeout wait.
 //!
-//! A fetched request is never handed to another server while the file that
-//! fetched it is open: a stalled server may still perform the write it
-//! holds, and it must not land over newer data. So the timeout fences: it
-//! kills the process that fetched the request and keeps the request; the
-//! request is requeued when that process's file is released.
+//! A fetched request is never handed to another server while the process
+//! that fetched it (or is moving its data) may still write it: a stalled
+//! server may still perform the write it holds, and it must not land over
+//! newer data. So the timeout fences: it kills that process's thread group
+//! and keeps the request; the request is requeued when the file that
+//! fetched it is released, or, if another process still holds that file
+//! open (fork, SCM_RIGHTS), once the killed group has exited. A process
+//! that outlives its SIGKILL by a further timeout period is in a wait it
+//! cannot leave (its own I/O queued behind the request it holds, on a
+//! filesystem stacked on this device): its request is failed, which ends
+//! the cycle.
 
 use crate::sys::blk::{NewRequest, Op, Request, Status};
 use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, Process};
 use crate::uapi::*;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use kernel::sync::lock::{spinlock::SpinLockBackend, Guard};
 use kernel::{c_str, new_spinlock, prelude::*, sync::SpinLock};
 
@@ -31,7 +41,10 @@ enum Where {
     Pending,
     /// Fetched: see the slot's `owner`, `fetcher` and `since`.
     Fetched,
-    /// Out of the slot, held by a GET or PUT copying its data.
+    /// Fetched, and a PUT (`mover`) is moving its data to or from a file
+    /// through pages of its own: the request itself stays here.
+    Moving,
+    /// Out of the slot, held by a GET or PUT for work that cannot sleep.
     Busy,
 }
 
@@ -49,6 +62,9 @@ struct Slot {
     owner: u64,
     /// The process that fetched it: killed if it holds it past the timeout.
     fetcher: Option<Process>,
+    /// While `Moving`: the process whose PUT moves its data (the one the
+    /// timeout fences then).
+    mover: Option<Process>,
     /// When it was fetched (jiffies).
     since: u64,
     /// RESET or DEVICE_FAILURE failed it while it was `Busy`.
@@ -56,8 +72,8 @@ struct Slot {
     /// Its owner's file was released while a PUT held it: if that PUT gives
     /// it back, it is requeued rather than left fetched by a closed file.
     orphaned: bool,
-    /// It passed the timeout and its fetcher was killed (counted once).
-    fenced: bool,
+    /// When it passed the timeout and its fetcher (or mover) was killed.
+    fenced: Option<u64>,
 }
 
 /// A request id: generation (32 bits), hardware queue (16), tag (16).
@@ -76,6 +92,9 @@ pub(crate) struct Live {
     pub(crate) flags: u32,
     /// Capacity in 512-byte sectors: requests past it fail.
     pub(crate) sectors: u64,
+    /// The configuration's generation (low 31 bits): an ioctl pinned to
+    /// another one touches no request.
+    pub(crate) generation: u32,
     /// 0: fetched requests never time out.
     pub(crate) timeout_ms: u32,
     pub(crate) timeout_jiffies: u64,
@@ -92,19 +111,37 @@ pub(crate) struct Counters {
     pub(crate) timeouts: u64,
 }
 
-/// The last fencing message, to log once per process and rate-limited.
-#[derive(Default)]
-struct FenceLog {
-    pid: i32,
-    at: u64,
+/// The last fenced process logged, and when any fence was last logged: one
+/// line per fenced process, and at most one every interval across every
+/// device (unkillable servers alternating cannot flood the log).
+static FENCE_LOG_PID: AtomicI32 = AtomicI32::new(0);
+static FENCE_LOG_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Between two fencing messages.
+const FENCE_LOG_INTERVAL_MS: u32 = 5_000;
+
+/// Whether to log a fence of process `pid` now.
+/// (`once`: not if it was the last process logged.)
+fn fence_log_allowed(pid: i32, once: bool) -> bool {
+    let now = jiffies();
+    let last = FENCE_LOG_AT.load(Ordering::Relaxed);
+    let recent = last != 0 && now.wrapping_sub(last) < msecs_to_jiffies(FENCE_LOG_INTERVAL_MS);
+    if recent || (once && FENCE_LOG_PID.load(Ordering::Relaxed) == pid) {
+        return false;
+    }
+    if FENCE_LOG_AT.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        return false;
+    }
+    FENCE_LOG_PID.store(pid, Ordering::Relaxed);
+    true
 }
 
-/// Between two fencing messages about the same process.
-const FENCE_LOG_INTERVAL_MS: u32 = 10_000;
+/// The least time a fenced process gets to exit before its request is
+/// failed: a large process takes a while to tear down.
+const FENCE_GRACE_MS: u32 = 5_000;
 
 struct State {
     live: Option<Live>,
-    fence_log: FenceLog,
     slots: KVec<Slot>,
     /// FIFO of pending tags: a ring of `slots.len()` entries.
     ring: KVec<u32>,
@@ -156,12 +193,27 @@ impl State {
         self.used -= 1;
     }
 
-    /// The slot of the fetched request a PUT entry names: its generation
-    /// must be current and its fields the request's.
-    fn fetched_slot(&mut self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<&mut Slot, PutError> {
-        let slot = self.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
-        if slot.gen != gen || slot.at != Where::Fetched {
+    /// Whether the configuration is still the one generation `pin`.
+    fn pinned(&self, pin: u32) -> bool {
+        self.live.is_some_and(|l| l.generation == pin)
+    }
+
+    /// The slot of the fetched request a PUT entry names: the configuration
+    /// must be the one the PUT was pinned to, the request's generation
+    /// current, and the entry's fields the request's. A request another
+    /// PUT is moving or copying is busy.
+    fn fetched_slot(&mut self, pin: u32, bio: &AbuseBio, gen: u32, tag: u32) -> Result<&mut Slot, PutError> {
+        if !self.pinned(pin) {
             return Err(PutError::Stale);
+        }
+        let slot = self.slots.get_mut(tag as usize).ok_or(PutError::Stale)?;
+        if slot.gen != gen {
+            return Err(PutError::Stale);
+        }
+        match slot.at {
+            Where::Fetched => {}
+            Where::Moving | Where::Busy => return Err(PutError::Busy),
+            Where::Free | Where::Pending => return Err(PutError::Stale),
         }
         if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
             return Err(PutError::Mismatch);
@@ -177,6 +229,7 @@ impl State {
         slot.gen = slot.gen.wrapping_add(1);
         slot.owner = 0;
         slot.orphaned = false;
+        slot.mover = None;
         let fetcher = slot.fetcher.take();
         self.free(tag);
         if let Some(status) = status {
@@ -196,8 +249,9 @@ impl State {
         slot.flags |= ABUSE_BIO_REQUEUED;
         slot.owner = 0;
         slot.fetcher = None;
+        slot.mover = None;
         slot.orphaned = false;
-        slot.fenced = false;
+        slot.fenced = None;
         self.counters.requeues += 1;
         self.push_front(tag);
     }
@@ -246,6 +300,18 @@ pub(crate) enum PutError {
     Stale,
     /// The request exists but the entry does not describe it.
     Mismatch,
+    /// Another PUT is moving or copying its data.
+    Busy,
+}
+
+/// What the timeout did to a request.
+pub(crate) enum Timeout {
+    /// Nothing, or it fenced the request's holder: the request stays.
+    Kept,
+    /// The fenced holder has exited: the request is pending again.
+    Requeued,
+    /// The fenced holder outlived its SIGKILL: the request was failed.
+    Failed,
 }
 
 /// One hardware queue of a device.
@@ -334,17 +400,17 @@ impl Queue {
                 flags: 0,
                 owner: 0,
                 fetcher: None,
+                mover: None,
                 since: 0,
                 abort: false,
                 orphaned: false,
-                fenced: false,
+                fenced: None,
             };
             slots.push(slot, GFP_KERNEL)?;
             ring.push(0, GFP_KERNEL)?;
         }
         let state = State {
             live: None,
-            fence_log: FenceLog::default(),
             slots,
             ring,
             head: 0,
@@ -370,7 +436,7 @@ impl Queue {
     /// (pending, in flight) and the counters.
     pub(crate) fn snapshot(&self) -> (u32, u32, Counters) {
         let st = self.lock();
-        let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched | Where::Busy)).count();
+        let in_flight = st.slots.iter().filter(|s| matches!(s.at, Where::Fetched | Where::Moving | Where::Busy)).count();
         (st.pending as u32, in_flight as u32, st.counters)
     }
 
@@ -381,8 +447,13 @@ impl Queue {
     /// buffer; `*used` ends past the last payload.
     ///
     /// Returns true if it stopped because the next payload did not fit.
-    pub(crate) fn take_pending(&self, data_len: u64, used: &mut u64, max: usize, batch: &mut Batch) -> bool {
+    /// Nothing is taken unless the configuration is still generation
+    /// `pin`.
+    pub(crate) fn take_pending(&self, pin: u32, data_len: u64, used: &mut u64, max: usize, batch: &mut Batch) -> bool {
         let mut st = self.lock();
+        if !st.pinned(pin) {
+            return false;
+        }
         while batch.len < max.min(CHUNK) {
             let Some(tag) = st.front() else { break };
             let slot = &mut st.slots[tag as usize];
@@ -459,7 +530,7 @@ impl Queue {
                     slot.owner = opener;
                     slot.fetcher = Some(process.clone());
                     slot.since = now;
-                    slot.fenced = false;
+                    slot.fenced = None;
                 }
                 None => {
                     slot.at = Where::Pending;
@@ -478,10 +549,10 @@ impl Queue {
     }
 
     /// Takes the fetched request `bio` names (by its `gen` and `tag`) for a
-    /// PUT.
-    pub(crate) fn take_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32) -> Result<Taken, PutError> {
+    /// PUT pinned to configuration `pin`, for work that cannot sleep.
+    pub(crate) fn take_fetched(&self, pin: u32, bio: &AbuseBio, gen: u32, tag: u32) -> Result<Taken, PutError> {
         let mut st = self.lock();
-        let slot = st.fetched_slot(bio, gen, tag)?;
+        let slot = st.fetched_slot(pin, bio, gen, tag)?;
         let rq = slot.rq.take().ok_or(PutError::Stale)?;
         slot.at = Where::Busy;
         Ok(Taken { tag, rq, bio: *bio })
@@ -490,8 +561,8 @@ impl Queue {
     /// Completes the fetched request `bio` names when there is nothing to
     /// copy (not a successful READ): checked, freed and counted in one pass
     /// under the lock.
-    pub(crate) fn complete_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
-        self.retire_fetched(bio, gen, tag, status)?.end(status);
+    pub(crate) fn complete_fetched(&self, pin: u32, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<(), PutError> {
+        self.retire_fetched(pin, bio, gen, tag, status)?.end(status);
         Ok(())
     }
 
@@ -500,18 +571,19 @@ impl Queue {
     /// the caller to end: once its slot is free it is no one else's (no
     /// RESET or timeout finds it, and blk-mq hands its tag out again only
     /// after it ends), so what cannot fail may still be done to its pages.
-    pub(crate) fn retire_fetched(&self, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<Request, PutError> {
+    pub(crate) fn retire_fetched(&self, pin: u32, bio: &AbuseBio, gen: u32, tag: u32, status: Status) -> Result<Request, PutError> {
         let mut st = self.lock();
-        let rq = st.fetched_slot(bio, gen, tag)?.rq.take().ok_or(PutError::Stale)?;
+        let rq = st.fetched_slot(pin, bio, gen, tag)?.rq.take().ok_or(PutError::Stale)?;
         let fetcher = st.retire(tag, Some(status));
         drop(st);
         drop(fetcher);
         Ok(rq)
     }
 
-    /// A PUT could not copy a READ's data: the request stays fetched, or,
-    /// if its owner's file was released meanwhile, is handed out again
-    /// (returns true: a server must be woken).
+    /// A PUT's work on a request it took could not be done (a copy that
+    /// faulted, say): the request is fetched again as it was, or, if its
+    /// owner's file was released meanwhile, handed out again (returns true:
+    /// a server must be woken). One a RESET aborted meanwhile is failed.
     pub(crate) fn untake(&self, t: Taken) -> bool {
         let mut st = self.lock();
         let slot = &mut st.slots[t.tag as usize];
@@ -541,47 +613,146 @@ impl Queue {
         t.rq.end(if aborted { Status::IoErr } else { status });
     }
 
-    /// Fails every pending and fetched request (RESET, DEVICE_FAILURE);
-    /// requests held by a GET/PUT are failed by their holder.
-    pub(crate) fn fail_all(&self) -> Result {
-        let slots = self.lock().slots.len();
-        let mut failed = KVec::with_capacity(slots, GFP_KERNEL)?;
+    /// The fetched request `bio` names is to be moved from a file by the
+    /// current process (`mover`): it stays in its slot, `Moving`, where
+    /// RESET can fail it and the timeout fences the mover.
+    pub(crate) fn start_move(&self, pin: u32, bio: &AbuseBio, gen: u32, tag: u32, mover: &Process) -> Result<(), PutError> {
         let mut st = self.lock();
-        let (mut n, mut freed) = (0u64, 0u32);
-        for slot in st.slots.iter_mut() {
-            match slot.at {
-                Where::Free => continue,
-                Where::Busy => slot.abort = true,
-                Where::Pending | Where::Fetched => {
-                    slot.at = Where::Free;
-                    freed += 1;
-                    slot.owner = 0;
-                    slot.fetcher = None;
-                    if let Some(rq) = slot.rq.take() {
-                        // `failed` has a place for every slot: cannot fail.
-                        let _ = failed.push(rq, GFP_ATOMIC);
-                    }
-                }
-            }
-            slot.gen = slot.gen.wrapping_add(1);
-            n += 1;
+        let slot = st.fetched_slot(pin, bio, gen, tag)?;
+        slot.at = Where::Moving;
+        slot.mover = Some(mover.clone());
+        Ok(())
+    }
+
+    /// A request taken by `take_fetched`, whose data has been copied out,
+    /// goes back to its slot to be moved to a file by `mover` (as
+    /// `start_move`). One a RESET aborted meanwhile is failed instead
+    /// (Stale: there is nothing left to move).
+    pub(crate) fn take_to_move(&self, t: Taken, mover: &Process) -> Result<(), PutError> {
+        let mut st = self.lock();
+        let slot = &mut st.slots[t.tag as usize];
+        if core::mem::replace(&mut slot.abort, false) {
+            st.free(t.tag);
+            drop(st);
+            t.rq.end(Status::IoErr);
+            return Err(PutError::Stale);
         }
-        st.head = 0;
-        st.pending = 0;
-        st.used -= freed;
-        st.counters.completed += n;
-        st.counters.errors += n;
+        slot.rq = Some(t.rq);
+        slot.at = Where::Moving;
+        slot.mover = Some(mover.clone());
+        Ok(())
+    }
+
+    /// The move of request (`gen`, `tag`) was refused or cut short: it is
+    /// fetched again as it was, or handed out again if its owner's file was
+    /// released meanwhile (returns true: a server must be woken). Nothing,
+    /// if RESET or the timeout ended it meanwhile.
+    pub(crate) fn stop_move(&self, gen: u32, tag: u32) -> bool {
+        let mut st = self.lock();
+        let slot = &mut st.slots[tag as usize];
+        if slot.gen != gen || slot.at != Where::Moving {
+            return false;
+        }
+        slot.at = Where::Fetched;
+        let mover = slot.mover.take();
+        // The fence was the mover's; the fetcher gets a timeout of its own
+        // from now (another process's stalled move must not make it look
+        // stale).
+        slot.fenced = None;
+        slot.since = jiffies();
+        let requeue = slot.orphaned;
+        if requeue {
+            st.requeue(tag);
+        }
         drop(st);
-        for rq in failed {
-            rq.end(Status::IoErr);
+        drop(mover);
+        requeue
+    }
+
+    /// The move of request (`gen`, `tag`) is done and it ends with
+    /// `status`: freed and counted under the lock, and given to the caller
+    /// to fill (from the mover's pages, which cannot fail) and end. None if
+    /// RESET or the timeout ended it meanwhile: the late result changes
+    /// nothing.
+    pub(crate) fn finish_move(&self, gen: u32, tag: u32, status: Status) -> Option<Request> {
+        let mut st = self.lock();
+        let slot = &mut st.slots[tag as usize];
+        if slot.gen != gen || slot.at != Where::Moving {
+            return None;
+        }
+        let rq = slot.rq.take()?;
+        let mover = slot.mover.take();
+        let fetcher = st.retire(tag, Some(status));
+        drop(st);
+        drop((mover, fetcher));
+        Some(rq)
+    }
+
+    /// Fails every pending, fetched and moving request (RESET,
+    /// DEVICE_FAILURE); requests held by a GET/PUT for a copy are failed by
+    /// their holder, which returns them without sleeping. Allocates
+    /// nothing, so it cannot fail: the requests are ended a chunk at a
+    /// time, each chunk taken under the lock.
+    pub(crate) fn fail_all(&self) {
+        let mut first = true;
+        loop {
+            let mut failed: [Option<Request>; CHUNK] = core::array::from_fn(|_| None);
+            let mut holders: [Option<Process>; CHUNK] = core::array::from_fn(|_| None);
+            let (mut n, mut more) = (0usize, false);
+            let mut st = self.lock();
+            let (mut counted, mut freed) = (0u64, 0u32);
+            for slot in st.slots.iter_mut() {
+                match slot.at {
+                    Where::Free => continue,
+                    Where::Busy => {
+                        if first && !slot.abort {
+                            slot.abort = true;
+                            slot.gen = slot.gen.wrapping_add(1);
+                            counted += 1;
+                        }
+                        continue;
+                    }
+                    Where::Pending | Where::Fetched | Where::Moving => {}
+                }
+                if n == CHUNK {
+                    more = true;
+                    break;
+                }
+                slot.at = Where::Free;
+                slot.gen = slot.gen.wrapping_add(1);
+                slot.owner = 0;
+                slot.orphaned = false;
+                holders[n] = slot.fetcher.take().or(slot.mover.take());
+                slot.mover = None;
+                failed[n] = slot.rq.take();
+                n += 1;
+                freed += 1;
+                counted += 1;
+            }
+            if !more {
+                // Every pending request has been failed.
+                st.head = 0;
+                st.pending = 0;
+            }
+            st.used -= freed;
+            st.counters.completed += counted;
+            st.counters.errors += counted;
+            drop(st);
+            first = false;
+            drop(holders);
+            for rq in failed.into_iter().flatten() {
+                rq.end(Status::IoErr);
+            }
+            if !more {
+                break;
+            }
         }
         self.waiters.wake_all();
-        Ok(())
     }
 
     /// The open file `opener` is gone (its process exited, or was killed by
     /// the timeout): what it fetched goes to the next server. A request of
-    /// its that another file's PUT is copying is marked, and requeued if that
+    /// its that a PUT is copying or moving is marked, and requeued if that
     /// PUT gives it back. Returns whether any was requeued.
     pub(crate) fn release(&self, opener: u64) -> bool {
         let mut st = self.lock();
@@ -592,7 +763,7 @@ impl Queue {
                 continue;
             }
             match slot.at {
-                Where::Busy => slot.orphaned = true,
+                Where::Busy | Where::Moving => slot.orphaned = true,
                 Where::Fetched => {
                     st.requeue(tag);
                     any = true;
@@ -676,50 +847,104 @@ impl Queue {
         slot.flags = flags;
         slot.abort = false;
         slot.orphaned = false;
-        slot.fenced = false;
+        slot.fenced = None;
         slot.owner = 0;
+        slot.mover = None;
         slot.rq = Some(rq.start());
         st.used += 1;
         st.push_back(tag);
         Ok(true)
     }
 
-    /// blk-mq's timer fired for the request with `tag`.
-    pub(crate) fn timeout(&self, tag: u32) {
+    /// blk-mq's timer fired for the request with `tag`. A request fetched
+    /// (or being moved) for longer than the timeout fences its holder: the
+    /// holder's thread group is killed and the request kept. At the next
+    /// firings, once that group has exited the request is pending again
+    /// (its file may live on in another process), and if the group outlives
+    /// its SIGKILL by a further timeout period the request is failed.
+    pub(crate) fn timeout(&self, tag: u32) -> Timeout {
         let mut st = self.lock();
-        let Some(live) = st.live else { return };
+        let Some(live) = st.live else { return Timeout::Kept };
         if live.timeout_jiffies == 0 {
-            return;
+            return Timeout::Kept;
         }
         let now = jiffies();
-        let Some(slot) = st.slots.get_mut(tag as usize) else { return };
-        if slot.at != Where::Fetched || now.wrapping_sub(slot.since) < live.timeout_jiffies {
+        let Some(slot) = st.slots.get_mut(tag as usize) else { return Timeout::Kept };
+        let moving = match slot.at {
+            Where::Fetched => false,
+            Where::Moving => true,
+            _ => return Timeout::Kept,
+        };
+        if now.wrapping_sub(slot.since) < live.timeout_jiffies {
+            return Timeout::Kept;
+        }
+        let holder = if moving { slot.mover.clone() } else { slot.fetcher.clone() };
+        let Some(holder) = holder else { return Timeout::Kept };
+        let (gen, cmd, sector) = (slot.gen, slot.cmd, slot.sector);
+        let Some(fenced_at) = slot.fenced else {
+            // First time: fence.
+            slot.fenced = Some(now);
+            st.counters.timeouts += 1;
+            drop(st);
+            self.log_fence(&holder, cmd, sector, live.timeout_ms, false);
+            holder.kill();
+            return Timeout::Kept;
+        };
+        drop(st);
+        // Out of the lock: looks the process up (takes and drops a task
+        // reference).
+        let exited = holder.exited();
+        let grace = live.timeout_jiffies.max(msecs_to_jiffies(FENCE_GRACE_MS));
+        if !exited && now.wrapping_sub(fenced_at) < grace {
+            // Still dying, or SIGKILL has not reached a thread yet.
+            holder.kill();
+            return Timeout::Kept;
+        }
+        let mut st = self.lock();
+        let slot = &mut st.slots[tag as usize];
+        if slot.gen != gen || !matches!(slot.at, Where::Fetched | Where::Moving) {
+            return Timeout::Kept;
+        }
+        if exited {
+            // The fence is complete: the group runs no more code, and its
+            // file is held open by another process (or is about to be
+            // released, which would requeue it the same way).
+            if moving {
+                // Its PUT returns it as it unwinds.
+                return Timeout::Kept;
+            }
+            st.requeue(tag);
+            return Timeout::Requeued;
+        }
+        // Unkillable: fail the request, which ends the wait it may be part
+        // of. A late PUT finds it gone.
+        let Some(rq) = slot.rq.take() else { return Timeout::Kept };
+        let fetcher = st.retire(tag, Some(Status::IoErr));
+        drop(st);
+        drop(fetcher);
+        self.log_fence(&holder, cmd, sector, live.timeout_ms, true);
+        rq.end(Status::IoErr);
+        Timeout::Failed
+    }
+
+    fn log_fence(&self, holder: &Process, cmd: u16, sector: u64, timeout_ms: u32, failed: bool) {
+        let pid = holder.pid();
+        if !fence_log_allowed(pid, !failed) {
             return;
         }
-        // Fence: the request stays fetched until its file is released,
-        // which the kill brings about; it is never handed to another server
-        // while its fetcher might still write it.
-        let Some(fetcher) = slot.fetcher.clone() else { return };
-        let (cmd, sector) = (slot.cmd, slot.sector);
-        if !core::mem::replace(&mut slot.fenced, true) {
-            st.counters.timeouts += 1;
-        }
-        let pid = fetcher.pid();
-        let log = &mut st.fence_log;
-        let tell = log.pid != pid || now.wrapping_sub(log.at) >= msecs_to_jiffies(FENCE_LOG_INTERVAL_MS);
-        if tell {
-            *log = FenceLog { pid, at: now };
-        }
-        drop(st);
-        if tell {
-            let comm = fetcher.comm();
-            let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-            let name = core::str::from_utf8(&comm[..len]).unwrap_or("?");
+        let comm = holder.comm();
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        let name = core::str::from_utf8(&comm[..len]).unwrap_or("?");
+        if failed {
+            pr_warn!(
+                "abuse{}: server pid {} ({}) did not exit after SIGKILL: failing its request (cmd {}, sector {})\n",
+                self.index, pid, name, cmd, sector
+            );
+        } else {
             pr_warn!(
                 "abuse{}: server pid {} ({}) held a request (cmd {}, sector {}) past the {} ms timeout: killing it; its requests go to the next server once it has exited\n",
-                self.index, pid, name, cmd, sector, live.timeout_ms
+                self.index, pid, name, cmd, sector, timeout_ms
             );
         }
-        fetcher.kill();
     }
 }

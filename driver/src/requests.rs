@@ -14,7 +14,7 @@
 //! request queued while a server goes to sleep is either seen by the server
 //! or wakes it.
 
-use crate::queue::{Counters, Live, Queue};
+use crate::queue::{Counters, Live, Queue, Timeout};
 use crate::sys::blk::{NewRequest, QueueOps};
 use crate::sys::{poll_events, PollTable};
 use core::sync::atomic::{fence, AtomicU32, Ordering};
@@ -119,12 +119,12 @@ impl Requests {
         q.waiters().sleep_exclusive(jiffies, || self.any_pending());
     }
 
-    /// Fails every pending and fetched request (RESET, DEVICE_FAILURE).
-    pub(crate) fn fail_all(&self) -> Result {
+    /// Fails every pending, fetched and moving request (RESET,
+    /// DEVICE_FAILURE). Cannot fail.
+    pub(crate) fn fail_all(&self) {
         for q in self.queues.iter() {
-            q.fail_all()?;
+            q.fail_all();
         }
-        Ok(())
     }
 
     /// The open file `opener` is gone: what it fetched is handed out again.
@@ -160,9 +160,15 @@ impl QueueOps for Requests {
         Ok(())
     }
 
-    fn timeout(&self, hw: u32, tag: u32) {
-        if let Some(q) = self.get(hw) {
-            q.timeout(tag);
+    fn timeout(&self, hw: u32, tag: u32) -> bool {
+        let Some(q) = self.get(hw) else { return false };
+        match q.timeout(tag) {
+            Timeout::Kept => false,
+            Timeout::Requeued => {
+                self.wake_for(hw);
+                false
+            }
+            Timeout::Failed => true,
         }
     }
 }

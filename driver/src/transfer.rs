@@ -1,16 +1,40 @@
 // SPDX-License-Identifier: GPL-2.0
 //! GET_BIO, PUT_BIO and SERVE: moving requests and their data between the
 //! queues and a server's memory, in the server's process context. Data is
-//! copied once, between the request's pages and the server's buffer, or
-//! between them and a file the server names (ABUSE_BIO_FILE); nothing is
-//! allocated per call (requests move in fixed chunks).
+//! copied once between the request's pages and the server's buffer, with
+//! page faults disabled (a fault puts the request back, faults the memory
+//! in with nothing held, and tries again); or moved between a file the
+//! server names (ABUSE_BIO_FILE) and pages of the PUT's own, the request
+//! staying in its slot meanwhile (see `sys::bounce`). Fetching allocates
+//! nothing (requests move in fixed chunks).
 
+use crate::device::Device;
 use crate::queue::{split_id, Batch, PutError, CHUNK};
 use crate::requests::Requests;
-use crate::sys::{blk::Status, file::File, msecs_to_jiffies, Process, ENOMSG, ESTALE};
+use crate::sys::{bounce::Bounce, blk::Status, file::File, msecs_to_jiffies, user, NoIoScope, Process, ENOMSG, ESTALE};
 use crate::uapi::*;
 use core::mem::size_of;
 use kernel::{prelude::*, uaccess::UserSlice};
+
+/// How often a copy that faults is retried (the memory faulted in each
+/// time) before the call fails with EFAULT, the requests left as they were.
+const FAULT_RETRIES: u32 = 8;
+
+/// One GET/PUT/SERVE call: the device's queues, the driver's block major
+/// (no file a request's data is moved to may live on one of its disks), the
+/// configuration generation the call is pinned to, and the open file.
+pub(crate) struct Call<'a> {
+    reqs: &'a Requests,
+    major: u32,
+    pin: u32,
+    opener: u64,
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(dev: &'a Device, pin: u32, opener: u64) -> Self {
+        Call { reqs: dev.requests(), major: dev.major(), pin, opener }
+    }
+}
 
 /// Reads and checks a GET_BIO/PUT_BIO header at `arg`, whose flags may be
 /// `flags`.
@@ -57,12 +81,14 @@ struct Fetched {
 }
 
 /// Fetches pending requests, from queue `hint` first, into `dst`. A copy
-/// that fails puts its chunk back, first in line; what was fetched before
-/// it stays fetched and is reported (the fault comes back on the next call).
-fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched> {
+/// that faults puts its chunk back, first in line, faults the server's
+/// memory in and tries again; what was fetched before it stays fetched and
+/// is reported.
+fn fetch(call: &Call<'_>, hint: u32, dst: &Dest) -> Result<Fetched> {
     let mut process = None;
     let (mut n, mut used) = (0u32, 0u64);
-    for q in reqs.from_hint(hint) {
+    let mut faults = 0;
+    for q in call.reqs.from_hint(hint) {
         // An empty queue's lock is left alone (a request queued meanwhile
         // is found by the check before sleeping, or wakes a sleeper).
         if !q.has_pending() {
@@ -74,20 +100,38 @@ fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched>
                 return Ok(Fetched { n, no_room: false });
             }
             let mut batch = Batch::new();
-            let no_room = q.take_pending(dst.data_len, &mut used, want, &mut batch);
+            let start = used;
+            let no_room = q.take_pending(call.pin, dst.data_len, &mut used, want, &mut batch);
             let got = batch.len();
             if got > 0 {
                 let at = dst.bios + n as u64 * size_of::<AbuseBio>() as u64;
                 match hand_out(at, dst, &batch) {
                     Ok(()) => {
                         let process = process.get_or_insert_with(Process::current);
-                        q.fetched(batch, opener, process);
+                        q.fetched(batch, call.opener, process);
                         n += got as u32;
                     }
                     Err(e) => {
                         q.unfetch(batch);
-                        reqs.wake_for(q.hw());
-                        return if n > 0 { Ok(Fetched { n, no_room: false }) } else { Err(e) };
+                        call.reqs.wake_for(q.hw());
+                        if n > 0 {
+                            return Ok(Fetched { n, no_room: false });
+                        }
+                        faults += 1;
+                        if faults > FAULT_RETRIES {
+                            return Err(e);
+                        }
+                        // Nothing held: fault in where this chunk goes
+                        // (descriptors, and the payloads' part of the
+                        // buffer), then take it again.
+                        let descs = got * size_of::<AbuseBio>();
+                        user::fault_in_writeable(at as usize, descs)?;
+                        if !dst.descriptors && used > start {
+                            let from = dst.data.checked_add(start).ok_or(EFAULT)?;
+                            user::fault_in_writeable(from as usize, (used - start) as usize)?;
+                        }
+                        used = start;
+                        continue;
                     }
                 }
             }
@@ -104,9 +148,10 @@ fn fetch(reqs: &Requests, opener: u64, hint: u32, dst: &Dest) -> Result<Fetched>
 }
 
 /// Copies WRITE payloads into the data buffer (unless `dst` takes
-/// descriptors only) and the descriptors to `bios`.
+/// descriptors only) and the descriptors to `bios`, with page faults
+/// disabled (the requests are held: no sleeping).
 fn hand_out(bios: u64, dst: &Dest, batch: &Batch) -> Result {
-    let mut descs = UserSlice::new(bios as usize, batch.len() * size_of::<AbuseBio>()).writer();
+    let mut at = bios as usize;
     for t in batch.items() {
         let mut bio = t.bio;
         let has_data = matches!(bio.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) && bio.len > 0;
@@ -116,23 +161,23 @@ fn hand_out(bios: u64, dst: &Dest, batch: &Batch) -> Result {
             // `addr` holds the payload's offset in the buffer.
             bio.addr = dst.data.checked_add(bio.addr).ok_or(EFAULT)?;
             if bio.cmd == ABUSE_CMD_WRITE {
-                let mut dst = UserSlice::new(bio.addr as usize, bio.len as usize).writer();
-                t.rq.copy_to_user(&mut dst)?;
+                t.rq.copy_to_user_nofault(bio.addr as usize)?;
             }
         }
-        descs.write(&bio)?;
+        user::write_value_nofault(at, &bio)?;
+        at += size_of::<AbuseBio>();
     }
     Ok(())
 }
 
 /// ABUSE_GET_BIO: fetches pending requests for the server.
-pub(crate) fn get_bio(reqs: &Requests, opener: u64, arg: usize) -> Result<isize> {
+pub(crate) fn get_bio(call: &Call<'_>, arg: usize) -> Result<isize> {
     let mut x = read_xfer(arg, ABUSE_XFER_DESCRIPTORS)?;
     // The header must take the count back: checked before anything is
     // fetched, so that fetched requests are never left unreported.
     write_back(arg, &x)?;
     let dst = Dest::new(x.bios, x.data, x.data_len, x.count, x.flags);
-    let got = fetch(reqs, opener, opener as u32, &dst)?;
+    let got = fetch(call, call.opener as u32, &dst)?;
     if got.n == 0 {
         // The next request's payload does not fit the buffer at all.
         return Err(if got.no_room { EINVAL } else { ENOMSG() });
@@ -143,11 +188,10 @@ pub(crate) fn get_bio(reqs: &Requests, opener: u64, arg: usize) -> Result<isize>
 }
 
 /// ABUSE_PUT_BIO: completes fetched requests, in order, stopping at the
-/// first entry that fails; writes back how many completed. `major`: the
-/// driver's block major (no request's file may be one of its devices).
-pub(crate) fn put_bio(reqs: &Requests, major: u32, arg: usize) -> Result<isize> {
+/// first entry that fails; writes back how many completed.
+pub(crate) fn put_bio(call: &Call<'_>, arg: usize) -> Result<isize> {
     let mut x = read_xfer(arg, 0)?;
-    let (done, result) = complete(reqs, major, x.bios, x.count);
+    let (done, result) = complete(call, x.bios, x.count);
     x.count = done;
     let written = write_back(arg, &x);
     result.and(written).map(|()| 0)
@@ -155,7 +199,8 @@ pub(crate) fn put_bio(reqs: &Requests, major: u32, arg: usize) -> Result<isize> 
 
 /// ABUSE_SERVE: completes a batch, then fetches the next, sleeping when
 /// none is pending.
-pub(crate) fn serve(reqs: &Requests, major: u32, opener: u64, arg: usize) -> Result<isize> {
+pub(crate) fn serve(call: &Call<'_>, arg: usize) -> Result<isize> {
+    let reqs = call.reqs;
     let mut x: AbuseServe = UserSlice::new(arg, size_of::<AbuseServe>()).reader().read()?;
     let valid = x.flags & !ABUSE_XFER_DESCRIPTORS == 0
         && x.reserved0 == 0
@@ -168,14 +213,14 @@ pub(crate) fn serve(reqs: &Requests, major: u32, opener: u64, arg: usize) -> Res
     }
     // As in GET_BIO: the counts must be able to go back.
     write_back(arg, &x)?;
-    let (done, result) = complete(reqs, major, x.bios, x.put);
+    let (done, result) = complete(call, x.bios, x.put);
     x.put = done;
     let fetched = result.and_then(|()| {
         let dst = Dest::new(x.bios, x.data, x.data_len, x.count, x.flags);
-        let mut got = fetch(reqs, opener, x.queue, &dst)?;
+        let mut got = fetch(call, x.queue, &dst)?;
         if got.n == 0 && !got.no_room && x.wait_ms > 0 {
             reqs.sleep(x.queue, msecs_to_jiffies(x.wait_ms));
-            got = fetch(reqs, opener, x.queue, &dst)?;
+            got = fetch(call, x.queue, &dst)?;
         }
         if got.n == 0 && got.no_room {
             // The next request's payload does not fit the buffer at all;
@@ -192,7 +237,7 @@ pub(crate) fn serve(reqs: &Requests, major: u32, opener: u64, arg: usize) -> Res
 
 /// Completes the `count` entries at `bios` in order, stopping at the first
 /// that fails: how many completed, and the failure.
-fn complete(reqs: &Requests, major: u32, bios: u64, count: u32) -> (u32, Result) {
+fn complete(call: &Call<'_>, bios: u64, count: u32) -> (u32, Result) {
     let mut reader = UserSlice::new(bios as usize, count as usize * size_of::<AbuseBio>()).reader();
     let mut done = 0u32;
     while done < count {
@@ -200,7 +245,7 @@ fn complete(reqs: &Requests, major: u32, bios: u64, count: u32) -> (u32, Result)
             Ok(bio) => bio,
             Err(e) => return (done, Err(e)),
         };
-        if let Err(e) = put_one(reqs, major, &bio) {
+        if let Err(e) = put_one(call, &bio) {
             return (done, Err(e));
         }
         done += 1;
@@ -233,97 +278,139 @@ fn status_of(bio: &AbuseBio) -> Option<Status> {
         (ABUSE_RESULT_MEDIA_FAILURE | ABUSE_RESULT_DEVICE_FAILURE, true)
             if (1..=ABUSE_MAX_ERRNO).contains(&bio.error) =>
         {
-            Some(Status::Errno(bio.error))
+            Some(Status::from_errno(bio.error))
         }
         _ => None,
     }
 }
 
-fn put_one(reqs: &Requests, major: u32, bio: &AbuseBio) -> Result {
+/// Why a PUT entry was refused, as its errno.
+fn refused(e: PutError) -> Error {
+    match e {
+        PutError::Stale => ESTALE(),
+        PutError::Mismatch => EINVAL,
+        PutError::Busy => EBUSY,
+    }
+}
+
+fn put_one(call: &Call<'_>, bio: &AbuseBio) -> Result {
     // Checked before the request is touched: a bad entry changes nothing.
     let status = status_of(bio).ok_or(EINVAL)?;
     let (gen, hw, tag) = split_id(bio.id);
-    let q = reqs.get(hw).ok_or_else(ESTALE)?;
-    let refused = |e| match e {
-        PutError::Stale => ESTALE(),
-        PutError::Mismatch => EINVAL,
-    };
+    let q = call.reqs.get(hw).ok_or_else(ESTALE)?;
     if bio.flags & ABUSE_BIO_FILE != 0 && bio.len > 0 {
-        let write = bio.cmd == ABUSE_CMD_WRITE;
-        let file = File::get(bio.error)?;
-        if !file.opened_for(write) {
-            return Err(EBADF);
-        }
-        if file.is_block_device_of(major) {
-            // Its requests could wait on this very PUT.
-            return Err(EINVAL);
-        }
-        // Out of the slot during the I/O, which sleeps (as for a copy).
-        let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
-        let (moved, res) = t.rq.file_io(&file, bio.addr, write);
-        let short = res.is_err() || moved < bio.len as usize;
-        let refusal = match res {
-            // A signal cut the I/O short (the server is being killed, say):
-            // the request is the next server's to do whole, not a failure.
-            _ if short && kernel::current!().signal_pending() => Some(EINTR),
-            // The file refused the operation before doing any (not open
-            // for it, no such operation, misaligned O_DIRECT): a bad PUT.
-            Err(e) if moved == 0 && (e == EBADF || e == EINVAL) => Some(e),
-            _ => None,
-        };
-        if let Some(e) = refusal {
-            if q.untake(t) {
-                reqs.wake_for(hw);
-            }
-            return Err(e);
-        }
-        let status = match res {
-            Err(e) => Status::Errno(e.to_errno().unsigned_abs()),
-            // A WRITE that came up short, as loop takes it.
-            Ok(()) if write && moved < bio.len as usize => Status::Errno(EIO.to_errno().unsigned_abs()),
-            // The request's own FUA, whatever the entry says.
-            Ok(()) if write && t.rq.is_fua() => match file.sync_range(bio.addr, bio.len as u64) {
-                Ok(()) => Status::Ok,
-                Err(e) => Status::Errno(e.to_errno().unsigned_abs()),
-            },
-            Ok(()) => {
-                // Past the file's end a READ reads zeroes.
-                if moved < bio.len as usize {
-                    t.rq.zero_fill(moved);
-                }
-                Status::Ok
-            }
-        };
-        q.complete(t, status);
-        return Ok(());
+        return put_file(call, bio);
     }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 && bio.flags & ABUSE_BIO_ZEROES != 0 {
         // Nothing is read from user memory, so nothing can fail: retired
         // first (one pass under the lock), then filled out of the lock (up
         // to max_bytes of memset) and ended.
-        let rq = q.retire_fetched(bio, gen, tag, Status::Ok).map_err(refused)?;
+        let rq = q.retire_fetched(call.pin, bio, gen, tag, Status::Ok).map_err(refused)?;
         rq.zero_fill(0);
         rq.end(Status::Ok);
         return Ok(());
     }
     if bio.result == ABUSE_RESULT_OKAY && bio.cmd == ABUSE_CMD_READ && bio.len > 0 {
-        // Out of the slot while its data is copied from user memory (which
-        // may fault and sleep): a RESET meanwhile only marks it.
-        let t = q.take_fetched(bio, gen, tag).map_err(refused)?;
-        let mut src = UserSlice::new(bio.addr as usize, bio.len as usize).reader();
-        if let Err(e) = t.rq.copy_from_user(&mut src) {
-            // Still fetched: a correct PUT can complete it.
-            if q.untake(t) {
-                reqs.wake_for(hw);
+        // Out of the slot while its data is copied from user memory, with
+        // page faults disabled; a fault puts it back and is taken with
+        // nothing held.
+        let mut faults = 0;
+        loop {
+            let t = q.take_fetched(call.pin, bio, gen, tag).map_err(refused)?;
+            match t.rq.copy_from_user_nofault(bio.addr as usize) {
+                Ok(()) => {
+                    q.complete(t, Status::Ok);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Still fetched: a correct PUT can complete it.
+                    if q.untake(t) {
+                        call.reqs.wake_for(hw);
+                    }
+                    faults += 1;
+                    if faults > FAULT_RETRIES {
+                        return Err(e);
+                    }
+                    user::fault_in_readable(bio.addr as usize, bio.len as usize)?;
+                }
             }
-            return Err(e);
         }
-        q.complete(t, Status::Ok);
-        return Ok(());
     }
-    q.complete_fetched(bio, gen, tag, status).map_err(refused)?;
+    q.complete_fetched(call.pin, bio, gen, tag, status).map_err(refused)?;
     if bio.result == ABUSE_RESULT_DEVICE_FAILURE {
-        reqs.fail_all()?;
+        call.reqs.fail_all();
     }
+    Ok(())
+}
+
+/// A READ or WRITE completed with ABUSE_BIO_FILE: the driver moves its data
+/// between the request and the file `bio.error` names, at byte `bio.addr`.
+/// The file I/O goes through pages of this call's own while the request
+/// stays in its slot (`Moving`): RESET fails it there, the timeout fences
+/// this process, and a result that comes too late changes nothing.
+fn put_file(call: &Call<'_>, bio: &AbuseBio) -> Result {
+    let (gen, hw, tag) = split_id(bio.id);
+    let q = call.reqs.get(hw).ok_or_else(ESTALE)?;
+    let write = bio.cmd == ABUSE_CMD_WRITE;
+    let file = File::get(bio.error)?;
+    if !file.opened_for(write) {
+        return Err(EBADF);
+    }
+    // What loop accepts, and never a file whose data lives on one of this
+    // driver's disks: its I/O could queue behind the very request it is
+    // for.
+    if !file.is_regular_or_block() || file.lives_on_major(call.major) {
+        return Err(EINVAL);
+    }
+    let len = bio.len as usize;
+    let mut bounce = Bounce::new(len)?;
+    let mover = Process::current();
+    let mut fua = false;
+    if write {
+        // The payload is copied out while the request is held (no sleep),
+        // then the request goes back to its slot for the write.
+        let t = q.take_fetched(call.pin, bio, gen, tag).map_err(refused)?;
+        t.rq.copy_to_bounce(&mut bounce);
+        fua = t.rq.is_fua();
+        q.take_to_move(t, &mover).map_err(refused)?;
+    } else {
+        q.start_move(call.pin, bio, gen, tag, &mover).map_err(refused)?;
+    }
+    let (moved, res) = {
+        let _noio = NoIoScope::enter();
+        let (moved, res) = bounce.file_io(&file, bio.addr, write);
+        // The request's own FUA, whatever the entry says.
+        let sync = fua && res.is_ok() && moved == len;
+        (moved, if sync { file.sync_range(bio.addr, len as u64) } else { res })
+    };
+    let short = res.is_err() || moved < len;
+    let refusal = match res {
+        // A signal cut the I/O short (the server is being killed, say):
+        // the request is the next server's to do whole, not a failure.
+        _ if short && kernel::current!().signal_pending() => Some(EINTR),
+        // The file refused the operation before doing any (no such
+        // operation, misaligned O_DIRECT): a bad PUT.
+        Err(e) if moved == 0 && (e == EBADF || e == EINVAL) => Some(e),
+        _ => None,
+    };
+    if let Some(e) = refusal {
+        if q.stop_move(gen, tag) {
+            call.reqs.wake_for(hw);
+        }
+        return Err(e);
+    }
+    let status = match res {
+        Err(e) => Status::from_errno(e.to_errno().unsigned_abs()),
+        // A WRITE that came up short, as loop takes it.
+        Ok(()) if write && moved < len => Status::IoErr,
+        Ok(()) => Status::Ok,
+    };
+    // Gone meanwhile (RESET, the timeout): nothing changes.
+    let rq = q.finish_move(gen, tag, status).ok_or_else(ESTALE)?;
+    if !write && status == Status::Ok {
+        // Past the file's end a READ reads zeroes.
+        rq.copy_from_bounce(&bounce, moved);
+    }
+    rq.end(status);
     Ok(())
 }

@@ -10,7 +10,6 @@ use kernel::{
     prelude::*,
     static_lock_class,
     str::{CStr, CString},
-    uaccess::{UserSliceReader, UserSliceWriter},
     sync::Arc,
     fmt,
     types::Opaque,
@@ -54,12 +53,34 @@ pub(crate) enum Status {
     IoErr,
     NotSupp,
     /// The block status for a positive errno from a server, as loop maps
-    /// its backing file's errors (`errno_to_blk_status`): ENOSPC becomes
-    /// "no space", EOPNOTSUPP "not supported", unknown ones an I/O error.
+    /// its backing file's errors (`errno_to_blk_status`). Only through
+    /// [`Status::from_errno`], which keeps it to the statuses a device may
+    /// report.
     Errno(u32),
 }
 
+/// The errnos a server may fail a request with, as their block statuses:
+/// what a disk reports. The statuses the block layer keeps for itself
+/// (AGAIN for nowait I/O, the RESOURCE ones that requeue, DM_REQUEUE, the
+/// zone ones, OFFLINE) are never a server's to give.
+const SERVER_ERRNOS: [u32; 8] = [
+    bindings::EIO,
+    bindings::ENOSPC,
+    bindings::EOPNOTSUPP,
+    bindings::ENODATA,
+    bindings::EILSEQ,
+    bindings::ETIMEDOUT,
+    bindings::ENOLINK,
+    bindings::EREMOTEIO,
+];
+
 impl Status {
+    /// The status for a server's (positive) errno: its own for those in
+    /// the whitelist, an I/O error for every other.
+    pub(crate) fn from_errno(errno: u32) -> Status {
+        if SERVER_ERRNOS.contains(&errno) { Status::Errno(errno) } else { Status::IoErr }
+    }
+
     fn raw(self) -> bindings::blk_status_t {
         match self {
             Status::Ok => bindings::BLK_STS_OK as bindings::blk_status_t,
@@ -181,23 +202,57 @@ impl Request {
         self.raw().cmd_flags & bindings::REQ_FUA != 0
     }
 
-    /// Copies the request's data (a WRITE's payload) to user memory.
-    pub(crate) fn copy_to_user(&self, dst: &mut UserSliceWriter) -> Result {
+    /// Copies the request's data (a WRITE's payload) to user address
+    /// `addr`, without sleeping: EFAULT if the destination is not mapped
+    /// for writing now (see `super::user`).
+    pub(crate) fn copy_to_user_nofault(&self, mut addr: usize) -> Result {
         self.for_each_chunk(|chunk, len| {
             // SAFETY: `for_each_chunk` passes a mapped range of `len` bytes
             // of the request's pages; nothing else writes them while the
             // driver owns the request.
-            dst.write_slice(unsafe { core::slice::from_raw_parts(chunk, len) })
+            super::user::write_nofault(addr, unsafe { core::slice::from_raw_parts(chunk, len) })?;
+            addr += len;
+            Ok(())
         })
     }
 
-    /// Fills the request's data (a READ's result) from user memory.
-    pub(crate) fn copy_from_user(&self, src: &mut UserSliceReader) -> Result {
+    /// Fills the request's data (a READ's result) from user address `addr`,
+    /// without sleeping: EFAULT if the source is not mapped now.
+    pub(crate) fn copy_from_user_nofault(&self, mut addr: usize) -> Result {
         self.for_each_chunk(|chunk, len| {
-            // SAFETY: as in `copy_to_user`; the pages are the request's own
-            // until it is ended, and no one else accesses them meanwhile.
-            src.read_slice(unsafe { core::slice::from_raw_parts_mut(chunk, len) })
+            // SAFETY: as in `copy_to_user_nofault`; the pages are the
+            // request's own until it is ended, and no one else accesses them.
+            super::user::read_nofault(unsafe { core::slice::from_raw_parts_mut(chunk, len) }, addr)?;
+            addr += len;
+            Ok(())
         })
+    }
+
+    /// Copies the request's data into `bounce` (a WRITE's payload, before
+    /// it is written to a file).
+    pub(crate) fn copy_to_bounce(&self, bounce: &mut super::bounce::Bounce) {
+        let mut at = 0usize;
+        let _ = self.for_each_chunk(|chunk, len| {
+            // SAFETY: as in `copy_to_user_nofault`.
+            bounce.write_at(at, unsafe { core::slice::from_raw_parts(chunk, len) });
+            at += len;
+            Ok(())
+        });
+    }
+
+    /// Fills the first `n` bytes of the request's data from `bounce` and
+    /// the rest with zeroes (a READ, `n` bytes of it read from a file).
+    pub(crate) fn copy_from_bounce(&self, bounce: &super::bounce::Bounce, n: usize) {
+        let mut at = 0usize;
+        let _ = self.for_each_chunk(|chunk, len| {
+            let from_file = n.saturating_sub(at).min(len);
+            // SAFETY: as in `copy_from_user_nofault`; `from_file <= len`.
+            let dst = unsafe { core::slice::from_raw_parts_mut(chunk, len) };
+            bounce.read_at(at, &mut dst[..from_file]);
+            dst[from_file..].fill(0);
+            at += len;
+            Ok(())
+        });
     }
 
     /// Fills the request's data with zeroes from byte `from` on (a READ of
@@ -213,57 +268,6 @@ impl Request {
             unsafe { core::ptr::write_bytes(chunk.add(skip), 0, len - skip) };
             Ok(())
         });
-    }
-
-    /// Moves the request's data between its pages and `file` from byte
-    /// `pos` on: a READ's pages are read from the file, a WRITE's written
-    /// to it (`vfs_iter_read`/`vfs_iter_write` over each bio's vector, as
-    /// loop does), in the calling process's context. Returns the bytes
-    /// moved, stopping short at the file's end; an error comes with what
-    /// moved before it.
-    pub(crate) fn file_io(&self, file: &super::file::File, pos: u64, write: bool) -> (usize, Result) {
-        let mut pos = pos as i64;
-        let mut moved = 0usize;
-        let mut bio = self.raw().bio;
-        while !bio.is_null() {
-            // SAFETY: as in `for_each_chunk`: live, unmodified bios.
-            let b = unsafe { &*bio };
-            let (idx, done, size) = (b.bi_iter.bi_idx as usize, b.bi_iter.bi_bvec_done, b.bi_iter.bi_size);
-            // The vectors from `idx` that hold `done + size` bytes (a split
-            // bio shares its parent's vector: `bi_vcnt` is not its own).
-            let (mut nr, mut covered) = (0usize, 0u64);
-            while covered < done as u64 + size as u64 {
-                // SAFETY: `bi_iter` describes bytes within `bi_io_vec`, so
-                // these vectors exist.
-                covered += unsafe { (*b.bi_io_vec.add(idx + nr)).bv_len } as u64;
-                nr += 1;
-            }
-            // SAFETY: all-zero is a valid (empty) iterator for
-            // `iov_iter_bvec` to initialise.
-            let mut iter: bindings::iov_iter = unsafe { core::mem::zeroed() };
-            let dir = if write { bindings::ITER_SOURCE } else { bindings::ITER_DEST };
-            // SAFETY: `nr` vectors from `idx` are the bio's; the request's
-            // pages stay ours, unmapped by no one, until it is ended.
-            unsafe { bindings::iov_iter_bvec(&mut iter, dir, b.bi_io_vec.add(idx), nr as _, size as usize) };
-            iter.iov_offset = done as usize;
-            let ret = if write {
-                // SAFETY: a live file and an iterator over live pages; the
-                // call may sleep (we hold no lock: an ioctl).
-                unsafe { bindings::vfs_iter_write(file.as_ptr(), &mut iter, &mut pos, 0) }
-            } else {
-                // SAFETY: as above.
-                unsafe { bindings::vfs_iter_read(file.as_ptr(), &mut iter, &mut pos, 0) }
-            };
-            if ret < 0 {
-                return (moved, Err(Error::from_errno(ret as i32)));
-            }
-            moved += ret as usize;
-            if (ret as usize) < size as usize {
-                break;
-            }
-            bio = b.bi_next;
-        }
-        (moved, Ok(()))
     }
 
     /// Calls `f` on every piece of the request's data, one page at a time
@@ -332,8 +336,9 @@ pub(crate) trait QueueOps: Send + Sync + Sized + 'static {
     /// it and dispatches it again when one of the queue's requests ends.
     fn queue_rq(&self, hw: u32, rq: NewRequest) -> Result<(), NewRequest>;
     /// blk-mq's timer fired for the request with `tag` on hardware queue
-    /// `hw`; the request stays the driver's and its timer is re-armed.
-    fn timeout(&self, hw: u32, tag: u32);
+    /// `hw`. Returns true if the driver ended the request; otherwise it
+    /// stays the driver's and its timer is re-armed.
+    fn timeout(&self, hw: u32, tag: u32) -> bool;
 }
 
 struct OpsTable<T>(PhantomData<T>);
@@ -380,8 +385,12 @@ impl<T: QueueOps> OpsTable<T> {
         // handler runs.
         let (data, hw, tag) =
             unsafe { (&*(*(*rq).q).queuedata.cast::<T>(), (*(*rq).mq_hctx).queue_num, (*rq).tag as u32) };
-        data.timeout(hw, tag);
-        bindings::blk_eh_timer_return_BLK_EH_RESET_TIMER
+        if data.timeout(hw, tag) {
+            // Ended by the handler: blk-mq must not re-arm it.
+            bindings::blk_eh_timer_return_BLK_EH_DONE
+        } else {
+            bindings::blk_eh_timer_return_BLK_EH_RESET_TIMER
+        }
     }
 }
 

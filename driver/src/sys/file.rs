@@ -5,10 +5,12 @@
 use core::ptr::NonNull;
 use kernel::{bindings, prelude::*};
 
-/// `FMODE_READ` and `FMODE_WRITE` (`__force fmode_t` casts bindgen cannot
+/// `FMODE_READ`, `FMODE_WRITE`, `FMODE_PREAD` and `FMODE_PWRITE` (`__force fmode_t` casts bindgen cannot
 /// evaluate; their values have been fixed since the first Linux).
 const FMODE_READ: u32 = 1 << 0;
 const FMODE_WRITE: u32 = 1 << 1;
+const FMODE_PREAD: u32 = 1 << 3;
+const FMODE_PWRITE: u32 = 1 << 4;
 
 /// A reference to an open file, dropped with `fput`.
 pub(crate) struct File(NonNull<bindings::file>);
@@ -33,17 +35,48 @@ impl File {
         unsafe { self.0.as_ref() }
     }
 
-    /// Whether it was opened for writing (`write`) or for reading.
+    /// Whether it was opened for writing (`write`) or for reading, with
+    /// positioned I/O (what loop needs of its backing file).
     pub(crate) fn opened_for(&self, write: bool) -> bool {
-        self.raw().f_mode & if write { FMODE_WRITE } else { FMODE_READ } != 0
+        let need = if write { FMODE_WRITE | FMODE_PWRITE } else { FMODE_READ | FMODE_PREAD };
+        self.raw().f_mode & need == need
     }
 
-    /// Whether it is a block device of block major `major`.
-    pub(crate) fn is_block_device_of(&self, major: u32) -> bool {
-        // SAFETY: an open file's inode lives as long as the file; its mode
-        // and device number do not change.
-        let inode = unsafe { &*self.raw().f_inode };
-        inode.i_mode as u32 & bindings::S_IFMT == bindings::S_IFBLK && super::chrdev::major(inode.i_rdev) == major
+    fn inode(&self) -> &bindings::inode {
+        // SAFETY: an open file's inode lives as long as the file.
+        unsafe { &*self.raw().f_inode }
+    }
+
+    /// A regular file or a block device: the files loop accepts
+    /// (`loop_validate_file`). Not a pipe, socket or character device,
+    /// whose reads and writes wait on whoever is at the other end.
+    pub(crate) fn is_regular_or_block(&self) -> bool {
+        let kind = self.inode().i_mode as u32 & bindings::S_IFMT;
+        kind == bindings::S_IFREG || kind == bindings::S_IFBLK
+    }
+
+    /// Whether the file's data lives on a disk of block major `major`: it
+    /// is such a disk or one of its partitions (whatever their own device
+    /// numbers: partitions past `max_part` have the extended major), or a
+    /// regular file of a filesystem mounted from one.
+    pub(crate) fn lives_on_major(&self, major: u32) -> bool {
+        let inode = self.inode();
+        let kind = inode.i_mode as u32 & bindings::S_IFMT;
+        let bdev = if kind == bindings::S_IFBLK {
+            // SAFETY: an open block device file's mapping host is the bdev
+            // inode (`file_bdev`), alive as long as the file.
+            unsafe { bindings::file_bdev(self.as_ptr()) }
+        } else {
+            // SAFETY: an inode's superblock outlives it; `s_bdev` is set at
+            // mount (NULL for filesystems without one) and fixed after.
+            unsafe { (*inode.i_sb).s_bdev }
+        };
+        if bdev.is_null() {
+            return false;
+        }
+        // SAFETY: a block device that an open file or a mounted filesystem
+        // holds has its gendisk, whose `major` is fixed at allocation.
+        unsafe { (*(*bdev).bd_disk).major as u32 == major }
     }
 
     /// Makes the `len` bytes at `pos` durable (`vfs_fsync_range`, data

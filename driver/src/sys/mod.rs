@@ -9,6 +9,8 @@ pub(crate) mod blk;
 pub(crate) mod chrdev;
 pub(crate) mod file;
 pub(crate) mod param;
+pub(crate) mod user;
+pub(crate) mod bounce;
 pub(crate) mod wait;
 
 use kernel::bindings;
@@ -25,44 +27,142 @@ pub(crate) fn ESTALE() -> kernel::error::Error {
     kernel::error::Error::from_errno(-(bindings::ESTALE as i32))
 }
 
-/// A process (thread group) that fetched requests: held by reference so
-/// that the timeout can fence it even after it fetched, and still name it
-/// in the log. Holding it keeps only the task struct, not the process.
-#[derive(Clone)]
-pub(crate) struct Process(kernel::types::ARef<kernel::task::Task>);
+/// A process (thread group) that fetched or is moving requests, held by
+/// its thread-group `struct pid`: the timeout fences the whole group
+/// (`kill_pid`, as `kill(2)` does), which reaches it even when its leader
+/// thread has exited (a signal sent to an exited leader task is dropped).
+/// Holding it keeps only the `struct pid`, not the process.
+pub(crate) struct Process(core::ptr::NonNull<bindings::pid>);
+
+// SAFETY: a `struct pid` reference may be used and dropped from any thread.
+unsafe impl Send for Process {}
+// SAFETY: the methods only read fields fixed for the pid's life, or call
+// functions that lock what they need.
+unsafe impl Sync for Process {}
 
 impl Process {
     /// The process the current thread belongs to.
     pub(crate) fn current() -> Self {
-        Self(kernel::current!().group_leader().into())
-    }
-
-    fn as_ptr(&self) -> *mut bindings::task_struct {
+        let task = kernel::current!();
         // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
-        (&*self.0 as *const kernel::task::Task).cast_mut().cast()
+        let ptr = (&*task as *const kernel::task::Task).cast_mut().cast::<bindings::task_struct>();
+        // SAFETY: `ptr` is the running task; `get_task_pid` takes a counted
+        // reference on its thread group's pid, which a running task has.
+        let pid = unsafe { bindings::get_task_pid(ptr, bindings::pid_type_PIDTYPE_TGID) };
+        // A running task always has its thread group's pid.
+        Self(core::ptr::NonNull::new(pid).expect("a running task has a pid"))
     }
 
-    /// Its pid (the thread group id) in the initial namespace.
+    /// Its pid (the thread group id) in the initial namespace (`pid_nr`).
     pub(crate) fn pid(&self) -> i32 {
-        self.0.pid()
+        // SAFETY: we hold a reference; `numbers[0]` is the initial
+        // namespace's number, fixed at allocation.
+        unsafe { (*(*self.0.as_ptr()).numbers.as_ptr()).nr }
     }
 
-    /// Its command name, NUL-padded.
+    /// The thread group's leader task, if the group still has one.
+    fn task(&self) -> Option<kernel::types::ARef<kernel::task::Task>> {
+        // SAFETY: `get_pid_task` looks the task up under RCU and returns it
+        // with a reference taken, or NULL.
+        let t = unsafe { bindings::get_pid_task(self.0.as_ptr(), bindings::pid_type_PIDTYPE_TGID) };
+        let t = core::ptr::NonNull::new(t.cast::<kernel::task::Task>())?;
+        // SAFETY: `t` carries the reference `get_pid_task` took, which the
+        // `ARef` now owns (`Task` is transparent over `task_struct`).
+        Some(unsafe { kernel::types::ARef::from_raw(t) })
+    }
+
+    /// Its command name, NUL-padded (empty once it is gone).
     pub(crate) fn comm(&self) -> [u8; 16] {
         let mut buf = [0u8; 16];
-        // SAFETY: `__get_task_comm` copies at most `buf.len()` bytes, NUL
-        // terminated, under the task's lock; the task struct is kept alive
-        // by our reference.
-        unsafe { bindings::__get_task_comm(buf.as_mut_ptr().cast(), buf.len(), self.as_ptr()) };
+        if let Some(task) = self.task() {
+            let ptr = (&*task as *const kernel::task::Task).cast_mut().cast::<bindings::task_struct>();
+            // SAFETY: `__get_task_comm` copies at most `buf.len()` bytes,
+            // NUL terminated, under the task's lock; our reference keeps
+            // the task struct alive.
+            unsafe { bindings::__get_task_comm(buf.as_mut_ptr().cast(), buf.len(), ptr) };
+        }
         buf
     }
 
-    /// Sends it SIGKILL. A fatal signal to any thread ends the whole
-    /// thread group; a process that already exited ignores it.
+    /// Sends SIGKILL to the thread group: any of its live threads takes
+    /// it, and a fatal signal ends them all. Does not sleep.
     pub(crate) fn kill(&self) {
-        // SAFETY: the task struct is alive (our reference); `send_sig`
-        // locks what it needs and copes with exiting or dead tasks.
-        unsafe { bindings::send_sig(bindings::SIGKILL as i32, self.as_ptr(), 1) };
+        // SAFETY: a live `struct pid` (our reference); `kill_pid` looks the
+        // task up under RCU and copes with a group that is exiting or gone.
+        unsafe { bindings::kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
+    }
+
+    /// Whether every thread of the group has entered `do_exit` (or the
+    /// group is gone): it runs no more user code, so it issues no more
+    /// writes, even if one of its files is still open in another process.
+    pub(crate) fn exited(&self) -> bool {
+        let Some(task) = self.task() else { return true };
+        let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
+        // SAFETY: our reference keeps the task, and with it its
+        // `signal_struct`, alive; `live` is an `atomic_t` that only falls
+        // (`atomic_read` is a plain read of it).
+        let live = unsafe {
+            core::sync::atomic::AtomicI32::from_ptr(&raw mut (*(*ptr).signal).live.counter)
+        };
+        live.load(core::sync::atomic::Ordering::Acquire) <= 0
+    }
+}
+
+impl Clone for Process {
+    fn clone(&self) -> Self {
+        // SAFETY: `count` is the pid's `refcount_t` (an `atomic_t`); we hold
+        // a reference, so it is at least 1 and the pid lives: adding one is
+        // `get_pid`'s `refcount_inc` (an inline function bindgen cannot
+        // call).
+        let count = unsafe { core::sync::atomic::AtomicI32::from_ptr(&raw mut (*self.0.as_ptr()).count.refs.counter) };
+        count.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        Self(self.0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: gives back the reference taken by `current` or `clone`.
+        unsafe { bindings::put_pid(self.0.as_ptr()) };
+    }
+}
+
+/// While it lives, the current task's allocations do no I/O and its
+/// writes are throttled only against the device they go to (what loop's
+/// worker sets, `PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE`): a server moving a
+/// request's data never waits for memory or dirty pages only its own
+/// device could clean.
+pub(crate) struct NoIoScope {
+    saved: u32,
+}
+
+const NOIO_FLAGS: u32 = bindings::PF_MEMALLOC_NOIO | bindings::PF_LOCAL_THROTTLE;
+
+fn current_task_ptr() -> *mut bindings::task_struct {
+    let task = kernel::current!();
+    // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
+    (&*task as *const kernel::task::Task).cast_mut().cast()
+}
+
+impl NoIoScope {
+    pub(crate) fn enter() -> Self {
+        let task = current_task_ptr();
+        // SAFETY: a task's `flags` are changed only by the task itself (as
+        // `memalloc_noio_save` does): we are that task.
+        let saved = unsafe {
+            let old = (*task).flags;
+            (*task).flags = old | NOIO_FLAGS;
+            old & NOIO_FLAGS
+        };
+        Self { saved }
+    }
+}
+
+impl Drop for NoIoScope {
+    fn drop(&mut self) {
+        let task = current_task_ptr();
+        // SAFETY: as in `enter`; restores what was set before it.
+        unsafe { (*task).flags = ((*task).flags & !NOIO_FLAGS) | self.saved };
     }
 }
 
