@@ -15,6 +15,7 @@ use abuse_sys::uapi::*;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::backend::Backend;
+use crate::sync::SyncLatch;
 
 mod blk {
     // <linux/fs.h>: BLKDISCARD and BLKZEROOUT = _IO(0x12, 119/127) taking
@@ -36,6 +37,8 @@ pub struct FileBackend {
     direct: bool,
     /// Holes can be punched (files) or the device discards (block devices).
     can_discard: bool,
+    /// Tripped by a failed sync: every later FLUSH fails.
+    synced: SyncLatch,
 }
 
 /// How to open the file.
@@ -86,6 +89,7 @@ impl FileBackend {
             block_device,
             direct: opts.direct,
             can_discard,
+            synced: SyncLatch::default(),
         })
     }
 
@@ -177,6 +181,12 @@ impl Backend for FileBackend {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
                 _ => {
                     let e = io::Error::last_os_error();
+                    if e.raw_os_error() == Some(nix::libc::EIO) {
+                        // Its sync may have failed on other pages too,
+                        // and consumed the error a later fdatasync would
+                        // have reported.
+                        self.synced.trip(&e);
+                    }
                     if e.kind() != io::ErrorKind::Interrupted {
                         return Err(e);
                     }
@@ -187,7 +197,7 @@ impl Backend for FileBackend {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.synced.sync(|| self.file.sync_data())
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

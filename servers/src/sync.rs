@@ -2,16 +2,63 @@
 //! share syncs. A caller waits for a sync that started after it asked (a
 //! sync already under way may have missed its writes); one sync serves
 //! every caller that asked before it started.
+//!
+//! And the rule every backend keeps: **after a failed sync, every later one
+//! fails until the file is reopened.** Linux drops the pages a failed
+//! writeback could not write and marks them clean, so the next fsync
+//! succeeds without them: it proves nothing about writes acknowledged
+//! before the failure ([`SyncLatch`]).
 
 use std::io;
 use std::sync::{Condvar, Mutex};
+
+/// A sticky failed-sync flag: once a sync failed, every later sync (and
+/// every FLUSH) fails, naming the first failure, until the backend is
+/// reopened (a new server).
+#[derive(Default)]
+pub struct SyncLatch {
+    failed: Mutex<Option<String>>,
+}
+
+impl SyncLatch {
+    /// An error if a sync failed before.
+    pub fn check(&self) -> io::Result<()> {
+        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some(first) => Err(after_failure(first)),
+        }
+    }
+
+    /// Records that a sync failed with `e` (the first failure is kept).
+    pub fn trip(&self, e: &io::Error) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert_with(|| e.to_string());
+    }
+
+    /// Runs `sync` unless one failed before; a failure trips the latch.
+    pub fn sync(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        self.check()?;
+        let r = sync();
+        if let Err(e) = &r {
+            self.trip(e);
+        }
+        r
+    }
+}
+
+/// The error every sync gets after the first failed one.
+fn after_failure(first: &str) -> io::Error {
+    io::Error::other(format!(
+        "an earlier sync failed ({first}): writes acknowledged before it may be lost, so every FLUSH fails until the server is restarted"
+    ))
+}
 
 #[derive(Default)]
 struct State {
     started: u64,
     completed: u64,
     running: bool,
-    /// The last sync that failed, and how.
+    /// The first sync that failed, and how: it and every later one fail.
     failed: Option<(u64, io::ErrorKind, String)>,
 }
 
@@ -29,13 +76,14 @@ impl GroupSync {
         let target = s.started + 1;
         let mut sync = Some(sync);
         loop {
-            if s.completed >= target {
-                return match &s.failed {
-                    // A failed sync may have dropped the pages it could not
-                    // write: every caller it was to serve hears of it.
-                    Some((g, kind, msg)) if *g >= target => Err(io::Error::new(*kind, msg.clone())),
-                    _ => Ok(()),
-                };
+            match &s.failed {
+                // A failed sync may have dropped the pages it could not
+                // write: every caller it was to serve hears of it, and so
+                // does every later one (a later sync proves nothing).
+                Some((g, kind, msg)) if *g >= target => return Err(io::Error::new(*kind, msg.clone())),
+                Some((_, _, msg)) => return Err(after_failure(msg)),
+                None if s.completed >= target => return Ok(()),
+                None => {}
             }
             if !s.running {
                 s.running = true;
@@ -47,7 +95,7 @@ impl GroupSync {
                 s.running = false;
                 s.completed = g;
                 if let Err(e) = &r {
-                    s.failed = Some((g, e.kind(), e.to_string()));
+                    s.failed.get_or_insert_with(|| (g, e.kind(), e.to_string()));
                 }
                 self.done.notify_all();
                 continue;
@@ -88,6 +136,24 @@ mod tests {
         let n = calls.load(Ordering::SeqCst);
         assert!(n < 400, "{n} syncs for 400 callers: none shared");
         assert!(g.sync(|| Err(io::Error::other("disk gone"))).is_err());
-        assert!(g.sync(|| Ok(())).is_ok(), "a later sync succeeds again");
+        let later = g.sync(|| Ok(()));
+        assert!(
+            later.is_err_and(|e| e.to_string().contains("disk gone")),
+            "a sync after a failed one succeeded"
+        );
+    }
+
+    #[test]
+    fn a_latch_fails_every_sync_after_a_failed_one() {
+        let l = SyncLatch::default();
+        assert!(l.sync(|| Ok(())).is_ok());
+        assert!(l.sync(|| Err(io::Error::from_raw_os_error(5))).is_err());
+        let mut ran = false;
+        let later = l.sync(|| {
+            ran = true;
+            Ok(())
+        });
+        assert!(later.is_err() && !ran, "a sync after a failed one ran or succeeded");
+        assert!(l.check().is_err());
     }
 }

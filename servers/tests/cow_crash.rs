@@ -38,12 +38,19 @@ struct MemStore {
     fail_sync: Arc<AtomicU32>,
     /// The next write fails (after the delta block was taken).
     fail_write: Arc<AtomicU32>,
+    /// Linux's semantics for a failed sync: the writes it did not make
+    /// durable are gone (their pages dropped), and the next sync succeeds
+    /// without them. Unset: a failed sync keeps them (some may have landed).
+    drop_on_failed_sync: Arc<AtomicU32>,
+    /// What the store held before its first logged write.
+    initial: Arc<Vec<u8>>,
     gate: Arc<Mutex<Option<Gate>>>,
 }
 
 impl MemStore {
     fn with(data: Vec<u8>) -> Self {
         MemStore {
+            initial: Arc::new(data.clone()),
             inner: Arc::new(Mutex::new((data, Vec::new()))),
             ..Default::default()
         }
@@ -53,6 +60,10 @@ impl MemStore {
     }
     fn bytes(&self) -> Vec<u8> {
         self.inner.lock().unwrap().0.clone()
+    }
+    /// A failed sync drops every write since the last good one.
+    fn linux_semantics(&self) {
+        self.drop_on_failed_sync.store(1, Ordering::SeqCst);
     }
     /// Makes the sync after `skip` successful ones fail.
     fn fail_sync_after(&self, skip: u32) {
@@ -101,6 +112,17 @@ impl Storage for MemStore {
         if armed == 1 {
             // A failed sync: what it covered may or may not be on disk, so
             // it is not logged as a durability point.
+            if self.drop_on_failed_sync.load(Ordering::SeqCst) == 1 {
+                // Linux: the unsynced writes are gone for good: the store
+                // reads what the last good sync left, and they are
+                // forgotten.
+                let mut g = self.inner.lock().unwrap();
+                let from = g.1.iter().rposition(|o| matches!(o, Op::Sync)).map_or(0, |i| i + 1);
+                g.1.truncate(from);
+                let len = g.0.len();
+                g.0 = crash_image(&self.initial, &g.1, g.1.len(), &|_| Apply::None);
+                g.0.resize(len, 0);
+            }
             return Err(io::Error::from_raw_os_error(5));
         }
         self.inner.lock().unwrap().1.push(Op::Sync);
@@ -420,43 +442,53 @@ fn acknowledged_writes_survive_flushes_racing_first_writes() {
     }
 }
 
+/// Linux drops the pages a failed writeback could not write and marks them
+/// clean: the next fsync succeeds without them. So after a failed sync
+/// every later flush fails (a success would vouch for writes that are
+/// gone), until the delta is reopened, which finds it consistent.
 #[test]
-fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
+fn a_failed_sync_fails_every_later_flush_until_reopened() {
     let blocks = 40;
     let base = MemStore::with(pattern(4, blocks * BS));
-    let (store, delta) = create(&base);
-    let start = store.bytes();
-    let created = store.log().len();
-    let mut n = 0u64;
-    // Each of a committing flush's two syncs fails once (data and pages,
-    // commit).
+    // Each of a committing flush's two syncs (data and pages, commit).
     for skip in 0..2 {
-        for _ in 0..4 {
+        let (store, delta) = create(&base);
+        store.linux_semantics();
+        let start = store.bytes();
+        let created = store.log().len();
+        for b in 0..4u64 {
             delta
-                .write((n * BS as u64) + 100, &pattern(n + 50, 700), false)
+                .write(b * BS as u64 + 100, &pattern(b + 50, 700), false)
                 .unwrap();
-            n += 1;
         }
         store.fail_sync_after(skip);
         assert!(
             delta.flush().is_err(),
             "a flush whose sync #{skip} failed succeeded"
         );
-    }
-    delta.flush().unwrap();
-    let reopened = Delta::open(
-        MemStore::with(store.synced_image(&start, created)),
-        base.clone(),
-    )
-    .unwrap();
-    for b in 0..n {
-        let mut got = vec![0u8; 700];
-        reopened.read(b * BS as u64 + 100, &mut got).unwrap();
-        assert_eq!(
-            got,
-            pattern(b + 50, 700),
-            "block {b} lost after a failed flush"
+        delta
+            .write(10 * BS as u64, &pattern(99, 512), false)
+            .unwrap();
+        assert!(
+            delta.flush().is_err(),
+            "sync #{skip} failed, its writes were dropped, and a later flush succeeded"
         );
+        drop(delta);
+        // A new server: a consistent delta, every block as the last good
+        // commit left it (none of these was committed), and working again.
+        let reopened = Delta::open(
+            MemStore::with(store.synced_image(&start, created)),
+            base.clone(),
+        )
+        .unwrap();
+        for b in 0..4u64 {
+            let mut got = vec![0u8; 700];
+            reopened.read(b * BS as u64 + 100, &mut got).unwrap();
+            let at = (b * BS as u64 + 100) as usize;
+            assert_eq!(got, pattern(4, blocks * BS)[at..at + 700], "block {b}");
+        }
+        reopened.write(0, &pattern(7, 512), false).unwrap();
+        reopened.flush().unwrap();
     }
 }
 
@@ -468,7 +500,7 @@ fn a_failed_flush_reports_it_and_the_next_one_commits_everything() {
 fn a_flush_after_one_that_failed_past_its_commit_record_writes_after_it() {
     let blocks = 40;
     let base = MemStore::with(pattern(5, blocks * BS));
-    let (store, delta) = create(&base);
+    let (store, mut delta) = create(&base);
     let writes = |from: usize| -> Vec<(u64, u64)> {
         store.log()[from..]
             .iter()
@@ -489,6 +521,10 @@ fn a_flush_after_one_that_failed_past_its_commit_record_writes_after_it() {
         assert!(delta.flush().is_err());
         let failed = writes(before);
         assert!(!failed.is_empty(), "the failed flush wrote nothing");
+        // This server's flushes fail from now on; the next server opens
+        // the delta as the failed flush left it (all of it landed).
+        drop(delta);
+        delta = Delta::open(store.clone(), base.clone()).unwrap();
         delta.write(0, &pattern(100 + round, 512), false).unwrap();
         let before = store.log().len();
         delta.flush().unwrap();

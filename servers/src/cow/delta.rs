@@ -143,6 +143,8 @@ pub struct Delta<S: Shared, B: Storage> {
     grow_lock: Mutex<()>,
     /// Journal pages this process's flushes use before a checkpoint.
     journal_limit: u32,
+    /// Tripped by a failed sync: every later flush fails (see `crate::sync`).
+    synced: crate::sync::SyncLatch,
 }
 
 /// Holds a cross-process lock byte; releases it when dropped.
@@ -187,7 +189,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         // real zeroes; the table's slots stay holes until a checkpoint).
         store.write_at(&[0], header.data_offset - 1)?;
         let delta = Self::open(store, base)?;
-        delta.store.sync()?;
+        delta.sync_store()?;
         Ok(delta)
     }
 
@@ -276,6 +278,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             filled: AtomicU64::new(len),
             grow_lock: Mutex::new(()),
             journal_limit,
+            synced: Default::default(),
         };
         delta.set_up(mode)?;
         Ok(delta)
@@ -500,7 +503,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     pub fn mark_merging(&mut self) -> io::Result<()> {
         self.header.flags |= format::FLAG_MERGING;
         self.store.write_at(&self.header.encode(), 0)?;
-        self.store.sync()
+        self.sync_store()
+    }
+
+    /// Makes what was written to the delta durable; after one failure,
+    /// every later call fails (Linux dropped what it could not write).
+    fn sync_store(&self) -> io::Result<()> {
+        self.synced.sync(|| self.store.sync())
     }
 
     /// Where the delta lives.
@@ -750,7 +759,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             // Nothing to commit (a page's count may outlive its records,
             // which a flush racing the first write took).
             self.clear_dirty(&dirty);
-            return self.store.sync();
+            return self.sync_store();
         }
         let w = self.words();
         let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
@@ -804,7 +813,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         // The new versions count for nothing until a commit record names
         // them, so one sync makes the data and the table's changes durable
         // together, and only then is the commit written (two syncs a flush).
-        self.store.sync()?;
+        self.sync_store()?;
         let now_used = if journal { used + need as u32 } else { 0 };
         let commit = Commit {
             seq,
@@ -814,7 +823,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         w[W_COMMITTING].store(seq, Ordering::Release);
         self.store
             .write_at(&commit.encode(self.header.version), Commit::slot(seq))?;
-        self.store.sync()?;
+        self.sync_store()?;
         // Committed: record it (a server dying here is caught up by the
         // next flush, `catch_up`), and clear what was committed unless it
         // changed again meanwhile.
