@@ -80,7 +80,9 @@ impl GroupSync {
                 // A failed sync may have dropped the pages it could not
                 // write: every caller it was to serve hears of it, and so
                 // does every later one (a later sync proves nothing).
-                Some((g, kind, msg)) if *g >= target => return Err(io::Error::new(*kind, msg.clone())),
+                Some((g, kind, msg)) if *g >= target => {
+                    return Err(io::Error::new(*kind, msg.clone()))
+                }
                 Some((_, _, msg)) => return Err(after_failure(msg)),
                 None if s.completed >= target => return Ok(()),
                 None => {}
@@ -153,7 +155,10 @@ mod tests {
             ran = true;
             Ok(())
         });
-        assert!(later.is_err() && !ran, "a sync after a failed one ran or succeeded");
+        assert!(
+            later.is_err() && !ran,
+            "a sync after a failed one ran or succeeded"
+        );
         assert!(l.check().is_err());
     }
 }

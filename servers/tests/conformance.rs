@@ -11,7 +11,7 @@ use common::{check_clean, pattern, qcow2_over};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use abuse_servers::cow::Cow;
@@ -222,6 +222,83 @@ fn nbd_server_errors_are_errnos() {
     assert_eq!(b.reconnects(), 0);
 }
 
+/// An NBD server that restarts loses what it acknowledged but had not
+/// flushed; the client re-sends it on the new connection before anything
+/// else, so the FLUSH that follows vouches for writes the server really
+/// has, and reads see them.
+#[test]
+fn nbd_restart_loses_no_acknowledged_write() {
+    let server = FakeNbd::start_with(SIZE, false, true);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    b.write(0, &pattern(1, 4096), false).unwrap();
+    b.flush().unwrap();
+    b.write(4096, &pattern(2, 4096), false).unwrap();
+    b.write_zeroes(0, 512, true).unwrap();
+    b.write(8192, &pattern(3, 4096), true).unwrap();
+    server.restart_next.store(true, Ordering::SeqCst);
+    b.flush().unwrap();
+    let mut back = vec![0; 12288];
+    b.read(0, &mut back).unwrap();
+    let mut want = pattern(1, 4096);
+    want[..512].fill(0);
+    want.extend_from_slice(&pattern(2, 4096));
+    want.extend_from_slice(&pattern(3, 4096));
+    assert!(
+        back == want,
+        "acknowledged writes lost across the server's restart"
+    );
+    assert_eq!(b.reconnects(), 1);
+    assert_eq!(
+        b.replayed(),
+        3,
+        "the writes since the last FLUSH, and only they, are re-sent"
+    );
+    // Flushed: nothing is re-sent after the next restart.
+    server.restart_next.store(true, Ordering::SeqCst);
+    b.read(0, &mut back[..4096]).unwrap();
+    assert_eq!(b.replayed(), 3);
+}
+
+/// NBD error codes are the protocol's: the ones it defines reach the
+/// device as themselves, any other (a server's own, garbage) as EIO, and
+/// NBD_ESHUTDOWN is the server going away: a reconnection, not an error.
+#[test]
+fn nbd_error_codes_are_the_protocols() {
+    let server = FakeNbd::start(SIZE, false);
+    let b =
+        Nbd::connect(Address::parse(&format!("unix:{}", server.path.display())).unwrap()).unwrap();
+    let mut buf = vec![0; 4096];
+    for (code, want) in [(28, 28), (95, 95), (4, 5), (5000, 5), (u32::MAX, 5)] {
+        server.error_next.store(code, Ordering::SeqCst);
+        let e = b.read(0, &mut buf).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(want), "NBD error {code}: {e}");
+    }
+    server.error_next.store(108, Ordering::SeqCst);
+    b.read(0, &mut buf).unwrap();
+    assert_eq!(b.reconnects(), 1, "NBD_ESHUTDOWN did not reconnect");
+}
+
+/// An export that allows one connection at a time (no CAN_MULTI_CONN) has
+/// one server process on this machine: a second one's writes would not be
+/// covered by the first one's FLUSHes. One that allows several is shared.
+#[test]
+fn nbd_single_connection_export_has_one_server() {
+    let single = FakeNbd::start(SIZE, false);
+    let addr = Address::parse(&format!("unix:{}", single.path.display())).unwrap();
+    let first = Nbd::connect(addr.clone()).unwrap();
+    let second = Nbd::connect(addr.clone())
+        .err()
+        .expect("a second server was let in");
+    assert!(second.to_string().contains("CAN_MULTI_CONN"), "{second}");
+    drop(first);
+    Nbd::connect(addr).expect("once the first is gone, another may serve");
+    let multi = FakeNbd::start(SIZE, true);
+    let addr = Address::parse(&format!("unix:{}", multi.path.display())).unwrap();
+    let _a = Nbd::connect(addr.clone()).unwrap();
+    let _b = Nbd::connect(addr).unwrap();
+}
+
 #[test]
 fn nbd_unknown_export_is_a_clear_error() {
     let server = FakeNbd::start(SIZE, false);
@@ -236,37 +313,75 @@ fn nbd_unknown_export_is_a_clear_error() {
 /// simple replies, READ/WRITE/FLUSH/TRIM/WRITE_ZEROES over memory.
 struct FakeNbd {
     path: PathBuf,
+    /// The next request finds the connection broken, unanswered.
     drop_next: Arc<AtomicBool>,
+    /// The next request finds the server restarted: the connection broken
+    /// and, for a volatile server, every unflushed write gone.
+    restart_next: Arc<AtomicBool>,
+    /// The next request is answered with this NBD error code (0: none).
+    error_next: Arc<AtomicU32>,
     _dir: tempfile::TempDir,
+}
+
+/// A fake server's disk: what its clients see, and (for a server with a
+/// volatile cache) what a FLUSH made durable, which a restart falls back
+/// to.
+struct FakeDisk {
+    visible: Vec<u8>,
+    durable: Vec<u8>,
+    volatile: bool,
 }
 
 impl FakeNbd {
     fn start(size: u64, multi_conn: bool) -> FakeNbd {
+        Self::start_with(size, multi_conn, false)
+    }
+
+    /// With `volatile`, writes stay in a cache until a FLUSH, and a
+    /// restart drops the cache (as a real server's page cache or
+    /// write-back cache dies with it).
+    fn start_with(size: u64, multi_conn: bool, volatile: bool) -> FakeNbd {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        let disk = Arc::new(Mutex::new(vec![0u8; size as usize]));
-        let drop_next = Arc::new(AtomicBool::new(false));
+        let disk = Arc::new(Mutex::new(FakeDisk {
+            visible: vec![0u8; size as usize],
+            durable: vec![0u8; size as usize],
+            volatile,
+        }));
+        let faults = Faults {
+            drop_next: Arc::new(AtomicBool::new(false)),
+            restart_next: Arc::new(AtomicBool::new(false)),
+            error_next: Arc::new(AtomicU32::new(0)),
+        };
         let requests = Arc::new(AtomicU64::new(0));
         {
-            let drop_next = drop_next.clone();
+            let faults = faults.clone();
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { return };
-                    let (disk, drop_next, requests) =
-                        (disk.clone(), drop_next.clone(), requests.clone());
+                    let (disk, faults, requests) = (disk.clone(), faults.clone(), requests.clone());
                     std::thread::spawn(move || {
-                        let _ = serve_conn(conn, &disk, multi_conn, &drop_next, &requests);
+                        let _ = serve_conn(conn, &disk, multi_conn, &faults, &requests);
                     });
                 }
             });
         }
         FakeNbd {
             path,
-            drop_next,
+            drop_next: faults.drop_next,
+            restart_next: faults.restart_next,
+            error_next: faults.error_next,
             _dir: dir,
         }
     }
+}
+
+#[derive(Clone)]
+struct Faults {
+    drop_next: Arc<AtomicBool>,
+    restart_next: Arc<AtomicBool>,
+    error_next: Arc<AtomicU32>,
 }
 
 fn rd<const N: usize>(s: &mut UnixStream) -> io::Result<[u8; N]> {
@@ -277,9 +392,9 @@ fn rd<const N: usize>(s: &mut UnixStream) -> io::Result<[u8; N]> {
 
 fn serve_conn(
     mut s: UnixStream,
-    disk: &Mutex<Vec<u8>>,
+    disk: &Mutex<FakeDisk>,
     multi_conn: bool,
-    drop_next: &AtomicBool,
+    faults: &Faults,
     requests: &AtomicU64,
 ) -> io::Result<()> {
     s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
@@ -304,7 +419,7 @@ fn serve_conn(
     if !name.is_empty() {
         return reply(&mut s, (1 << 31) | 6, b"unknown export");
     }
-    let size = disk.lock().unwrap().len() as u64;
+    let size = disk.lock().unwrap().visible.len() as u64;
     // HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES [| CAN_MULTI_CONN]
     let flags: u16 = 1 | 4 | 8 | 32 | 64 | if multi_conn { 256 } else { 0 };
     let mut info = vec![0, 0];
@@ -314,10 +429,19 @@ fn serve_conn(
     reply(&mut s, 1, &[])?;
     loop {
         let hdr = rd::<28>(&mut s)?;
-        if drop_next.swap(false, Ordering::SeqCst) {
+        if faults.drop_next.swap(false, Ordering::SeqCst) {
             // The connection breaks with the request unanswered.
             return Ok(());
         }
+        if faults.restart_next.swap(false, Ordering::SeqCst) {
+            // The server restarts: what it had not flushed is gone.
+            let mut d = disk.lock().unwrap();
+            if d.volatile {
+                d.visible = d.durable.clone();
+            }
+            return Ok(());
+        }
+        let forced = faults.error_next.swap(0, Ordering::SeqCst);
         requests.fetch_add(1, Ordering::Relaxed);
         let cmd = u16::from_be_bytes([hdr[6], hdr[7]]);
         let cookie = &hdr[8..16];
@@ -330,16 +454,22 @@ fn serve_conn(
         }
         let in_range = off.checked_add(len).is_some_and(|e| e <= size);
         let mut out = Vec::new();
-        let error: u32 = if !in_range && cmd != 3 {
+        let error: u32 = if forced != 0 {
+            forced
+        } else if !in_range && cmd != 3 {
             22
         } else {
             let mut d = disk.lock().unwrap();
             let r = off as usize..(off + len) as usize;
             match cmd {
-                0 => out.extend_from_slice(&d[r]),
-                1 => d[r].copy_from_slice(&payload),
-                4 | 6 => d[r].fill(0),
+                0 => out.extend_from_slice(&d.visible[r]),
+                1 => d.visible[r].copy_from_slice(&payload),
+                3 => d.durable = d.visible.clone(),
+                4 | 6 => d.visible[r].fill(0),
                 _ => {}
+            }
+            if !d.volatile {
+                d.durable = d.visible.clone();
             }
             0
         };

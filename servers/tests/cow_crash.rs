@@ -117,7 +117,10 @@ impl Storage for MemStore {
                 // reads what the last good sync left, and they are
                 // forgotten.
                 let mut g = self.inner.lock().unwrap();
-                let from = g.1.iter().rposition(|o| matches!(o, Op::Sync)).map_or(0, |i| i + 1);
+                let from =
+                    g.1.iter()
+                        .rposition(|o| matches!(o, Op::Sync))
+                        .map_or(0, |i| i + 1);
                 g.1.truncate(from);
                 let len = g.0.len();
                 g.0 = crash_image(&self.initial, &g.1, g.1.len(), &|_| Apply::None);

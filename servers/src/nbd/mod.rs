@@ -6,14 +6,23 @@
 //! reconnected with a backoff and the request retried, so the device sees
 //! no error while the NBD server restarts (a write retried after a drop is
 //! the same write: NBD writes are idempotent).
+//!
+//! A server that restarted lost what it had acknowledged but not flushed.
+//! So the writes (and trims, zeroes) acknowledged since the last FLUSH the
+//! server completed are kept, and re-sent in order on every new connection
+//! before it carries anything else, with no other request in flight
+//! ([`Replay`]): a FLUSH through the new connection then vouches for them
+//! too. Never a successful FLUSH over a lost write. The log is bounded: past
+//! [`REPLAY_MAX_BYTES`] a write flushes it first.
 
 mod protocol;
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use abuse_sys::uapi::*;
@@ -146,6 +155,89 @@ impl Write for Stream {
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Connections to a server that allows several.
 const MULTI_CONN: usize = 4;
+/// Most bytes of acknowledged, unflushed writes kept for re-sending: a
+/// write past it flushes the server first.
+const REPLAY_MAX_BYTES: usize = 64 << 20;
+
+/// The requests that changed data, acknowledged since the last FLUSH the
+/// server completed, in the order they were acknowledged.
+#[derive(Default)]
+struct Replay {
+    ops: VecDeque<(Command, Vec<u8>)>,
+    bytes: usize,
+    /// How many ops were ever logged before `ops[0]`.
+    base: u64,
+}
+
+impl Replay {
+    fn push(&mut self, c: Command, payload: &[u8]) {
+        self.bytes += payload.len();
+        self.ops.push_back((c, payload.to_vec()));
+    }
+
+    /// The position after the last logged op.
+    fn end(&self) -> u64 {
+        self.base + self.ops.len() as u64
+    }
+
+    /// A FLUSH sent when the log ended at `upto` completed: what was
+    /// logged before it is durable.
+    fn flushed(&mut self, upto: u64) {
+        while self.base < upto {
+            let Some((_, d)) = self.ops.pop_front() else {
+                break;
+            };
+            self.bytes -= d.len();
+            self.base += 1;
+        }
+    }
+}
+
+/// Takes this machine's lock on serving `addr` (an export without
+/// CAN_MULTI_CONN, whose FLUSH on one connection covers only that
+/// connection's writes): a second server process would acknowledge writes
+/// that the first one's FLUSHes do not cover.
+fn serve_alone(addr: &Address) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.to_string().hash(&mut h);
+    let dir = std::path::Path::new("/run/lock");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("abuse-nbd-{:016x}.lock", h.finish()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Ok(locked),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{addr}: another server on this machine already serves this export, which allows one connection at a time (no CAN_MULTI_CONN): a FLUSH through one connection would not cover the other's writes; serve it from one process (--threads)"
+            ),
+        )),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+/// The errno for an NBD error code: the errors the protocol defines as
+/// themselves, anything else (a server's own, or garbage) EIO. None for
+/// NBD_ESHUTDOWN: the server is going away, which is a reconnection, not
+/// the request's failure.
+fn nbd_errno(code: i32) -> Option<i32> {
+    const ESHUTDOWN: i32 = 108;
+    const DEFINED: [i32; 7] = [1, 5, 12, 22, 28, 75, 95];
+    match code {
+        ESHUTDOWN => None,
+        c if DEFINED.contains(&c) => Some(c),
+        _ => Some(5),
+    }
+}
 
 /// An NBD export served as a device.
 pub struct Nbd {
@@ -158,6 +250,18 @@ pub struct Nbd {
     cookie: AtomicU64,
     /// Reconnections made (for messages and tests).
     reconnects: AtomicU64,
+    /// Writes to re-send on a new connection (only if the server flushes:
+    /// one that does not has no volatile cache to lose).
+    replay: Mutex<Replay>,
+    /// Held shared by every request, exclusively while a new connection is
+    /// made and the log re-sent on it: nothing overtakes the re-sent
+    /// writes.
+    gate: RwLock<()>,
+    /// Writes re-sent (for tests).
+    replayed: AtomicU64,
+    /// Held while this process is the export's one client on this machine
+    /// (a server without CAN_MULTI_CONN).
+    _alone: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Nbd {
@@ -168,10 +272,12 @@ impl Nbd {
             .map_err(|e| io::Error::new(e.kind(), format!("{addr}: cannot connect: {e}")))?;
         let export = handshake(&mut first, addr.export())
             .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
-        let n = if export.flags & TF_CAN_MULTI_CONN != 0 {
-            MULTI_CONN
+        let multi = export.flags & TF_CAN_MULTI_CONN != 0;
+        let n = if multi { MULTI_CONN } else { 1 };
+        let alone = if multi {
+            None
         } else {
-            1
+            Some(serve_alone(&addr)?)
         };
         let mut conns = vec![Mutex::new(Some(first))];
         conns.extend((1..n).map(|_| Mutex::new(None)));
@@ -182,7 +288,16 @@ impl Nbd {
             next: AtomicUsize::new(0),
             cookie: AtomicU64::new(1),
             reconnects: AtomicU64::new(0),
+            replay: Mutex::default(),
+            gate: RwLock::new(()),
+            replayed: AtomicU64::new(0),
+            _alone: alone,
         })
+    }
+
+    /// How many logged writes were re-sent on new connections.
+    pub fn replayed(&self) -> u64 {
+        self.replayed.load(Ordering::Relaxed)
     }
 
     /// How many connections it uses.
@@ -196,31 +311,39 @@ impl Nbd {
     }
 
     /// Sends one request, reconnecting and retrying while the connection
-    /// fails; a server error is returned as its errno.
+    /// fails; a server error is returned as its errno. A request that
+    /// changed data is logged for re-sending until a FLUSH covers it; a
+    /// FLUSH that completes drops what it covers.
     fn call(&self, c: Command, write: &[u8], read: &mut [u8]) -> io::Result<()> {
-        // A free connection if there is one (round-robin alone would queue
-        // requests behind a busy one while another idles), else the next in
-        // turn.
-        let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut slot = (0..n)
-            .find_map(|k| self.conns[(start + k) % n].try_lock().ok())
-            .unwrap_or_else(|| {
-                self.conns[start % n]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-            });
         let mut delay = Duration::from_millis(10);
         let mut told = false;
         loop {
-            if slot.is_none() {
-                match self.reconnect() {
-                    Ok(s) => {
-                        if told {
-                            eprintln!("abuse server: nbd: {}: reconnected", self.addr);
-                        }
-                        *slot = Some(s);
-                    }
+            let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            // A free connection if there is one (round-robin alone would
+            // queue requests behind a busy one while another idles), else
+            // the next in turn.
+            let n = self.conns.len();
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let (k, mut slot) = (0..n)
+                .find_map(|k| {
+                    self.conns[(start + k) % n]
+                        .try_lock()
+                        .ok()
+                        .map(|g| ((start + k) % n, g))
+                })
+                .unwrap_or_else(|| {
+                    (
+                        start % n,
+                        self.conns[start % n]
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()),
+                    )
+                });
+            let Some(stream) = slot.as_mut() else {
+                drop((slot, gate));
+                match self.reconnect_slot(k) {
+                    Ok(true) if told => eprintln!("abuse server: nbd: {}: reconnected", self.addr),
+                    Ok(_) => {}
                     Err(e) => {
                         if !told {
                             eprintln!("abuse server: nbd: {}: {e}; retrying", self.addr);
@@ -228,27 +351,79 @@ impl Nbd {
                         }
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(MAX_BACKOFF);
-                        continue;
                     }
                 }
-            }
-            let stream = slot.as_mut().expect("connected above");
+                continue;
+            };
+            let logged =
+                self.has(TF_SEND_FLUSH) && matches!(c.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+            let upto = (c.cmd == CMD_FLUSH)
+                .then(|| self.replay.lock().unwrap_or_else(|p| p.into_inner()).end());
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(stream, cookie, c, write, read) {
-                Ok(()) => return Ok(()),
-                Err(Failed::Server(errno)) => return Err(io::Error::from_raw_os_error(errno)),
-                Err(Failed::Connection(e)) => {
-                    if !told {
-                        eprintln!(
-                            "abuse server: nbd: {}: connection lost ({e}); reconnecting",
-                            self.addr
-                        );
-                        told = true;
-                    }
-                    *slot = None;
+            let res = request(stream, cookie, c, write, read);
+            let lost = match res {
+                Ok(()) => None,
+                Err(Failed::Server(code)) => match nbd_errno(code) {
+                    Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                    None => Some(io::Error::other(
+                        "the server is shutting down (NBD_ESHUTDOWN)",
+                    )),
+                },
+                Err(Failed::Connection(e)) => Some(e),
+            };
+            if let Some(e) = lost {
+                if !told {
+                    eprintln!(
+                        "abuse server: nbd: {}: connection lost ({e}); reconnecting",
+                        self.addr
+                    );
+                    told = true;
                 }
+                *slot = None;
+                continue;
+            }
+            // Still under the gate: a re-send cannot start between the
+            // reply and the log.
+            let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            if logged {
+                replay.push(c, write);
+            }
+            if let Some(upto) = upto {
+                replay.flushed(upto);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Makes connection `k` anew if it is still gone, and re-sends the log
+    /// on it, with no other request in flight. Ok(true): reconnected.
+    fn reconnect_slot(&self, k: usize) -> io::Result<bool> {
+        let _excl = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.conns[k].lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            // Another caller remade it meanwhile.
+            return Ok(false);
+        }
+        let mut s = self.reconnect()?;
+        let replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        for (c, payload) in replay.ops.iter() {
+            let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
+            match request(&mut s, cookie, *c, payload, &mut []) {
+                Ok(()) => {}
+                Err(Failed::Server(code)) => {
+                    // It refuses what it once took: the export is not what
+                    // it was. Keep trying (as for a changed size).
+                    return Err(io::Error::other(format!(
+                        "the server refuses a write it had acknowledged (error {code}) when it is sent again"
+                    )));
+                }
+                Err(Failed::Connection(e)) => return Err(e),
             }
         }
+        self.replayed
+            .fetch_add(replay.ops.len() as u64, Ordering::Relaxed);
+        *slot = Some(s);
+        Ok(true)
     }
 
     /// A new connection to the same export, which must not have changed.
@@ -323,7 +498,8 @@ impl Backend for Nbd {
             buf,
             &mut [],
         )?;
-        if fua && !self.has(TF_SEND_FUA) {
+        let full = self.replay.lock().unwrap_or_else(|p| p.into_inner()).bytes > REPLAY_MAX_BYTES;
+        if (fua && !self.has(TF_SEND_FUA)) || full {
             self.flush()?;
         }
         Ok(())
