@@ -590,6 +590,93 @@ fn rbd_failures_are_clear_errors() {
     let _ = conf;
 }
 
+/// For rbd_killed_server_loses_no_acknowledged_write, in a process of its
+/// own: writes to the image, has the write acknowledged, and is killed.
+#[test]
+#[ignore = "a helper: rbd_killed_server_loses_no_acknowledged_write runs it"]
+fn rbd_helper_writes_then_is_killed() {
+    let Ok(image) = std::env::var("ABUSE_RBD_HELPER_IMAGE") else {
+        return;
+    };
+    let conf = std::env::var("ABUSE_RBD_CONF").unwrap();
+    let spec = abuse_servers::rbd::RbdSpec {
+        conf: Some(conf.into()),
+        ..abuse_servers::rbd::RbdSpec::parse(&image).unwrap()
+    };
+    let b = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    b.write(0, &pattern(1, 4096), false).unwrap();
+    // librbd's cache is write-through until it sees a flush, write-back
+    // after one.
+    b.flush().unwrap();
+    b.write(4096, &pattern(2, 65536), false).unwrap();
+    println!("acknowledged");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// A server killed after acknowledging a write, then a FLUSH through
+/// another: the write is in the image (librbd's per-process cache would
+/// have died with the first server while the second's FLUSH succeeded),
+/// as `rbd export` shows too.
+#[test]
+#[ignore = "needs a Ceph cluster: make rbd-test"]
+fn rbd_killed_server_loses_no_acknowledged_write() {
+    let (conf, spec) = rbd_image("killed", "8M");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "rbd_helper_writes_then_is_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(
+            "ABUSE_RBD_HELPER_IMAGE",
+            format!("{}/{}", spec.pool, spec.image),
+        )
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("acknowledged")
+            && std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9),
+        "the helper: {:?}\n{said}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next = abuse_servers::rbd::Rbd::open(&spec).unwrap();
+    next.flush().unwrap();
+    let mut back = vec![0; 4096 + 65536];
+    next.read(0, &mut back).unwrap();
+    let mut want = pattern(1, 4096);
+    want.extend_from_slice(&pattern(2, 65536));
+    assert!(
+        back == want,
+        "an acknowledged write died with the server that took it"
+    );
+    drop(next);
+    let dir = tempfile::tempdir().unwrap();
+    let exported = dir.path().join("image");
+    let ok = std::process::Command::new("rbd")
+        .args([
+            "-c",
+            &conf,
+            "export",
+            &format!("{}/{}", spec.pool, spec.image),
+        ])
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "rbd export: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let image = std::fs::read(&exported).unwrap();
+    assert!(
+        image[..want.len()] == want[..],
+        "rbd export differs from what was acknowledged"
+    );
+}
+
 /// Two servers (two librbd clients) of one image, writing in turn and at
 /// once: librbd's exclusive lock moves between them, and each reads what
 /// the other wrote.

@@ -31,6 +31,14 @@ pub struct Librbd {
         ) -> ::std::os::raw::c_int,
         ::libloading::Error,
     >,
+    pub rados_conf_set: Result<
+        unsafe extern "C" fn(
+            cluster: rados_t,
+            option: *const ::std::os::raw::c_char,
+            value: *const ::std::os::raw::c_char,
+        ) -> ::std::os::raw::c_int,
+        ::libloading::Error,
+    >,
     pub rados_ioctx_create: Result<
         unsafe extern "C" fn(
             cluster: rados_t,
@@ -143,6 +151,7 @@ impl Librbd {
         let rados_connect = __library.get(b"rados_connect\0").map(|sym| *sym);
         let rados_shutdown = __library.get(b"rados_shutdown\0").map(|sym| *sym);
         let rados_conf_read_file = __library.get(b"rados_conf_read_file\0").map(|sym| *sym);
+        let rados_conf_set = __library.get(b"rados_conf_set\0").map(|sym| *sym);
         let rados_ioctx_create = __library.get(b"rados_ioctx_create\0").map(|sym| *sym);
         let rados_ioctx_destroy = __library.get(b"rados_ioctx_destroy\0").map(|sym| *sym);
         let rbd_open = __library.get(b"rbd_open\0").map(|sym| *sym);
@@ -168,6 +177,7 @@ impl Librbd {
             rados_connect,
             rados_shutdown,
             rados_conf_read_file,
+            rados_conf_set,
             rados_ioctx_create,
             rados_ioctx_destroy,
             rbd_open,
@@ -216,6 +226,17 @@ impl Librbd {
             .rados_conf_read_file
             .as_ref()
             .expect("Expected function, got error."))(cluster, path)
+    }
+    pub unsafe fn rados_conf_set(
+        &self,
+        cluster: rados_t,
+        option: *const ::std::os::raw::c_char,
+        value: *const ::std::os::raw::c_char,
+    ) -> ::std::os::raw::c_int {
+        (self
+            .rados_conf_set
+            .as_ref()
+            .expect("Expected function, got error."))(cluster, option, value)
     }
     pub unsafe fn rados_ioctx_create(
         &self,

@@ -32,6 +32,7 @@ fn lib() -> io::Result<&'static Librbd> {
         let missing = symbols![
             rados_create,
             rados_conf_read_file,
+            rados_conf_set,
             rados_connect,
             rados_shutdown,
             rados_ioctx_create,
@@ -160,6 +161,15 @@ impl Rbd {
                 me.cluster,
                 conf.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
             )
+        })?;
+        // librbd's cache keeps acknowledged writes in this process until a
+        // flush: a FLUSH through another server (or the one that takes over
+        // from this one, killed) would not cover them. Off, whatever the
+        // configuration says: every write is in the cluster when it is
+        // acknowledged, and a FLUSH from any server covers it.
+        // SAFETY: a created, unconnected handle; two C strings.
+        check("turning librbd's cache off", unsafe {
+            lib.rados_conf_set(me.cluster, c"rbd_cache".as_ptr(), c"false".as_ptr())
         })?;
         // SAFETY: a configured cluster handle.
         check("connecting to the Ceph cluster", unsafe {
