@@ -279,3 +279,68 @@ fn concurrent_allocations_in_a_new_l2_table() {
     check_clean(&img);
     compare(&img, &model, &dir);
 }
+
+/// QEMU and a server never write one image at once: they take QEMU's own
+/// image locks (OFD byte-range locks; the flock the server took before
+/// did not conflict with them). While a server writes the image,
+/// `qemu-img info` and `snapshot` are refused (`-U` still reads it); while
+/// one reads it, QEMU may read but not write; while qemu-nbd writes it,
+/// no server opens it.
+#[test]
+fn qemu_and_a_server_never_write_one_image() {
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let served = Qcow2::open(&img, false).unwrap();
+    let (ok, err) = run(&["info", s(&img)]);
+    assert!(
+        !ok && err.contains("lock"),
+        "qemu-img info of a served image: {err}"
+    );
+    let (ok, err) = run(&["snapshot", "-c", "s1", s(&img)]);
+    assert!(
+        !ok && err.contains("lock"),
+        "qemu-img snapshot of a served image: {err}"
+    );
+    assert!(run(&["info", "-U", s(&img)]).0, "qemu-img info -U");
+    drop(served);
+    let read = Qcow2::open(&img, true).unwrap();
+    assert!(
+        run(&["info", s(&img)]).0,
+        "qemu-img info of an image served read-only"
+    );
+    let (ok, err) = run(&["snapshot", "-c", "s1", s(&img)]);
+    assert!(
+        !ok && err.contains("lock"),
+        "qemu-img snapshot of an image served read-only: {err}"
+    );
+    drop(read);
+    let sock = dir.join("nbd.sock");
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args(["-k", s(&sock), "-f", "qcow2", s(&img)])
+        .spawn()
+        .expect("qemu-nbd (qemu-utils)");
+    let up = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        sock.exists()
+    });
+    let refused = [false, true].map(|ro| Qcow2::open(&img, ro).err().map(|e| e.to_string()));
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(up, "qemu-nbd did not start");
+    for (ro, e) in [false, true].iter().zip(refused) {
+        let e = e.unwrap_or_else(|| panic!("opened (read-only: {ro}) an image qemu-nbd writes"));
+        assert!(e.contains("in use by another program"), "{e}");
+    }
+    Qcow2::open(&img, false).expect("once qemu-nbd is gone");
+}

@@ -15,6 +15,7 @@
 
 mod chain;
 pub mod header;
+mod qemu_lock;
 mod refcount;
 
 use std::collections::{HashMap, HashSet};
@@ -24,8 +25,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-
-use nix::fcntl::{Flock, FlockArg};
 
 use crate::backend::{Backend, ALL_FEATURES};
 use crate::sync::GroupSync;
@@ -54,7 +53,7 @@ struct Meta {
 
 /// A qcow2 image (the top of a chain), open for reading and writing.
 pub struct Qcow2 {
-    file: Flock<File>,
+    file: File,
     path: PathBuf,
     h: Header,
     read_only: bool,
@@ -94,17 +93,9 @@ impl Qcow2 {
     /// Opens an image `depth` levels down a backing chain.
     fn open_chain(path: &Path, read_only: bool, depth: u32) -> Result<Qcow2, Qcow2Error> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let arg = if read_only {
-            FlockArg::LockSharedNonblock
-        } else {
-            FlockArg::LockExclusiveNonblock
-        };
-        let file = Flock::lock(file, arg).map_err(|_| {
-            Qcow2Error::Io(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "in use by another server (a qcow2 image is served by one process)",
-            ))
-        })?;
+        // QEMU's own locks: one writer at a time (an ABUSE server, a VM,
+        // qemu-img), and no writer while it is read.
+        qemu_lock::lock(&file, !read_only)?;
         let mut first = vec![0u8; 65536];
         let n = crate::backend::read_full(&file, &mut first, 0)?;
         let h = Header::parse(&first[..n])?;
