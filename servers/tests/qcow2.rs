@@ -344,3 +344,60 @@ fn qemu_and_a_server_never_write_one_image() {
     }
     Qcow2::open(&img, false).expect("once qemu-nbd is gone");
 }
+
+/// The L2 entry of virtual cluster 0 of `img` (64 KiB clusters): where it
+/// is in the file.
+fn first_l2_entry_at(img: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(img).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
+}
+
+/// A cluster whose COPIED flag is clear (qemu's "may be shared") is copied
+/// on write, as qemu does, not refused with EIO; the image stays clean.
+/// An L2 entry with reserved bits set is damage, refused, not served.
+#[test]
+fn copied_clear_is_copy_on_write_and_reserved_bits_are_damage() {
+    use std::os::unix::fs::FileExt;
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    let mut model = vec![0u8; SIZE as usize];
+    {
+        let b = Qcow2::open(&img, false).unwrap();
+        b.write(0, &pattern(1, 65536), false).unwrap();
+        model[..65536].copy_from_slice(&pattern(1, 65536));
+        b.stop().unwrap();
+    }
+    let at = first_l2_entry_at(&img);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, at).unwrap();
+    let entry = u64::from_be_bytes(e);
+    f.write_all_at(&(entry & !(1 << 63)).to_be_bytes(), at)
+        .unwrap();
+    {
+        let b = Qcow2::open(&img, false).unwrap();
+        b.write(512, &pattern(2, 1024), false).unwrap();
+        model[512..1536].copy_from_slice(&pattern(2, 1024));
+        assert_eq!(read_all(&b), model);
+        b.stop().unwrap();
+    }
+    check_clean(&img);
+    compare(&img, &model, &dir);
+    let at = first_l2_entry_at(&img);
+    f.read_exact_at(&mut e, at).unwrap();
+    let entry = u64::from_be_bytes(e);
+    f.write_all_at(&(entry | 1 << 4).to_be_bytes(), at).unwrap();
+    let b = Qcow2::open(&img, true).unwrap();
+    let e = b.read(0, &mut [0u8; 512]).unwrap_err();
+    assert!(e.to_string().contains("reserved bits"), "{e}");
+}

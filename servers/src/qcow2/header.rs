@@ -88,13 +88,22 @@ impl Header {
                 return Err(bad("truncated"));
             }
             let len = be32(b, 100) as usize;
-            if len < 104 || len > b.len() {
+            // As qemu: at least the version 3 fields, within the first
+            // cluster, a multiple of 8.
+            if len < 104 || len > b.len() || len as u64 > 1 << cluster_bits || len % 8 != 0 {
                 return Err(bad("header length out of range"));
             }
             (be64(b, 72), be64(b, 88), be32(b, 96), len)
         } else {
             (0, 0, 4, 72)
         };
+        // The compression type (byte 104, where the header has it) is zlib
+        // (0) unless the incompatible bit says otherwise.
+        if header_len > 104 && b[104] != 0 && incompatible & INCOMPAT_COMPRESSION == 0 {
+            return Err(bad(
+                "a compression type without its incompatible feature bit",
+            ));
+        }
         if incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(Qcow2Error::MarkedCorrupt);
         }
@@ -145,10 +154,14 @@ impl Header {
         if (h.l1_size as u64) < need {
             return Err(bad("the L1 table does not cover the virtual size"));
         }
-        if h.size > (1 << 62) || h.l1_size > (32 << 20) {
+        // qemu's own caps: an L1 table of at most 32 MiB, a refcount table
+        // of at most 8 MiB (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE).
+        if h.size > (1 << 62) || h.l1_size as u64 * 8 > (32 << 20) {
             return Err(bad("virtual size out of range"));
         }
-        if h.refcount_table_clusters == 0 || h.refcount_table_clusters > (1 << 20) {
+        if h.refcount_table_clusters == 0
+            || (h.refcount_table_clusters as u64) << cluster_bits > 8 << 20
+        {
             return Err(bad("refcount table size out of range"));
         }
         // Header extensions, each padded to 8 bytes, up to the end marker.
@@ -167,11 +180,13 @@ impl Header {
             }
             at = data + len.next_multiple_of(8);
         }
-        let (off, len) = (be64(b, 8) as usize, be32(b, 16) as usize);
+        let (off, len) = (be64(b, 8), be32(b, 16) as u64);
         if off != 0 {
-            if len == 0 || len > 1023 || off + len > b.len() {
+            if len == 0 || len > 1023 || off.checked_add(len).is_none_or(|end| end > b.len() as u64)
+            {
                 return Err(bad("backing file name out of range"));
             }
+            let (off, len) = (off as usize, len as usize);
             h.backing_file = Some(String::from_utf8_lossy(&b[off..off + len]).into());
         }
         Ok(h)
@@ -237,5 +252,13 @@ mod tests {
         assert!(with(40, &1000u64.to_be_bytes()).contains("aligned"));
         assert!(with(16, &5000u32.to_be_bytes()).contains("backing file"));
         assert!(with(116, &70000u32.to_be_bytes()).contains("extension"));
+        // Found by fuzzing: an offset that overflows (was a panic), qemu's
+        // caps on the tables, the header length and compression type.
+        assert!(with(8, &u64::MAX.to_be_bytes()).contains("backing file"));
+        assert!(with(8, &(u64::MAX - 3).to_be_bytes()).contains("backing file"));
+        assert!(with(56, &129u32.to_be_bytes()).contains("refcount table size"));
+        assert!(with(36, &(4u32 << 20 | 1).to_be_bytes()).contains("virtual size"));
+        assert!(with(100, &105u32.to_be_bytes()).contains("header length"));
+        assert!(with(104, &[1]).contains("compression type"));
     }
 }

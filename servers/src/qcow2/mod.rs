@@ -37,6 +37,8 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// The bits of a standard L2 entry that must be zero (1-8 and 56-61).
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// The mutable metadata, under one lock.
 struct Meta {
@@ -268,6 +270,11 @@ impl Qcow2 {
             let sectors = ((e & ((1 << 62) - 1)) >> x) + 1;
             return Ok(Cluster::Compressed(off, sectors * 512 - (off % 512)));
         }
+        if e & L2_RESERVED != 0 {
+            return Err(damaged(format!(
+                "an L2 entry ({e:#x}) has reserved bits set"
+            )));
+        }
         let off = e & OFFSET_MASK;
         if !off.is_multiple_of(cs) {
             return Err(damaged(format!(
@@ -361,11 +368,9 @@ impl Qcow2 {
                 {
                     return self.set_entry(&mut m, vc, ZERO);
                 }
-                (Cluster::Data(_, false), _) => {
-                    return Err(damaged(format!(
-                        "cluster {vc} is shared (refcount above 1) in an image without snapshots"
-                    )))
-                }
+                // COPIED clear: the cluster may be shared (its refcount
+                // above 1), so it is copied on write, as qemu does; the old
+                // one's count is set right by the repair at the next stop.
                 _ => {}
             }
             m.allocating.insert(vc);
@@ -430,7 +435,7 @@ impl Qcow2 {
         let host = match old {
             // A zeroed cluster that kept its own: reuse it.
             Cluster::Zero(Some(off)) => off,
-            Cluster::Compressed(..) => {
+            Cluster::Compressed(..) | Cluster::Data(_, false) => {
                 self.leaked.store(true, Ordering::Relaxed);
                 m.refs.allocate(&self.file)?
             }
