@@ -90,7 +90,11 @@ impl Header {
             let len = be32(b, 100) as usize;
             // As qemu: at least the version 3 fields, within the first
             // cluster, a multiple of 8.
-            if len < 104 || len > b.len() || len as u64 > 1 << cluster_bits || len % 8 != 0 {
+            if len < 104
+                || len > b.len()
+                || len as u64 > 1 << cluster_bits
+                || !len.is_multiple_of(8)
+            {
                 return Err(bad("header length out of range"));
             }
             (be64(b, 72), be64(b, 88), be32(b, 96), len)
