@@ -401,3 +401,46 @@ fn copied_clear_is_copy_on_write_and_reserved_bits_are_damage() {
     let e = b.read(0, &mut [0u8; 512]).unwrap_err();
     assert!(e.to_string().contains("reserved bits"), "{e}");
 }
+
+/// An image that outgrows what its refcount table covers (512-byte
+/// clusters: 8 MiB per table cluster) gets a larger table, as qemu moves
+/// it; qemu-img finds it clean and reads what was written.
+#[test]
+fn the_refcount_table_grows() {
+    let (_d, dir) = tmp();
+    let img = dir.join("small.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&img),
+        "64M",
+    ]);
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"cluster-size\": 512"), "{info}");
+    let size = 12u64 << 20;
+    let mut model = vec![0u8; size as usize];
+    {
+        let b = Qcow2::open(&img, false).unwrap();
+        for (k, at) in (0..size).step_by(1 << 20).enumerate() {
+            let d = pattern(k as u64 + 1, 1 << 20);
+            b.write(at, &d, false).unwrap();
+            model[at as usize..(at + (1 << 20)) as usize].copy_from_slice(&d);
+        }
+        let mut back = vec![0u8; size as usize];
+        b.read(0, &mut back).unwrap();
+        assert!(back == model, "read back after the table grew");
+        b.stop().unwrap();
+    }
+    check_clean(&img);
+    let raw = dir.join("back.raw");
+    qemu_img(&["convert", "-q", "-O", "raw", s(&img), s(&raw)]);
+    let back = std::fs::read(&raw).unwrap();
+    assert!(
+        back[..size as usize] == model[..],
+        "qemu-img reads other data"
+    );
+}

@@ -190,7 +190,7 @@ impl Qcow2 {
             self.file
                 .write_all_at(&0u64.to_be_bytes(), header::AUTOCLEAR_AT)?;
         }
-        self.file.sync_data()?;
+        self.sync_file()?;
         Ok(())
     }
 
@@ -198,8 +198,10 @@ impl Qcow2 {
     fn repair(&self) -> Result<u64, Qcow2Error> {
         let mut m = self.lock();
         let referenced = self.references(&mut m)?;
-        let fixed = m.refs.repair(&self.file, &referenced)?;
-        self.file.sync_data()?;
+        let fixed = m
+            .refs
+            .repair(&self.file, &|| self.sync_file(), &referenced)?;
+        self.sync_file()?;
         Ok(fixed)
     }
 
@@ -207,13 +209,21 @@ impl Qcow2 {
     /// leaves one (for the tests of the repair).
     #[doc(hidden)]
     pub fn leak_one_for_tests(&self) -> io::Result<()> {
-        self.lock().refs.allocate(&self.file)?;
-        self.file.sync_data()
+        self.lock()
+            .refs
+            .allocate(&self.file, &|| self.sync_file())?;
+        self.sync_file()
     }
 
     fn set_incompatible(&self, bits: u64) -> io::Result<()> {
         self.file
             .write_all_at(&bits.to_be_bytes(), header::INCOMPAT_AT)
+    }
+
+    /// A sync of the image, shared with every allocation in flight (and
+    /// failing for ever after one failed).
+    fn sync_file(&self) -> io::Result<()> {
+        self.sync.sync(|| self.file.sync_data())
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -427,7 +437,7 @@ impl Qcow2 {
         let i = self.l1_index(vc);
         // A new L2 table: zeroed in the file now, linked after a sync.
         if Self::l2_offset(&m, i).is_none() {
-            let off = m.refs.allocate(&self.file)?;
+            let off = m.refs.allocate(&self.file, &|| self.sync_file())?;
             self.file.write_all_at(&vec![0u8; cs as usize], off)?;
             m.l2.insert(i, vec![0u64; (cs / 8) as usize].into_boxed_slice());
             m.unlinked.insert(i, off);
@@ -437,9 +447,9 @@ impl Qcow2 {
             Cluster::Zero(Some(off)) => off,
             Cluster::Compressed(..) | Cluster::Data(_, false) => {
                 self.leaked.store(true, Ordering::Relaxed);
-                m.refs.allocate(&self.file)?
+                m.refs.allocate(&self.file, &|| self.sync_file())?
             }
-            _ => m.refs.allocate(&self.file)?,
+            _ => m.refs.allocate(&self.file, &|| self.sync_file())?,
         };
         drop(m);
         let mut buf = vec![0u8; cs as usize];
@@ -483,10 +493,8 @@ impl Qcow2 {
         };
         add(0, cs);
         add(self.h.l1_table_offset, self.h.l1_size as u64 * 8);
-        add(
-            self.h.refcount_table_offset,
-            self.h.refcount_table_clusters as u64 * cs,
-        );
+        let (table, table_len) = m.refs.table_extent();
+        add(table, table_len);
         for b in m.refs.blocks() {
             add(b, cs);
         }
@@ -587,7 +595,7 @@ impl Backend for Qcow2 {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.sync.sync(|| self.file.sync_data())
+        self.sync_file()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -610,6 +618,6 @@ impl Backend for Qcow2 {
             self.repair().map_err(io::Error::other)?;
         }
         self.set_incompatible(self.h.incompatible & !header::INCOMPAT_DIRTY)?;
-        self.file.sync_data()
+        self.sync_file()
     }
 }

@@ -8,6 +8,16 @@ use std::os::unix::fs::FileExt;
 
 use super::{Header, Qcow2Error, OFFSET_MASK};
 
+/// Makes what was written so far durable (the image's group sync, which
+/// remembers a failure).
+pub type Sync<'a> = &'a dyn Fn() -> io::Result<()>;
+
+/// The header fields that place the refcount table (offset, then clusters:
+/// one write of 12 bytes).
+const REFCOUNT_TABLE_AT: u64 = 48;
+/// qemu's cap on the refcount table (QCOW_MAX_REFTABLE_SIZE).
+const MAX_TABLE_BYTES: u64 = 8 << 20;
+
 pub struct Refcounts {
     /// Byte offsets of the refcount blocks (0: none yet).
     table: Vec<u64>,
@@ -45,6 +55,11 @@ impl Refcounts {
         self.cs / 2
     }
 
+    /// Where the refcount table is: byte offset and length.
+    pub fn table_extent(&self) -> (u64, u64) {
+        (self.table_offset, self.table.len() as u64 * 8)
+    }
+
     /// The refcount blocks' offsets.
     pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
         self.table.iter().copied().filter(|&b| b != 0)
@@ -60,32 +75,15 @@ impl Refcounts {
         Ok(u16::from_be_bytes(v))
     }
 
-    /// Sets `cluster`'s refcount, making its refcount block if need be.
-    pub fn set(&mut self, file: &File, cluster: u64, v: u16) -> io::Result<()> {
+    /// Sets `cluster`'s refcount, making its refcount block (and growing
+    /// the refcount table) if need be.
+    pub fn set(&mut self, file: &File, sync: Sync, cluster: u64, v: u16) -> io::Result<()> {
         let i = (cluster / self.per_block()) as usize;
         if i >= self.table.len() {
-            return Err(io::Error::other(
-                "the image has grown past what its refcount table covers (`qemu-img amend` or a larger cluster size would help)",
-            ));
+            self.grow(file, sync, i)?;
         }
         if self.table[i] == 0 {
-            // The new block lives in the next free cluster; it counts
-            // itself if it covers itself, else its own block counts it.
-            let b = self.next_free;
-            self.next_free += 1;
-            let mut block = vec![0u8; self.cs as usize];
-            if b / self.per_block() == i as u64 {
-                let at = ((b % self.per_block()) * 2) as usize;
-                block[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
-            } else {
-                self.set(file, b, 1)?;
-            }
-            file.write_all_at(&block, b * self.cs)?;
-            file.write_all_at(
-                &(b * self.cs).to_be_bytes(),
-                self.table_offset + i as u64 * 8,
-            )?;
-            self.table[i] = b * self.cs;
+            self.new_block(file, sync, i)?;
         }
         file.write_all_at(
             &v.to_be_bytes(),
@@ -93,14 +91,95 @@ impl Refcounts {
         )
     }
 
+    /// Makes refcount block `i` in the next free cluster; it counts itself
+    /// if it covers itself, else its own block counts it.
+    fn new_block(&mut self, file: &File, sync: Sync, i: usize) -> io::Result<()> {
+        let b = self.next_free;
+        self.next_free += 1;
+        let mut block = vec![0u8; self.cs as usize];
+        if b / self.per_block() == i as u64 {
+            let at = ((b % self.per_block()) * 2) as usize;
+            block[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+        } else {
+            self.set(file, sync, b, 1)?;
+        }
+        file.write_all_at(&block, b * self.cs)?;
+        // The block is on disk before the table points at it: a power cut
+        // between the two would leave an entry past the end of the file,
+        // and an image that no longer opens.
+        sync()?;
+        file.write_all_at(
+            &(b * self.cs).to_be_bytes(),
+            self.table_offset + i as u64 * 8,
+        )?;
+        self.table[i] = b * self.cs;
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger one at the end of the image,
+    /// covering block `need`, as qemu does: the new table and the blocks
+    /// counting it are written and synced, then the header is switched to
+    /// it in one write and synced, then the old table's clusters are freed
+    /// (never reused while served). A power cut before the switch leaves
+    /// the old table in force, with at most unreferenced clusters past it.
+    fn grow(&mut self, file: &File, sync: Sync, need: usize) -> io::Result<()> {
+        let per_cluster = self.cs / 8;
+        let old_clusters = (self.table.len() as u64).div_ceil(per_cluster);
+        let mut n = (old_clusters * 2).max(1);
+        // Enough for `need`, and for the blocks that count the new table
+        // itself (and a few more made meanwhile).
+        while n * per_cluster <= (need as u64).max((self.next_free + n + 8) / self.per_block()) {
+            n *= 2;
+        }
+        if n * self.cs > MAX_TABLE_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the image has grown past what a refcount table of qemu's largest size (8 MiB) covers with {} byte clusters",
+                    self.cs
+                ),
+            ));
+        }
+        let start = self.next_free;
+        self.next_free += n;
+        let (old_offset, old_table) = (self.table_offset, self.table.clone());
+        self.table.resize((n * per_cluster) as usize, 0);
+        self.table_offset = start * self.cs;
+        let written = (|| {
+            for c in start..start + n {
+                self.set(file, sync, c, 1)?;
+            }
+            let raw: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            file.write_all_at(&raw, self.table_offset)?;
+            sync()?;
+            let mut hdr = [0u8; 12];
+            hdr[..8].copy_from_slice(&self.table_offset.to_be_bytes());
+            hdr[8..].copy_from_slice(&(n as u32).to_be_bytes());
+            file.write_all_at(&hdr, REFCOUNT_TABLE_AT)?;
+            sync()
+        })();
+        if let Err(e) = written {
+            // The header may or may not have been switched: this server
+            // goes on with neither (its next allocation fails the same
+            // way); a reopen reads whichever the header names.
+            self.table = old_table;
+            self.table_offset = old_offset;
+            return Err(e);
+        }
+        for c in old_offset / self.cs..old_offset / self.cs + old_clusters {
+            self.set(file, sync, c, 0)?;
+        }
+        Ok(())
+    }
+
     /// Takes a free cluster at the end of the image, refcount 1; returns
     /// its byte offset.
-    pub fn allocate(&mut self, file: &File) -> io::Result<u64> {
+    pub fn allocate(&mut self, file: &File, sync: Sync) -> io::Result<u64> {
         loop {
             let c = self.next_free;
             self.next_free += 1;
             if self.get(file, c)? == 0 {
-                self.set(file, c, 1)?;
+                self.set(file, sync, c, 1)?;
                 return Ok(c * self.cs);
             }
         }
@@ -160,6 +239,7 @@ impl Refcounts {
     pub fn repair(
         &mut self,
         file: &File,
+        sync: Sync,
         referenced: &HashMap<u64, u64>,
     ) -> Result<u64, Qcow2Error> {
         let m = self.mismatches(file, referenced)?;
@@ -169,7 +249,7 @@ impl Refcounts {
             )));
         }
         for &(c, _, want) in &m {
-            self.set(file, c, want as u16)?;
+            self.set(file, sync, c, want as u16)?;
         }
         Ok(m.len() as u64)
     }
