@@ -51,6 +51,11 @@ pub struct ServerArgs {
     /// file, qcow2, rbd: open read-only (the device is set up read-only).
     #[arg(long)]
     ro: bool,
+    /// qcow2: let the image's backing chain name files outside the
+    /// image's directory (by default refused: an image is untrusted input,
+    /// and a server run by root would read any file it names).
+    #[arg(long)]
+    backing_anywhere: bool,
     /// file: O_DIRECT.
     #[arg(long)]
     direct: bool,
@@ -98,7 +103,7 @@ fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
             Ok(Arc::new(cow))
         }
         ("qcow2", [path]) => {
-            let q = abuse_servers::qcow2::Qcow2::open(path.as_ref(), a.ro)
+            let q = abuse_servers::qcow2::Qcow2::open_with(path.as_ref(), a.ro, a.backing_anywhere)
                 .map_err(|e| format!("{path}: {e}"))?;
             Ok(Arc::new(q))
         }

@@ -444,3 +444,42 @@ fn the_refcount_table_grows() {
         "qemu-img reads other data"
     );
 }
+
+/// An image is untrusted input: its backing chain may name only files in
+/// the image's own directory (links resolved), unless the user says
+/// otherwise; a server run by root must not read any host file an image
+/// names.
+#[test]
+fn backing_files_outside_the_images_directory_are_refused() {
+    let (_d, dir) = tmp();
+    let (_o, outside) = tmp();
+    let secret = outside.join("secret.raw");
+    std::fs::write(&secret, pattern(9, 65536)).unwrap();
+    let img = dir.join("a.qcow2");
+    qcow2_over(&img, s(&secret), "raw", None);
+    let e = Qcow2::open(&img, true)
+        .err()
+        .expect("served a backing file elsewhere")
+        .to_string();
+    assert!(e.contains("outside the image's directory"), "{e}");
+    // Through a link in the image's directory, or a relative name: the same.
+    std::os::unix::fs::symlink(&secret, dir.join("link.raw")).unwrap();
+    let via_link = dir.join("b.qcow2");
+    qcow2_over(&via_link, "link.raw", "raw", None);
+    assert!(
+        Qcow2::open(&via_link, true).is_err(),
+        "served through a link"
+    );
+    let rel = format!(
+        "../{}/secret.raw",
+        outside.file_name().unwrap().to_str().unwrap()
+    );
+    let relative = dir.join("c.qcow2");
+    qcow2_over(&relative, &rel, "raw", None);
+    assert!(Qcow2::open(&relative, true).is_err(), "served through ..");
+    // Trusted: served.
+    let b = Qcow2::open_with(&img, true, true).unwrap();
+    let mut back = vec![0u8; 65536];
+    b.read(0, &mut back).unwrap();
+    assert_eq!(back, pattern(9, 65536));
+}

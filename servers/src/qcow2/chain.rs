@@ -20,12 +20,16 @@ pub enum Backing {
 
 impl Backing {
     /// Opens the backing file `name` of the image at `image` (a relative
-    /// name is relative to the image's directory, as qemu takes it).
+    /// name is relative to the image's directory, as qemu takes it). It
+    /// must lie in `within` (symbolic links resolved), the top image's
+    /// directory, unless `within` is None: an image is untrusted input, and
+    /// served by root it must not read any file of the host it names.
     pub fn open(
         image: &Path,
         name: &str,
         format: Option<&str>,
         depth: u32,
+        within: Option<&Path>,
     ) -> Result<Backing, Qcow2Error> {
         if depth > MAX_DEPTH {
             return Err(Qcow2Error::Unsupported(format!(
@@ -43,6 +47,17 @@ impl Backing {
             ))
         };
         let file = File::open(&path).map_err(named)?;
+        if let Some(dir) = within {
+            let real = path.canonicalize().map_err(named)?;
+            if !real.starts_with(dir) {
+                return Err(Qcow2Error::Unsupported(format!(
+                    "a backing file outside the image's directory {} ({} is {}): pass --backing-anywhere if you trust the image",
+                    dir.display(),
+                    path.display(),
+                    real.display()
+                )));
+            }
+        }
         let is_qcow2 = match format {
             Some("qcow2") => true,
             Some("raw") => false,
@@ -63,6 +78,7 @@ impl Backing {
                 &path,
                 true,
                 depth + 1,
+                within,
             )?)))
         } else {
             let size = crate::blkdev::size(&file).map_err(named)?;

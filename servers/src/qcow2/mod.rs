@@ -87,13 +87,39 @@ fn damaged(why: impl Into<String>) -> io::Error {
 
 impl Qcow2 {
     /// Opens `path` to serve it (read-only if `read_only`), with its
-    /// backing chain.
+    /// backing chain, every file of which lies in the image's directory.
     pub fn open(path: &Path, read_only: bool) -> Result<Qcow2, Qcow2Error> {
-        Self::open_chain(path, read_only, 0)
+        Self::open_with(path, read_only, false)
     }
 
-    /// Opens an image `depth` levels down a backing chain.
-    fn open_chain(path: &Path, read_only: bool, depth: u32) -> Result<Qcow2, Qcow2Error> {
+    /// As [`Qcow2::open`]; with `backing_anywhere`, the chain's files may
+    /// lie anywhere the image names (the user trusts the image).
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        backing_anywhere: bool,
+    ) -> Result<Qcow2, Qcow2Error> {
+        let within = if backing_anywhere {
+            None
+        } else {
+            let dir = path
+                .canonicalize()?
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| "/".into());
+            Some(dir)
+        };
+        Self::open_chain(path, read_only, 0, within.as_deref())
+    }
+
+    /// Opens an image `depth` levels down a backing chain, whose files lie
+    /// in `within` (if given).
+    fn open_chain(
+        path: &Path,
+        read_only: bool,
+        depth: u32,
+        within: Option<&Path>,
+    ) -> Result<Qcow2, Qcow2Error> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         // QEMU's own locks: one writer at a time (an ABUSE server, a VM,
         // qemu-img), and no writer while it is read.
@@ -117,6 +143,7 @@ impl Qcow2 {
                 name,
                 h.backing_format.as_deref(),
                 depth,
+                within,
             )?),
             None => None,
         };
