@@ -384,6 +384,126 @@ fn every_crash_point(journal_limit: Option<u32>, min_images: usize) {
     assert!(base.log().is_empty(), "the base was written to");
 }
 
+/// Writes a whole block of `pattern(seed)` at block `b`, in `model` too.
+fn put(d: &Delta<MemStore, MemStore>, model: &mut [u8], b: usize, seed: u64) {
+    let data = pattern(seed, BS);
+    d.write((b * BS) as u64, &data, false).unwrap();
+    model[b * BS..(b + 1) * BS].copy_from_slice(&data);
+}
+
+/// Whether the device reads `model` in every block of `blocks`.
+fn reads_as(d: &Delta<MemStore, MemStore>, model: &[u8], blocks: &[usize]) -> bool {
+    blocks.iter().all(|&b| {
+        let mut got = vec![0u8; BS];
+        d.read((b * BS) as u64, &mut got).unwrap();
+        got == model[b * BS..(b + 1) * BS]
+    })
+}
+
+/// A power cut during a checkpoint, after some of its table slots reached
+/// the disk and before its commit record did, left slots with the sequence
+/// the next flush then took again: once that flush committed, the stale
+/// slots counted as committed versions of their pages, and every later
+/// open failed (table corrupt). The checkpoint is cut at every point; the
+/// delta reopened from each image keeps being written and flushed (a
+/// checkpoint of one page, journal flushes, a checkpoint of them all),
+/// and reopens after each flush with every flushed write.
+#[test]
+fn a_power_cut_during_a_checkpoint_never_makes_the_delta_unopenable() {
+    use abuse_servers::cow::format::decode_page;
+    let blocks = 2 * ENTRIES_PER_PAGE + 40;
+    let page = ENTRIES_PER_PAGE;
+    let base_bytes = pattern(31, blocks * BS);
+    let base = MemStore::with(base_bytes.clone());
+    let (store, mut delta) = create(&base);
+    let h = delta.header().clone();
+    assert_eq!(h.table_pages, 3);
+    // One journal page: a flush journals, the next one checkpoints.
+    delta.limit_journal(1);
+    let start = store.bytes();
+    let created = store.log().len();
+    let mut model = base_bytes.clone();
+    put(&delta, &mut model, 1, 1);
+    delta.flush().unwrap(); // journal: page 0
+    let journaled = model.clone();
+    put(&delta, &mut model, page + 1, 2);
+    put(&delta, &mut model, 2 * page + 1, 3);
+    put(&delta, &mut model, 2, 4);
+    let before = store.log().len() - created;
+    delta.flush().unwrap(); // checkpoint: pages 0, 1 and 2
+    let checkpointed = model.clone();
+    let log = store.log()[created..].to_vec();
+    assert!(
+        log[before..]
+            .iter()
+            .any(|o| matches!(o, Op::Write(off, _) if *off == h.slot_offset(1, 0))),
+        "the second flush was not a checkpoint"
+    );
+    let touched = [1, 2, page + 1, 2 * page + 1];
+    let (mut images, mut stale) = (0, 0);
+    for cut in before..=log.len() {
+        let last_sync = log[..cut]
+            .iter()
+            .rposition(|o| matches!(o, Op::Sync))
+            .map_or(0, |i| i + 1);
+        let lens: Vec<Option<usize>> = log[last_sync..cut]
+            .iter()
+            .map(|o| match o {
+                Op::Write(_, d) => Some(d.len()),
+                Op::Sync => None,
+            })
+            .collect();
+        for (how, plan) in tail_variants(&lens) {
+            let img = crash_image(&start, &log, cut, &*plan);
+            images += 1;
+            // A slot the uncommitted checkpoint left behind.
+            let slot = h.slot_offset(1, 0) as usize;
+            let left = img.len() >= slot + PAGE
+                && decode_page(img[slot..slot + PAGE].try_into().unwrap(), 1).is_some();
+            let s2 = MemStore::with(img);
+            let mut d = Delta::open(s2.clone(), base.clone())
+                .unwrap_or_else(|e| panic!("cut {cut} ({how}): reopen failed: {e}"));
+            d.limit_journal(1);
+            // The checkpoint committed, or not: all of it or none.
+            let mut m = if reads_as(&d, &checkpointed, &touched) {
+                checkpointed.clone()
+            } else {
+                assert!(
+                    reads_as(&d, &journaled, &touched),
+                    "cut {cut} ({how}): neither the first flush nor the second"
+                );
+                stale += left as usize;
+                journaled.clone()
+            };
+            // Then a checkpoint of page 0 alone (or a journal flush), and
+            // more of both.
+            let steps: [&[usize]; 4] = [&[3], &[page + 2], &[2 * page + 2, 4], &[5, page + 3]];
+            let mut seen = touched.to_vec();
+            for (i, step) in steps.iter().enumerate() {
+                for (j, &b) in step.iter().enumerate() {
+                    put(&d, &mut m, b, 100 + 10 * i as u64 + j as u64);
+                }
+                d.flush()
+                    .unwrap_or_else(|e| panic!("cut {cut} ({how}): flush {i}: {e}"));
+                seen.extend_from_slice(step);
+                let again =
+                    Delta::open(MemStore::with(s2.bytes()), base.clone()).unwrap_or_else(|e| {
+                        panic!("cut {cut} ({how}): reopen after flush {i} failed: {e}")
+                    });
+                assert!(
+                    reads_as(&again, &m, &seen),
+                    "cut {cut} ({how}): flush {i}: a flushed write is not there"
+                );
+            }
+        }
+    }
+    eprintln!("{images} crash images, {stale} with a slot of the uncommitted checkpoint");
+    assert!(
+        stale > 0,
+        "no image kept a slot of the uncommitted checkpoint"
+    );
+}
+
 /// The race the first version lost writes to: a first write publishes its
 /// mapping; a second write to the same block goes in place and is
 /// acknowledged; FLUSH is acknowledged. A flush held inside its sync while
@@ -1120,7 +1240,10 @@ mod files {
     use super::*;
     use abuse_servers::cow::Cow;
     use abuse_servers::Backend;
+    use nix::fcntl::{Flock, FlockArg};
+    use std::fs::{File, OpenOptions};
     use std::os::unix::fs::FileExt;
+    use std::path::Path;
 
     const BLOCKS: usize = 24;
 
@@ -1165,6 +1288,124 @@ mod files {
             .read_exact_at(&mut hb, 0)
             .unwrap();
         Header::decode(&hb).unwrap()
+    }
+
+    /// One server's view of the delta file, whose syncs can be made to
+    /// fail or to wait at a gate (as `MemStore`'s); the other servers'
+    /// (`Cow`) are plain.
+    struct Hooked {
+        file: Flock<File>,
+        /// When set to n + 1: the sync after n more successful ones fails
+        /// (what was written stays in the file, as some of it may land).
+        fail_sync: Arc<AtomicU32>,
+        gate: Arc<Mutex<Option<Gate>>>,
+    }
+
+    impl Storage for Hooked {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            Storage::read_at(&self.file, buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            Storage::write_at(&self.file, buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(g) = gate {
+                g.entered.send(()).unwrap();
+                g.release.recv().unwrap();
+            }
+            let armed = self.fail_sync.load(Ordering::SeqCst);
+            if armed > 0 {
+                self.fail_sync.store(armed - 1, Ordering::SeqCst);
+                if armed == 1 {
+                    return Err(io::Error::from_raw_os_error(5));
+                }
+            }
+            Storage::sync(&self.file)
+        }
+        fn size(&self) -> io::Result<u64> {
+            Storage::size(&self.file)
+        }
+        fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+            Storage::punch(&self.file, offset, len)
+        }
+    }
+
+    impl Shared for Hooked {
+        fn map_working(&self, uuid: &[u8; 16], len: u64) -> io::Result<Option<memmap2::MmapMut>> {
+            self.file.map_working(uuid, len)
+        }
+        fn lock_byte(&self, at: u64) -> io::Result<()> {
+            self.file.lock_byte(at)
+        }
+        fn unlock_byte(&self, at: u64) -> io::Result<()> {
+            self.file.unlock_byte(at)
+        }
+        fn boot_id(&self) -> Option<[u8; 16]> {
+            self.file.boot_id()
+        }
+    }
+
+    type HookedDelta = Delta<Hooked, Flock<File>>;
+
+    /// Opens the delta as its first server through a `Hooked` store (it
+    /// then holds the delta's lock shared, as `Cow::open` leaves it).
+    fn hooked_server(delta: &Path, base: &Path) -> HookedDelta {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(delta)
+            .unwrap();
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .unwrap_or_else(|_| panic!("another server has the delta"));
+        let base = Flock::lock(File::open(base).unwrap(), FlockArg::LockSharedNonblock).unwrap();
+        let store = Hooked {
+            file,
+            fail_sync: Default::default(),
+            gate: Default::default(),
+        };
+        let d = Delta::open(store, base).unwrap();
+        d.store().file.relock(FlockArg::LockShared).unwrap();
+        d
+    }
+
+    /// A checkpoint whose sync failed (or whose server was killed) left a
+    /// table slot with the sequence the next flush takes; another server,
+    /// running on, then committed that sequence, and the stale slot counted
+    /// as its page's version: every later open failed (table corrupt).
+    #[test]
+    fn a_checkpoint_that_failed_leaves_no_slot_another_servers_flush_commits() {
+        let (_dir, base, delta, _) = setup(46);
+        let mut a = hooked_server(&delta, &base);
+        a.limit_journal(0); // its flushes checkpoint
+        let b = Cow::open(&delta, None).unwrap();
+        a.write(0, &pattern(1, BS), false).unwrap();
+        a.store().fail_sync.store(1, Ordering::SeqCst);
+        assert!(a.flush().is_err(), "the failed sync was not reported");
+        // Server b journals: it rewrites no slot.
+        b.write(BS as u64, &pattern(2, BS), false).unwrap();
+        b.flush().unwrap();
+        drop((a, b));
+        let check = |cow: &Cow| {
+            for (blk, seed) in [(0u64, 1), (1, 2)] {
+                let mut got = vec![0u8; BS];
+                cow.read(blk * BS as u64, &mut got).unwrap();
+                assert_eq!(got, pattern(seed, BS), "block {blk}");
+            }
+        };
+        let c = Cow::open(&delta, None).unwrap_or_else(|e| panic!("reopen: {e}"));
+        check(&c);
+        drop(c);
+        // The table alone (as after a reboot) holds both.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(Cow::working_area_path(&delta).unwrap())
+            .unwrap();
+        f.write_all_at(&[0; 8], 0).unwrap();
+        drop(f);
+        let c = Cow::open(&delta, None).unwrap_or_else(|e| panic!("reopen: {e}"));
+        assert_eq!(c.adopted(), None);
+        check(&c);
     }
 
     /// A server killed before any FLUSH (here: dropped without one) left

@@ -48,12 +48,21 @@ const W_HASH: usize = 8;
 /// `W_COMMITTED` only while a flush is between its record and the update
 /// of the area (or died there), the one case the next flush rereads disk.
 const W_COMMITTING: usize = 12;
+/// The sequence of the last checkpoint that began writing table slots:
+/// above `W_COMMITTED`, it never committed (its server was killed, or a
+/// sync failed), and its slots, which carry the sequence the next flush
+/// takes, are erased before that flush commits.
+const W_SLOTS: usize = 13;
 /// Words in the control page.
 const W_CONTROL: usize = PAGE / 8;
 /// `W_MARKER` of a working area that is set up. (`ABUSEWRK`, before
 /// `W_COMMITTING`, is not adopted: a server of that version would not
 /// announce its commits.)
-const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWK2");
+const MARKER: u64 = u64::from_le_bytes(*b"ABUSEWK3");
+/// The marker before `W_SLOTS`: same layout (the word is 0), adopted by a
+/// first server, which marks it anew; no server of that version can join
+/// it then (it would not announce its checkpoints).
+const MARKER_2: u64 = u64::from_le_bytes(*b"ABUSEWK2");
 
 /// The working area: control words, per table page its newest version in
 /// its slots (`seq << 1 | slot`), a dirty count and the sequence of its
@@ -120,6 +129,9 @@ struct Durable {
     journal: u32,
     hash: [u8; 32],
     table: Vec<u64>,
+    /// Offsets of intact slots with a sequence above `committed`: written
+    /// by a checkpoint that never committed.
+    stale: Vec<u64>,
 }
 
 /// A cow device's state.
@@ -288,9 +300,15 @@ impl<S: Shared, B: Storage> Delta<S, B> {
     fn set_up(&mut self, mode: Mode) -> Result<(), DeltaError> {
         let _lock = lock_byte(&self.store, PAGE_LOCK)?;
         let durable = read_durable(&self.store, &self.header)?;
+        if mode != Mode::Inspect {
+            // No flush runs (the lock): a slot above the last commit is a
+            // dead checkpoint's, and would count once the next flush
+            // commits its sequence.
+            self.erase(&durable.stale)?;
+        }
         let shared = self.work.map.is_some();
         let boot = self.store.boot_id();
-        let ours = shared && boot.is_some() && self.marked_for(boot);
+        let ours = shared && boot.is_some() && self.marked_for(boot, mode == Mode::Join);
         match mode {
             Mode::Join if !ours => Err(DeltaError::NotReady),
             Mode::Join => self
@@ -304,6 +322,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                     Ok(pending) => {
                         self.adopted = Some(pending);
                         self.refresh_committed(&durable);
+                        self.words()[W_MARKER].store(MARKER, Ordering::Release);
                         Ok(())
                     }
                     Err(why) => Err(DeltaError::WorkingArea(why)),
@@ -385,15 +404,17 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self.words()[W_NEXT_FREE]
     }
 
-    /// Whether the working area is set up for this delta in this boot.
-    fn marked_for(&self, boot: Option<[u8; 16]>) -> bool {
+    /// Whether the working area is set up for this delta in this boot
+    /// (`join`: by a server of this version, else of the one before too).
+    fn marked_for(&self, boot: Option<[u8; 16]>, join: bool) -> bool {
         let w = self.words();
         let pair = |at: usize, v: &[u8; 16]| {
             w[at].load(Ordering::Acquire) == u64::from_le_bytes(v[..8].try_into().unwrap())
                 && w[at + 1].load(Ordering::Acquire)
                     == u64::from_le_bytes(v[8..].try_into().unwrap())
         };
-        w[W_MARKER].load(Ordering::Acquire) == MARKER
+        let marker = w[W_MARKER].load(Ordering::Acquire);
+        (marker == MARKER || (marker == MARKER_2 && !join))
             && pair(W_UUID, &self.header.uuid)
             && boot.is_some_and(|b| pair(W_BOOT, &b))
     }
@@ -411,6 +432,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         // Entries are d + 1: the largest is the next free block.
         let next = d.table.iter().copied().max().unwrap_or(0);
         self.next_free().store(next, Ordering::Relaxed);
+        w[W_SLOTS].store(0, Ordering::Relaxed);
         self.refresh_committed(d);
         let pair = |at: usize, v: [u8; 16]| {
             w[at].store(
@@ -446,6 +468,39 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
         w[W_COMMITTED].store(d.committed, Ordering::Release);
         w[W_COMMITTING].store(d.committed, Ordering::Release);
+    }
+
+    /// Writes zeroes over the table slots at `offsets` (a torn erase is a
+    /// torn slot: ignored). Durable with the next flush's first sync, so
+    /// before its commit record.
+    fn erase(&self, offsets: &[u64]) -> io::Result<()> {
+        for &at in offsets {
+            self.store.write_at(&[0u8; PAGE], at)?;
+        }
+        Ok(())
+    }
+
+    /// If a checkpoint wrote table slots and never committed (`W_SLOTS`
+    /// above the last commit), erases them: they carry the sequence this
+    /// flush takes. They lie in their pages' other slots (a checkpoint
+    /// never writes the committed one). Returns whether it looked.
+    fn erase_dead_checkpoint(&self) -> io::Result<bool> {
+        let committed = self.words()[W_COMMITTED].load(Ordering::Acquire);
+        if self.words()[W_SLOTS].load(Ordering::Acquire) <= committed {
+            return Ok(false);
+        }
+        let mut stale = Vec::new();
+        for p in 0..self.header.table_pages {
+            let other = 1 - (self.page_meta()[p as usize].load(Ordering::Acquire) & 1) as u32;
+            let at = self.header.slot_offset(p, other);
+            let mut b = [0u8; PAGE];
+            self.store.read_at(&mut b, at)?;
+            if decode_page(&b, p).is_some_and(|(seq, _)| seq > committed) {
+                stale.push(at);
+            }
+        }
+        self.erase(&stale)?;
+        Ok(true)
     }
 
     /// Checks an existing working area against the table on disk: every
@@ -745,6 +800,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let _local = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _shared = lock_byte(&self.store, PAGE_LOCK)?;
         self.catch_up()?;
+        let erased = self.erase_dead_checkpoint()?;
         // Snapshot what is uncommitted: every mapping seen here points at
         // data written before it.
         let dirty: Vec<(usize, u64)> = self
@@ -759,7 +815,13 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             // Nothing to commit (a page's count may outlive its records,
             // which a flush racing the first write took).
             self.clear_dirty(&dirty);
-            return self.sync_store();
+            self.sync_store()?;
+            if erased {
+                // The dead checkpoint's slots are durably gone.
+                let w = self.words();
+                w[W_SLOTS].store(w[W_COMMITTED].load(Ordering::Acquire), Ordering::Release);
+            }
+            return Ok(());
         }
         let w = self.words();
         let seq = w[W_COMMITTED].load(Ordering::Acquire) + 1;
@@ -787,6 +849,11 @@ impl<S: Shared, B: Storage> Delta<S, B> {
             chunk.copy_from_slice(&w[W_HASH + i].load(Ordering::Acquire).to_le_bytes());
         }
         let mut bytes = Vec::with_capacity(need * PAGE);
+        if !journal {
+            // Announced before any slot is written: should this flush not
+            // commit, the next one erases what it wrote.
+            w[W_SLOTS].store(seq, Ordering::Release);
+        }
         if journal && self.entry_journal() {
             // Records leave the pages, and so the hash, as they are.
             for chunk in records.chunks(RECORDS_PER_PAGE) {
@@ -913,6 +980,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
                 DeltaError::Io(e) => e,
                 other => corrupt(other),
             })?;
+            self.erase(&d.stale)?;
             self.refresh_committed(&d);
         } else {
             // The record was never written (or failed): nothing to take.
@@ -1019,13 +1087,16 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
     let mut journaled = Vec::with_capacity(h.table_pages as usize);
     let mut table = Vec::with_capacity(nblocks as usize);
     let mut hash = [0u8; 32];
+    let mut stale = Vec::new();
     for p in 0..h.table_pages {
         let mut found: Option<(u64, u32, [u64; ENTRIES_PER_PAGE])> = None;
         for slot in 0..2 {
             let mut b = [0u8; PAGE];
             store.read_at(&mut b, h.slot_offset(p, slot))?;
             if let Some((seq, e)) = decode_page(&b, p) {
-                if seq <= committed && found.as_ref().is_none_or(|(s, _, _)| seq > *s) {
+                if seq > committed {
+                    stale.push(h.slot_offset(p, slot));
+                } else if found.as_ref().is_none_or(|(s, _, _)| seq > *s) {
                     found = Some((seq, slot, e));
                 }
             }
@@ -1105,5 +1176,6 @@ fn read_durable<S: Storage>(store: &S, h: &Header) -> Result<Durable, DeltaError
         journal,
         hash,
         table,
+        stale,
     })
 }
