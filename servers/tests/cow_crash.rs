@@ -1344,6 +1344,12 @@ mod files {
         fn boot_id(&self) -> Option<[u8; 16]> {
             self.file.boot_id()
         }
+        fn lock_sole(&self) -> io::Result<bool> {
+            self.file.lock_sole()
+        }
+        fn remove_working(&self, uuid: &[u8; 16]) -> io::Result<()> {
+            self.file.remove_working(uuid)
+        }
     }
 
     type HookedDelta = Delta<Hooked, Flock<File>>;
@@ -1406,6 +1412,59 @@ mod files {
         let c = Cow::open(&delta, None).unwrap_or_else(|e| panic!("reopen: {e}"));
         assert_eq!(c.adopted(), None);
         check(&c);
+    }
+
+    /// A server stopping flushed, then found itself the last one and
+    /// removed the working area: a first write another server acknowledged
+    /// after that flush, that server then killed, lived only in the area
+    /// removed, and was lost. Here the stopping server's final flush waits
+    /// in its sync while the other server writes and is killed.
+    #[test]
+    fn a_first_write_acknowledged_while_another_server_stops_survives_its_kill() {
+        let (_dir, base, delta, bytes) = setup(47);
+        let a = hooked_server(&delta, &base);
+        let b = Cow::open(&delta, None).unwrap();
+        a.write(0, &pattern(1, BS), false).unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        *a.store().gate.lock().unwrap() = Some(Gate {
+            entered: entered_tx,
+            release: release_rx,
+        });
+        let stopping = std::thread::spawn(move || {
+            let r = a.stop();
+            (a, r)
+        });
+        entered.recv().unwrap(); // a's final flush is in its sync
+        let at = 5 * BS + 100;
+        b.write(at as u64, &pattern(2, 700), false).unwrap();
+        drop(b); // killed
+        release.send(()).unwrap();
+        let (a, r) = stopping.join().unwrap();
+        r.unwrap();
+        drop(a);
+        let c = Cow::open(&delta, None).unwrap();
+        let mut got = vec![0u8; 700];
+        c.read(at as u64, &mut got).unwrap();
+        assert!(
+            got == pattern(2, 700),
+            "the killed server's write was lost (the device reads {})",
+            if got == bytes[at..at + 700] {
+                "the base"
+            } else {
+                "something else"
+            }
+        );
+        assert_eq!(c.adopted(), Some(1), "the working area was not kept");
+        // The last server to stop leaves none.
+        c.stop().unwrap();
+        drop(c);
+        assert!(!Cow::working_area_path(&delta).unwrap().exists());
+        let c = Cow::open(&delta, None).unwrap();
+        assert_eq!(c.adopted(), None);
+        c.read(at as u64, &mut got).unwrap();
+        assert_eq!(got, pattern(2, 700));
+        c.stop().unwrap();
     }
 
     /// A server killed before any FLUSH (here: dropped without one) left

@@ -554,6 +554,23 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         self.journal_limit = pages.min(self.header.journal_pages());
     }
 
+    /// Stops this server: commits everything it and any other server
+    /// acknowledged, and, if it is the delta's last server, removes the
+    /// working area (the table then says all it held). It first makes sure
+    /// it is the last one: once it is, no other server can write (a
+    /// starting one waits), so the flush after it commits every write
+    /// acknowledged before the area goes. (Flushing first, a server's first
+    /// write acknowledged after that flush, its server then killed, lived
+    /// only in the area removed.)
+    pub fn stop(&self) -> io::Result<()> {
+        let last = self.store.lock_sole()?;
+        self.flush()?;
+        if last {
+            self.store.remove_working(&self.header.uuid)?;
+        }
+        Ok(())
+    }
+
     /// Marks the delta as being merged (durably), before the base changes.
     pub fn mark_merging(&mut self) -> io::Result<()> {
         self.header.flags |= format::FLAG_MERGING;

@@ -165,6 +165,22 @@ impl storage::Shared for Flock<File> {
     fn boot_id(&self) -> Option<[u8; 16]> {
         storage::boot_id()
     }
+    /// Every server holds the delta's lock shared: exclusive, this is the
+    /// only one, and a server starting now waits for it to go.
+    fn lock_sole(&self) -> io::Result<bool> {
+        if self.relock(FlockArg::LockExclusiveNonblock).is_ok() {
+            return Ok(true);
+        }
+        // flock(2) dropped the shared lock trying to convert it: take it
+        // again. Meanwhile another server may have found itself the last
+        // and committed and removed the area: this one's writes, all in
+        // the area before, were committed with it.
+        self.relock(FlockArg::LockShared).map_err(io::Error::from)?;
+        Ok(false)
+    }
+    fn remove_working(&self, uuid: &[u8; 16]) -> io::Result<()> {
+        storage::Shared::remove_working(&**self, uuid)
+    }
 }
 
 /// How a cow opener holds the base.
@@ -513,15 +529,6 @@ impl Backend for Cow {
     /// The last server to stop commits everything and leaves no working
     /// area behind (the table then says all it held).
     fn stop(&self) -> io::Result<()> {
-        self.delta.flush()?;
-        if self
-            .delta_store()
-            .relock(FlockArg::LockExclusiveNonblock)
-            .is_ok()
-        {
-            let path = storage::working_path(self.delta_store(), &self.delta.header().uuid)?;
-            std::fs::remove_file(path)?;
-        }
-        Ok(())
+        self.delta.stop()
     }
 }

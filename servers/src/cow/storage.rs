@@ -97,6 +97,19 @@ pub trait Shared: Storage {
     fn boot_id(&self) -> Option<[u8; 16]> {
         None
     }
+    /// Tries to become the delta's only server, without waiting: true if
+    /// no other server has it open, and none can open it until this one
+    /// is gone (it then writes nothing the working area does not show
+    /// this one). False: others may run (this one still holds its share).
+    /// By default (storage private to one `Delta`): true.
+    fn lock_sole(&self) -> io::Result<bool> {
+        Ok(true)
+    }
+    /// Removes the working area of the delta named `uuid`: its last server
+    /// stopped, with everything committed. By default, nothing (none).
+    fn remove_working(&self, _uuid: &[u8; 16]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where the working areas live: shared memory, so that a delta's fsyncs
@@ -219,5 +232,18 @@ impl Shared for File {
 
     fn boot_id(&self) -> Option<[u8; 16]> {
         boot_id()
+    }
+
+    /// A bare file holds no server's lock: it never knows it is the only
+    /// one (`Flock<File>` does).
+    fn lock_sole(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    fn remove_working(&self, uuid: &[u8; 16]) -> io::Result<()> {
+        match std::fs::remove_file(working_path(self, uuid)?) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
     }
 }
