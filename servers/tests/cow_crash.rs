@@ -1467,6 +1467,158 @@ mod files {
         c.stop().unwrap();
     }
 
+    /// The working area's name is predictable: a symbolic link planted
+    /// there (by another user, in /dev/shm) was followed, and the file it
+    /// named grown, its mode changed, and served as the working area. It
+    /// is refused now, and what it names is untouched.
+    #[test]
+    fn a_link_planted_at_the_working_areas_name_is_never_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _base, delta, _) = setup(48);
+        let area = Cow::working_area_path(&delta).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"not a working area").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::remove_file(&area).unwrap(); // create's
+        std::os::unix::fs::symlink(&victim, &area).unwrap();
+        let err = Cow::open(&delta, None)
+            .err()
+            .expect("served through a link at the working area's name")
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not a working area");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o644, "the link's target was changed");
+        // Once it is gone, the area is made afresh: this user's alone.
+        std::fs::remove_file(&area).unwrap();
+        let cow = Cow::open(&delta, None).unwrap();
+        let m = std::fs::symlink_metadata(&area).unwrap();
+        assert!(m.file_type().is_file());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        cow.stop().unwrap();
+    }
+
+    /// A working area another user made (the name is predictable), or one
+    /// other users may open, could be changed under the server (a
+    /// writable mapping of it is a way to make it serve anything): it was
+    /// adopted, chowned and chmodded. It is refused now; so is one that is
+    /// not a regular file.
+    #[test]
+    fn a_working_area_of_another_user_or_open_to_others_is_refused() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let (_dir, _base, delta, _) = setup(49);
+        let area = Cow::working_area_path(&delta).unwrap();
+        let plant = |mode: u32| {
+            let _ = std::fs::remove_file(&area);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&area)
+                .unwrap();
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .unwrap();
+            f
+        };
+        let refused = |what: &str, want: &str| {
+            let err = Cow::open(&delta, None)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: adopted"))
+                .to_string();
+            assert!(err.contains(want), "{what}: {err}");
+        };
+        if nix::unistd::geteuid().is_root() {
+            let f = plant(0o600);
+            nix::unistd::fchown(f.as_raw_fd(), Some(12345.into()), Some(12345.into())).unwrap();
+            refused("another user's area", "owned by uid 12345");
+            let m = std::fs::metadata(&area).unwrap();
+            assert_eq!(
+                (m.uid(), m.mode() & 0o777),
+                (12345, 0o600),
+                "it was changed"
+            );
+        } else {
+            eprintln!("not root: another user's area is not tried");
+        }
+        for mode in [0o666, 0o640, 0o602] {
+            plant(mode);
+            refused(
+                &format!("an area of mode {mode:o}"),
+                "other users may open it",
+            );
+            let m = std::fs::metadata(&area).unwrap();
+            assert_eq!(m.mode() & 0o777, mode, "it was changed");
+        }
+        std::fs::remove_file(&area).unwrap();
+        nix::unistd::mkfifo(&area, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        refused("a FIFO", "FIFO");
+        std::fs::remove_file(&area).unwrap();
+        std::fs::create_dir(&area).unwrap();
+        refused("a directory", "directory");
+        std::fs::remove_dir(&area).unwrap();
+        let cow = Cow::open(&delta, None).unwrap();
+        assert_eq!(cow.adopted(), None, "a new area");
+        cow.stop().unwrap();
+    }
+
+    /// A server killed leaves its working area for the next one; if the
+    /// delta is restored meanwhile (a copy put back over it, a snapshot
+    /// rolled back: the same file), the area is another copy's: its
+    /// mappings name blocks that in this copy are not theirs. It was
+    /// adopted all the same; it is rebuilt from the table now.
+    #[test]
+    fn a_working_area_from_before_a_restore_of_the_delta_is_not_adopted() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, _base, delta, bytes) = setup(50);
+        let bs = BS as u64;
+        {
+            let cow = Cow::open(&delta, None).unwrap();
+            cow.write(2 * bs, &pattern(1, BS), false).unwrap();
+            cow.flush().unwrap();
+        }
+        let saved = dir.path().join("saved");
+        std::fs::copy(&delta, &saved).unwrap();
+        let ino = std::fs::metadata(&delta).unwrap().ino();
+        {
+            // Adopts the area (killed: dropped), and goes on.
+            let cow = Cow::open(&delta, None).unwrap();
+            assert_eq!(cow.adopted(), Some(0));
+            cow.write(3 * bs, &pattern(2, BS), false).unwrap();
+            cow.write(2 * bs, &pattern(3, 512), false).unwrap();
+            cow.flush().unwrap();
+            cow.write(4 * bs + 100, &pattern(4, 700), false).unwrap();
+        }
+        std::fs::copy(&saved, &delta).unwrap();
+        assert_eq!(
+            std::fs::metadata(&delta).unwrap().ino(),
+            ino,
+            "the restore made another file: the test cannot tell"
+        );
+        let cow = Cow::open(&delta, None).unwrap();
+        let mut want = bytes.clone();
+        want[2 * BS..3 * BS].copy_from_slice(&pattern(1, BS));
+        let mut got = vec![0u8; BLOCKS * BS];
+        cow.read(0, &mut got).unwrap();
+        for blk in 0..BLOCKS {
+            assert!(
+                got[blk * BS..(blk + 1) * BS] == want[blk * BS..(blk + 1) * BS],
+                "block {blk} does not read what the restored delta holds"
+            );
+        }
+        assert_eq!(cow.adopted(), None, "the stale working area was adopted");
+        assert_eq!(cow.mapped_blocks(), 1);
+        // And it goes on from there.
+        cow.write(3 * bs, &pattern(5, BS), false).unwrap();
+        cow.flush().unwrap();
+        drop(cow);
+        let cow = Cow::open(&delta, None).unwrap();
+        cow.read(3 * bs, &mut got[..BS]).unwrap();
+        assert!(got[..BS] == pattern(5, BS));
+        cow.stop().unwrap();
+    }
+
     /// A server killed before any FLUSH (here: dropped without one) left
     /// its acknowledged first writes in the working area: the next server
     /// of this boot keeps them, and its FLUSH commits them.

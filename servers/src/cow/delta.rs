@@ -309,13 +309,23 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         let shared = self.work.map.is_some();
         let boot = self.store.boot_id();
         let ours = shared && boot.is_some() && self.marked_for(boot, mode == Mode::Join);
+        // An area of this delta whose last commit is not the one on disk
+        // was left by servers of another copy of it: the file was restored
+        // (cp over it, a snapshot rolled back) since. Its mappings name
+        // blocks of that copy: rebuilt, never adopted.
+        let current = ours && self.agrees_with(&durable);
         match mode {
             Mode::Join if !ours => Err(DeltaError::NotReady),
+            Mode::Join if !current => Err(DeltaError::WorkingArea(format!(
+                "its last commit is {}, the delta's is {} (was the delta restored while served?)",
+                self.words()[W_COMMITTED].load(Ordering::Acquire),
+                durable.committed
+            ))),
             Mode::Join => self
                 .check(&durable)
                 .map(|_| ())
                 .map_err(DeltaError::WorkingArea),
-            Mode::First | Mode::Merge if ours => {
+            Mode::First | Mode::Merge if current => {
                 // A server of this boot left it (it was killed, or stopped):
                 // its acknowledged writes are here, not all in the table yet.
                 match self.check(&durable) {
@@ -468,6 +478,22 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         }
         w[W_COMMITTED].store(d.committed, Ordering::Release);
         w[W_COMMITTING].store(d.committed, Ordering::Release);
+    }
+
+    /// Whether the working area's last commit is the one on disk `d`: the
+    /// same sequence, journal and page hash, or the commit a flush
+    /// announced and died (or failed) right after writing.
+    fn agrees_with(&self, d: &Durable) -> bool {
+        let w = self.words();
+        let committed = w[W_COMMITTED].load(Ordering::Acquire);
+        let committing = w[W_COMMITTING].load(Ordering::Acquire);
+        let hash = d.hash.chunks(8).enumerate().all(|(i, c)| {
+            w[W_HASH + i].load(Ordering::Acquire) == u64::from_le_bytes(c.try_into().unwrap())
+        });
+        (d.committed == committed
+            && w[W_JOURNAL].load(Ordering::Acquire) == d.journal as u64
+            && hash)
+            || (committing == committed.wrapping_add(1) && d.committed == committing)
     }
 
     /// Writes zeroes over the table slots at `offsets` (a torn erase is a

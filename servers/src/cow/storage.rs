@@ -173,29 +173,96 @@ pub fn read_lock_byte(file: &File, at: u64) -> io::Result<()> {
     ofd_lock(file, at, nix::libc::F_RDLCK as i16, true)
 }
 
+/// Opens the working area at `path`, or creates it (`O_EXCL`, mode 0600)
+/// if there is none; never through a symbolic link. One that is there must
+/// be a regular file of this server's user that no other user may open:
+/// else another user made it (the name is predictable) or can change it,
+/// holding a writable mapping of what this server serves, or truncating
+/// it under the server's mapping. Such an area is refused, not adopted nor
+/// removed (it may hold a killed server's acknowledged writes): every
+/// server of a delta runs as one user.
+fn open_working(path: &std::path::Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let refuse = |why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: not a working area this server can trust ({why}); \
+                 remove it once no server of this delta runs, and start again",
+                path.display()
+            ),
+        )
+    };
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    // O_NONBLOCK: opening a FIFO or a device planted there must not wait.
+    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK;
+    for _ in 0..8 {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+        {
+            Ok(area) => {
+                let m = area.metadata().map_err(named)?;
+                let euid = nix::unistd::geteuid().as_raw();
+                if !m.file_type().is_file() {
+                    let what = match m.file_type() {
+                        t if t.is_dir() => "a directory",
+                        t if t.is_fifo() => "a FIFO",
+                        t if t.is_block_device() || t.is_char_device() => "a device",
+                        t if t.is_socket() => "a socket",
+                        _ => "not a regular file",
+                    };
+                    return Err(refuse(what.into()));
+                }
+                if m.uid() != euid {
+                    return Err(refuse(format!(
+                        "owned by uid {}, this server runs as uid {euid}",
+                        m.uid()
+                    )));
+                }
+                if m.mode() & 0o077 != 0 {
+                    return Err(refuse(format!(
+                        "mode {:o}: other users may open it",
+                        m.mode() & 0o7777
+                    )));
+                }
+                return Ok(area);
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+                return Err(refuse("a symbolic link".into()))
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+                return Err(refuse(
+                    "a socket, or a device with nothing behind it".into(),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(named(e)),
+        }
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(flags)
+            .open(path)
+        {
+            Ok(area) => return Ok(area),
+            // Another server made it meanwhile: open that one.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(named(e)),
+        }
+    }
+    Err(refuse("it keeps appearing and vanishing".into()))
+}
+
 impl Shared for File {
     fn map_working(&self, uuid: &[u8; 16], len: u64) -> io::Result<Option<memmap2::MmapMut>> {
         use std::os::fd::AsRawFd;
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
         let path = working_path(self, uuid)?;
-        let meta = self.metadata()?;
-        let area = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        // Whoever may serve the delta may share its working area.
-        if nix::unistd::geteuid().is_root() {
-            let _ = nix::unistd::fchown(
-                area.as_raw_fd(),
-                Some(meta.uid().into()),
-                Some(meta.gid().into()),
-            );
-        }
-        let _ = area.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o660));
+        let area = open_working(&path)?;
         // Reserve it now: a full tmpfs is an error here, not a SIGBUS later.
         if area.metadata()?.len() < len {
             nix::fcntl::posix_fallocate(area.as_raw_fd(), 0, len as i64).map_err(|e| {
@@ -211,7 +278,8 @@ impl Shared for File {
         }
         // SAFETY: the file is the delta's working area, which other
         // processes change concurrently by design; it is only ever accessed
-        // through atomics (see `delta::Working`), and never truncated.
+        // through atomics (see `delta::Working`), and never truncated (it
+        // is this user's alone: `open_working`).
         let map = unsafe {
             memmap2::MmapOptions::new()
                 .len(len as usize)
