@@ -483,3 +483,30 @@ fn backing_files_outside_the_images_directory_are_refused() {
     b.read(0, &mut back).unwrap();
     assert_eq!(back, pattern(9, 65536));
 }
+
+/// A write whose allocation panics fails alone: the next write to that
+/// cluster is not blocked behind a marker the panic left set.
+#[test]
+fn a_panic_in_an_allocation_does_not_block_the_cluster() {
+    let (_d, dir) = tmp();
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    let b = std::sync::Arc::new(Qcow2::open(&img, false).unwrap());
+    b.panic_next_allocation_for_tests();
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        b.write(0, &pattern(1, 4096), false)
+    }));
+    assert!(failed.is_err(), "the allocation did not panic");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b2 = b.clone();
+    std::thread::spawn(move || tx.send(b2.write(0, &pattern(2, 4096), false).is_ok()));
+    let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(
+        done,
+        Ok(true),
+        "the next write of the cluster hangs or fails"
+    );
+    let mut back = vec![0u8; 4096];
+    b.read(0, &mut back).unwrap();
+    assert_eq!(back, pattern(2, 4096));
+}

@@ -66,6 +66,8 @@ pub struct Qcow2 {
     /// Compressed clusters were overwritten: their space (shared with
     /// other compressed clusters) is given back when the server stops.
     leaked: AtomicBool,
+    /// The next allocation panics (`panic_next_allocation_for_tests`).
+    panic_next_allocation: AtomicBool,
 }
 
 /// What a virtual cluster is, from its L2 entry.
@@ -192,6 +194,7 @@ impl Qcow2 {
             backing,
             sync: GroupSync::default(),
             leaked: AtomicBool::new(false),
+            panic_next_allocation: AtomicBool::new(false),
             file,
             h,
         };
@@ -414,12 +417,24 @@ impl Qcow2 {
             break;
         }
         // Allocate: the new contents are the old ones with the write merged.
-        let result = self.allocate(m, vc, inner, data, len);
-        let mut m = self.lock();
-        m.allocating.remove(&vc);
-        drop(m);
-        self.done.notify_all();
-        result
+        // The cluster's marker goes whatever happens, a panic too (the
+        // engine fails that request alone and goes on: a marker left set
+        // would block every later write of the cluster).
+        struct Unmark<'a>(&'a Qcow2, u64);
+        impl Drop for Unmark<'_> {
+            fn drop(&mut self) {
+                self.0.lock().allocating.remove(&self.1);
+                self.0.done.notify_all();
+            }
+        }
+        let _unmark = Unmark(self, vc);
+        self.allocate(m, vc, inner, data, len)
+    }
+
+    /// Makes the next allocation panic, as a bug would (for the tests).
+    #[doc(hidden)]
+    pub fn panic_next_allocation_for_tests(&self) {
+        self.panic_next_allocation.store(true, Ordering::SeqCst);
     }
 
     fn l1_index(&self, vc: u64) -> usize {
@@ -479,6 +494,9 @@ impl Qcow2 {
             _ => m.refs.allocate(&self.file, &|| self.sync_file())?,
         };
         drop(m);
+        if self.panic_next_allocation.swap(false, Ordering::SeqCst) {
+            panic!("an allocation panics (a test's fault)");
+        }
         let mut buf = vec![0u8; cs as usize];
         if len != cs {
             self.read_cluster(vc, old, 0, &mut buf)?;
