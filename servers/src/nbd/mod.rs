@@ -156,8 +156,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Connections to a server that allows several.
 const MULTI_CONN: usize = 4;
 /// Most bytes of acknowledged, unflushed writes kept for re-sending: a
-/// write past it flushes the server first.
-const REPLAY_MAX_BYTES: usize = 64 << 20;
+/// write past it flushes the server. Re-sending is one request at a time
+/// with all other I/O held back, so it must stay short: 8 MiB is 2048 round
+/// trips at 4 KiB, well inside a device's timeout even under emulation.
+const REPLAY_MAX_BYTES: usize = 8 << 20;
 
 /// The requests that changed data, acknowledged since the last FLUSH the
 /// server completed, in the order they were acknowledged.
@@ -405,7 +407,7 @@ impl Nbd {
             return Ok(false);
         }
         let mut s = self.reconnect()?;
-        let replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
         for (c, payload) in replay.ops.iter() {
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
             match request(&mut s, cookie, *c, payload, &mut []) {
@@ -422,6 +424,23 @@ impl Nbd {
         }
         self.replayed
             .fetch_add(replay.ops.len() as u64, Ordering::Relaxed);
+        if !replay.ops.is_empty() {
+            // Flushed once here, they are the server's: the other
+            // connections, remade next, have nothing left to re-send.
+            let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
+            match request(&mut s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[], &mut []) {
+                Ok(()) => {
+                    let end = replay.end();
+                    replay.flushed(end);
+                }
+                Err(Failed::Server(code)) => {
+                    return Err(io::Error::other(format!(
+                        "the server fails the FLUSH of the writes sent again (error {code})"
+                    )));
+                }
+                Err(Failed::Connection(e)) => return Err(e),
+            }
+        }
         *slot = Some(s);
         Ok(true)
     }
