@@ -309,7 +309,7 @@ impl Device {
         // arrives while failing.
         self.access.store(access_word(setup.generation + 1, None), Ordering::Release);
         self.requests.set_live(None);
-        self.requests.fail_all();
+        self.requests.fail_all(None);
         // Nothing of this configuration stays visible (as loop's clear):
         // page cache dropped and capacity 0, udev told, a filesystem still
         // mounted shut down (its writes fail: the queue is not live), the

@@ -20,12 +20,14 @@
 //! server may still perform the write it holds, and it must not land over
 //! newer data. So the timeout fences: it kills that process's thread group
 //! and keeps the request; the request is requeued when the file that
-//! fetched it is released, or, if another process still holds that file
-//! open (fork, SCM_RIGHTS), once the killed group has exited. A process
-//! that outlives its SIGKILL by a further timeout period is in a wait it
-//! cannot leave (its own I/O queued behind the request it holds, on a
-//! filesystem stacked on this device): its request is failed, which ends
-//! the cycle.
+//! fetched it is released. A READ or FLUSH (harmless however late) is also
+//! requeued if another process still holds that file open (fork,
+//! SCM_RIGHTS) once the killed group has exited, and failed if the process
+//! outlives its SIGKILL by a further timeout period (it is in a wait it
+//! cannot leave, its own I/O queued behind the request it holds on a
+//! filesystem stacked on this device): that ends the cycle. A WRITE,
+//! DISCARD or WRITE_ZEROES waits for the release or RESET: RESET ends
+//! every wait.
 
 use crate::sys::blk::{NewRequest, Op, Request, Status};
 use crate::sys::{jiffies, msecs_to_jiffies, wait::WaitQueue, Process};
@@ -46,6 +48,9 @@ enum Where {
     Moving,
     /// Out of the slot, held by a GET or PUT for work that cannot sleep.
     Busy,
+    /// Failed by RESET or DEVICE_FAILURE, to be ended by it (a chunk at a
+    /// time): no one else's any more.
+    Failing,
 }
 
 struct Slot {
@@ -65,8 +70,14 @@ struct Slot {
     /// While `Moving`: the process whose PUT moves its data (the one the
     /// timeout fences then).
     mover: Option<Process>,
-    /// When it was fetched (jiffies).
+    /// When it was fetched (jiffies); a move's time is not counted.
     since: u64,
+    /// While `Moving`: when the move began.
+    moved_at: u64,
+    /// Time spent in moves by processes other than the fetcher since it was
+    /// fetched: such a mover's deadline counts it, so a chain of moves that
+    /// each stop short of the timeout cannot hold the request for ever.
+    moved_total: u64,
     /// RESET or DEVICE_FAILURE failed it while it was `Busy`.
     abort: bool,
     /// Its owner's file was released while a PUT held it: if that PUT gives
@@ -74,6 +85,13 @@ struct Slot {
     orphaned: bool,
     /// When it passed the timeout and its fetcher (or mover) was killed.
     fenced: Option<u64>,
+}
+
+impl Slot {
+    /// Whether `mover` is the process that fetched the request.
+    fn moved_by_fetcher(&self, mover: Option<&Process>) -> bool {
+        mover.zip(self.fetcher.as_ref()).is_some_and(|(m, f)| m.same(f))
+    }
 }
 
 /// A request id: generation (32 bits), hardware queue (16), tag (16).
@@ -213,7 +231,7 @@ impl State {
         match slot.at {
             Where::Fetched => {}
             Where::Moving | Where::Busy => return Err(PutError::Busy),
-            Where::Free | Where::Pending => return Err(PutError::Stale),
+            Where::Free | Where::Pending | Where::Failing => return Err(PutError::Stale),
         }
         if slot.sector != bio.sector || slot.len != bio.len || slot.cmd != bio.cmd {
             return Err(PutError::Mismatch);
@@ -252,6 +270,7 @@ impl State {
         slot.mover = None;
         slot.orphaned = false;
         slot.fenced = None;
+        slot.moved_total = 0;
         self.counters.requeues += 1;
         self.push_front(tag);
     }
@@ -402,6 +421,8 @@ impl Queue {
                 fetcher: None,
                 mover: None,
                 since: 0,
+                moved_at: 0,
+                moved_total: 0,
                 abort: false,
                 orphaned: false,
                 fenced: None,
@@ -457,6 +478,12 @@ impl Queue {
         while batch.len < max.min(CHUNK) {
             let Some(tag) = st.front() else { break };
             let slot = &mut st.slots[tag as usize];
+            if slot.at != Where::Pending {
+                // Cannot be (the ring holds pending tags only), but a
+                // request is never handed out from any other state.
+                st.pop_front();
+                continue;
+            }
             let need = if matches!(slot.cmd, ABUSE_CMD_READ | ABUSE_CMD_WRITE) { slot.len as u64 } else { 0 };
             let off = used.next_multiple_of(ABUSE_DATA_ALIGN as u64);
             if need > 0 && off.checked_add(need).is_none_or(|end| end > data_len) {
@@ -530,6 +557,7 @@ impl Queue {
                     slot.owner = opener;
                     slot.fetcher = Some(process.clone());
                     slot.since = now;
+                    slot.moved_total = 0;
                     slot.fenced = None;
                 }
                 None => {
@@ -621,6 +649,9 @@ impl Queue {
         let slot = st.fetched_slot(pin, bio, gen, tag)?;
         slot.at = Where::Moving;
         slot.mover = Some(mover.clone());
+        slot.moved_at = jiffies();
+        // A fence is the fenced holder's: the mover gets its own.
+        slot.fenced = None;
         Ok(())
     }
 
@@ -640,6 +671,9 @@ impl Queue {
         slot.rq = Some(t.rq);
         slot.at = Where::Moving;
         slot.mover = Some(mover.clone());
+        slot.moved_at = jiffies();
+        // A fence is the fenced holder's: the mover gets its own.
+        slot.fenced = None;
         Ok(())
     }
 
@@ -655,11 +689,17 @@ impl Queue {
         }
         slot.at = Where::Fetched;
         let mover = slot.mover.take();
-        // The fence was the mover's; the fetcher gets a timeout of its own
-        // from now (another process's stalled move must not make it look
-        // stale).
+        // The fence was the mover's. A move by the fetcher ran on its own
+        // clock. Another process's move stopped the fetcher's clock (its
+        // stall must not make the fetcher look stale) and counts against
+        // the next such mover's deadline (`moved_total`): moves that keep
+        // stopping short cannot hold the request for ever.
         slot.fenced = None;
-        slot.since = jiffies();
+        if !slot.moved_by_fetcher(mover.as_ref()) {
+            let took = jiffies().wrapping_sub(slot.moved_at);
+            slot.moved_total = slot.moved_total.wrapping_add(took);
+            slot.since = slot.since.wrapping_add(took);
+        }
         let requeue = slot.orphaned;
         if requeue {
             st.requeue(tag);
@@ -688,62 +728,64 @@ impl Queue {
         Some(rq)
     }
 
-    /// Fails every pending, fetched and moving request (RESET,
-    /// DEVICE_FAILURE); requests held by a GET/PUT for a copy are failed by
-    /// their holder, which returns them without sleeping. Allocates
-    /// nothing, so it cannot fail: the requests are ended a chunk at a
-    /// time, each chunk taken under the lock.
-    pub(crate) fn fail_all(&self) {
-        let mut first = true;
+    /// Fails every pending, fetched and moving request (RESET, and
+    /// DEVICE_FAILURE from a call pinned to configuration `pin`: none if
+    /// the configuration changed); requests held by a GET/PUT for a copy
+    /// are failed by their holder, which returns them without sleeping.
+    /// Allocates nothing, so it cannot fail: one pass under the lock makes
+    /// them all `Failing` (no one else's from then on: stale to a PUT,
+    /// invisible to the timeout, out of the pending ring), then they are
+    /// ended a chunk at a time.
+    pub(crate) fn fail_all(&self, pin: Option<u32>) {
+        let mut st = self.lock();
+        if pin.is_some_and(|p| !st.pinned(p)) {
+            return;
+        }
+        let mut counted = 0u64;
+        for slot in st.slots.iter_mut() {
+            match slot.at {
+                Where::Free | Where::Failing => continue,
+                Where::Busy if slot.abort => continue,
+                Where::Busy => slot.abort = true,
+                Where::Pending | Where::Fetched | Where::Moving => slot.at = Where::Failing,
+            }
+            slot.gen = slot.gen.wrapping_add(1);
+            counted += 1;
+        }
+        st.head = 0;
+        st.pending = 0;
+        st.counters.completed += counted;
+        st.counters.errors += counted;
+        drop(st);
         loop {
             let mut failed: [Option<Request>; CHUNK] = core::array::from_fn(|_| None);
             let mut holders: [Option<Process>; CHUNK] = core::array::from_fn(|_| None);
-            let (mut n, mut more) = (0usize, false);
+            let mut movers: [Option<Process>; CHUNK] = core::array::from_fn(|_| None);
+            let mut n = 0usize;
             let mut st = self.lock();
-            let (mut counted, mut freed) = (0u64, 0u32);
-            for slot in st.slots.iter_mut() {
-                match slot.at {
-                    Where::Free => continue,
-                    Where::Busy => {
-                        if first && !slot.abort {
-                            slot.abort = true;
-                            slot.gen = slot.gen.wrapping_add(1);
-                            counted += 1;
-                        }
-                        continue;
-                    }
-                    Where::Pending | Where::Fetched | Where::Moving => {}
-                }
+            for tag in 0..st.slots.len() as u32 {
                 if n == CHUNK {
-                    more = true;
                     break;
                 }
-                slot.at = Where::Free;
-                slot.gen = slot.gen.wrapping_add(1);
+                let slot = &mut st.slots[tag as usize];
+                if slot.at != Where::Failing {
+                    continue;
+                }
                 slot.owner = 0;
                 slot.orphaned = false;
-                holders[n] = slot.fetcher.take().or(slot.mover.take());
-                slot.mover = None;
+                slot.fenced = None;
+                holders[n] = slot.fetcher.take();
+                movers[n] = slot.mover.take();
                 failed[n] = slot.rq.take();
+                st.free(tag);
                 n += 1;
-                freed += 1;
-                counted += 1;
             }
-            if !more {
-                // Every pending request has been failed.
-                st.head = 0;
-                st.pending = 0;
-            }
-            st.used -= freed;
-            st.counters.completed += counted;
-            st.counters.errors += counted;
             drop(st);
-            first = false;
-            drop(holders);
+            drop((holders, movers));
             for rq in failed.into_iter().flatten() {
                 rq.end(Status::IoErr);
             }
-            if !more {
+            if n < CHUNK {
                 break;
             }
         }
@@ -768,7 +810,7 @@ impl Queue {
                     st.requeue(tag);
                     any = true;
                 }
-                Where::Free | Where::Pending => {}
+                Where::Free | Where::Pending | Where::Failing => {}
             }
         }
         any
@@ -859,9 +901,15 @@ impl Queue {
     /// blk-mq's timer fired for the request with `tag`. A request fetched
     /// (or being moved) for longer than the timeout fences its holder: the
     /// holder's thread group is killed and the request kept. At the next
-    /// firings, once that group has exited the request is pending again
-    /// (its file may live on in another process), and if the group outlives
-    /// its SIGKILL by a further timeout period the request is failed.
+    /// firings:
+    /// - a READ or FLUSH (which changes nothing, however late its server
+    ///   is) is pending again once that group has exited (its file may live
+    ///   on in another process), and failed if the group outlives its
+    ///   SIGKILL by max(timeout, 5 s): that ends a wait it may be part of;
+    /// - a WRITE, DISCARD or WRITE_ZEROES stays until its file is released
+    ///   or RESET: a process that still holds the file, or a holder stuck
+    ///   in a write, may yet perform it, and it must not land over newer
+    ///   data that a failure or a second server let the filesystem write.
     pub(crate) fn timeout(&self, tag: u32) -> Timeout {
         let mut st = self.lock();
         let Some(live) = st.live else { return Timeout::Kept };
@@ -870,12 +918,13 @@ impl Queue {
         }
         let now = jiffies();
         let Some(slot) = st.slots.get_mut(tag as usize) else { return Timeout::Kept };
-        let moving = match slot.at {
-            Where::Fetched => false,
-            Where::Moving => true,
+        let (moving, from) = match slot.at {
+            Where::Fetched => (false, slot.since),
+            Where::Moving if slot.moved_by_fetcher(slot.mover.as_ref()) => (true, slot.since),
+            Where::Moving => (true, slot.moved_at.wrapping_sub(slot.moved_total)),
             _ => return Timeout::Kept,
         };
-        if now.wrapping_sub(slot.since) < live.timeout_jiffies {
+        if now.wrapping_sub(from) < live.timeout_jiffies {
             return Timeout::Kept;
         }
         let holder = if moving { slot.mover.clone() } else { slot.fetcher.clone() };
@@ -895,24 +944,33 @@ impl Queue {
         // reference).
         let exited = holder.exited();
         let grace = live.timeout_jiffies.max(msecs_to_jiffies(FENCE_GRACE_MS));
+        let harmless = matches!(cmd, ABUSE_CMD_READ | ABUSE_CMD_FLUSH);
         if !exited && now.wrapping_sub(fenced_at) < grace {
             // Still dying, or SIGKILL has not reached a thread yet.
             holder.kill();
             return Timeout::Kept;
         }
+        if !harmless || (exited && moving) {
+            // A write waits for its file's release or RESET; a move's PUT
+            // returns its request as the killed mover unwinds.
+            if !exited {
+                holder.kill();
+            }
+            return Timeout::Kept;
+        }
         let mut st = self.lock();
         let slot = &mut st.slots[tag as usize];
-        if slot.gen != gen || !matches!(slot.at, Where::Fetched | Where::Moving) {
+        // Still the request, the state, the fence and the holder that were
+        // judged above (the lock was dropped meanwhile).
+        let same_holder = if moving { slot.mover.as_ref() } else { slot.fetcher.as_ref() }.is_some_and(|p| p.same(&holder));
+        let same_state = if moving { slot.at == Where::Moving } else { slot.at == Where::Fetched };
+        if slot.gen != gen || !same_state || slot.fenced != Some(fenced_at) || !same_holder {
             return Timeout::Kept;
         }
         if exited {
             // The fence is complete: the group runs no more code, and its
             // file is held open by another process (or is about to be
             // released, which would requeue it the same way).
-            if moving {
-                // Its PUT returns it as it unwinds.
-                return Timeout::Kept;
-            }
             st.requeue(tag);
             return Timeout::Requeued;
         }

@@ -119,11 +119,12 @@ impl Requests {
         q.waiters().sleep_exclusive(jiffies, || self.any_pending());
     }
 
-    /// Fails every pending, fetched and moving request (RESET,
-    /// DEVICE_FAILURE). Cannot fail.
-    pub(crate) fn fail_all(&self) {
+    /// Fails every pending, fetched and moving request (RESET: `pin`
+    /// None; DEVICE_FAILURE from a call pinned to configuration `pin`).
+    /// Cannot fail.
+    pub(crate) fn fail_all(&self, pin: Option<u32>) {
         for q in self.queues.iter() {
-            q.fail_all();
+            q.fail_all(pin);
         }
     }
 

@@ -338,7 +338,7 @@ fn put_one(call: &Call<'_>, bio: &AbuseBio) -> Result {
     }
     q.complete_fetched(call.pin, bio, gen, tag, status).map_err(refused)?;
     if bio.result == ABUSE_RESULT_DEVICE_FAILURE {
-        call.reqs.fail_all();
+        call.reqs.fail_all(Some(call.pin));
     }
     Ok(())
 }
@@ -352,17 +352,25 @@ fn put_file(call: &Call<'_>, bio: &AbuseBio) -> Result {
     let (gen, hw, tag) = split_id(bio.id);
     let q = call.reqs.get(hw).ok_or_else(ESTALE)?;
     let write = bio.cmd == ABUSE_CMD_WRITE;
-    let file = File::get(bio.error)?;
-    if !file.opened_for(write) {
-        return Err(EBADF);
+    // No request is larger: a forged length allocates nothing.
+    if bio.len == 0 || bio.len > ABUSE_MAX_BIO_BYTES {
+        return Err(EINVAL);
     }
+    let file = File::get(bio.error)?;
     // What loop accepts, and never a file whose data lives on one of this
     // driver's disks: its I/O could queue behind the very request it is
-    // for.
+    // for. The kind of file first: it is what is wrong with a pipe, whatever
+    // its direction.
     if !file.is_regular_or_block() || file.lives_on_major(call.major) {
         return Err(EINVAL);
     }
+    if !file.opened_for(write) {
+        return Err(EBADF);
+    }
     let len = bio.len as usize;
+    // Everything from here on, the bounce pages too, allocates without
+    // I/O: reclaim writing back to this device would wait for this server.
+    let _noio = NoIoScope::enter();
     let mut bounce = Bounce::new(len)?;
     let mover = Process::current();
     let mut fua = false;
@@ -377,7 +385,6 @@ fn put_file(call: &Call<'_>, bio: &AbuseBio) -> Result {
         q.start_move(call.pin, bio, gen, tag, &mover).map_err(refused)?;
     }
     let (moved, res) = {
-        let _noio = NoIoScope::enter();
         let (moved, res) = bounce.file_io(&file, bio.addr, write);
         // The request's own FUA, whatever the entry says.
         let sync = fua && res.is_ok() && moved == len;

@@ -2,5 +2,6 @@
 //! in the real kernel, and the runner that executes them.
 
 pub mod guest;
+pub mod hostile;
 pub mod scenarios;
 pub mod server;

@@ -26,9 +26,12 @@ impl Bounce {
     /// Room for `len` bytes (ENOMEM if the pages cannot be had).
     pub(crate) fn new(len: usize) -> Result<Self> {
         let n = len.div_ceil(PAGE);
-        let mut pages = KVec::with_capacity(n, GFP_KERNEL)?;
+        // Charged to the server's memory cgroup, and quiet when it fails:
+        // the server asked for it, the server gets ENOMEM.
+        let gfp = GFP_KERNEL_ACCOUNT | __GFP_NOWARN;
+        let mut pages = KVec::with_capacity(n, gfp)?;
         for _ in 0..n {
-            pages.push(Page::alloc_page(GFP_KERNEL)?, GFP_KERNEL)?;
+            pages.push(Page::alloc_page(gfp)?, gfp)?;
         }
         Ok(Self { pages, len })
     }

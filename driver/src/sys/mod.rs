@@ -92,6 +92,12 @@ impl Process {
         unsafe { bindings::kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
     }
 
+    /// Whether both are the same thread group (the same `struct pid`: a
+    /// reference keeps it, so its address is not reused meanwhile).
+    pub(crate) fn same(&self, other: &Process) -> bool {
+        self.0 == other.0
+    }
+
     /// Whether every thread of the group has entered `do_exit` (or the
     /// group is gone): it runs no more user code, so it issues no more
     /// writes, even if one of its files is still open in another process.

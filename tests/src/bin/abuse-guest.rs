@@ -23,6 +23,10 @@ fn main() {
         }
         return;
     }
+    if args.first().map(String::as_str) == Some("hostile") {
+        // A hostile server for the scenarios of scenarios/hostile.rs.
+        std::process::exit(abuse_tests::hostile::main(&args[1..]));
+    }
     if args.first().map(String::as_str) == Some("ioctl-fd3") {
         // For non_root_refused: every ioctl on the inherited fd 3 must be EPERM.
         std::process::exit(abuse_tests::scenarios::ioctls_on_fd3());

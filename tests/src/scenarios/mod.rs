@@ -5,6 +5,7 @@ mod cow;
 mod data;
 mod delegation;
 mod file_io;
+mod hostile;
 mod module;
 mod power_cut;
 mod recovery;
@@ -82,6 +83,15 @@ scenarios![
     file_io::put_file_rules,
     safety::file_direct_alignment_checked,
     safety::compat_ioctl_32bit,
+    // A hostile server (design: the server is untrusted).
+    hostile::hostile_blocking_file_then_reset,
+    hostile::hostile_blocking_file_fenced,
+    hostile::hostile_unkillable_move_failed,
+    hostile::hostile_unkillable_write_waits_for_reset,
+    hostile::hostile_file_on_own_device,
+    hostile::hostile_fence_reaches_thread_group,
+    hostile::hostile_user_copy_fault_across_reset,
+    hostile::hostile_errnos_whitelisted,
     // The real servers.
     servers::file_server_ext4,
     servers::fio_threads_and_processes,
