@@ -381,7 +381,10 @@ fn worker<C: ControlDevice>(
                         refused(ctl.path(), &mut bios[done], errno, shared);
                         done
                     }
-                    Errno::EINTR | Errno::ENOMEM | Errno::EAGAIN => {
+                    // EBUSY: another process is moving this request's
+                    // data (ABUSE_BIO_FILE); once it finishes the PUT is
+                    // stale, once it gives up the request is ours again.
+                    Errno::EINTR | Errno::ENOMEM | Errno::EAGAIN | Errno::EBUSY => {
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(MAX_BACKOFF);
                         done
