@@ -367,9 +367,14 @@ impl Nbd {
                 Ok(()) => None,
                 Err(Failed::Server(code)) => match nbd_errno(code) {
                     Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
-                    None => Some(io::Error::other(
-                        "the server is shutting down (NBD_ESHUTDOWN)",
-                    )),
+                    None => {
+                        // "If the client receives an ESHUTDOWN error it
+                        // MUST initiate a soft disconnect."
+                        disconnect(stream);
+                        Some(io::Error::other(
+                            "the server is shutting down (NBD_ESHUTDOWN)",
+                        ))
+                    }
                 },
                 Err(Failed::Connection(e)) => Some(e),
             };
@@ -414,7 +419,9 @@ impl Nbd {
                 Ok(()) => {}
                 Err(Failed::Server(code)) => {
                     // It refuses what it once took: the export is not what
-                    // it was. Keep trying (as for a changed size).
+                    // it was (or it is shutting down). Keep trying (as for
+                    // a changed size).
+                    disconnect(&mut s);
                     return Err(io::Error::other(format!(
                         "the server refuses a write it had acknowledged (error {code}) when it is sent again"
                     )));
@@ -434,6 +441,7 @@ impl Nbd {
                     replay.flushed(end);
                 }
                 Err(Failed::Server(code)) => {
+                    disconnect(&mut s);
                     return Err(io::Error::other(format!(
                         "the server fails the FLUSH of the writes sent again (error {code})"
                     )));
