@@ -914,3 +914,47 @@ fn nbd_eshutdown_ends_the_connection_with_a_soft_disconnect() {
     assert_eq!(nbd.reconnects(), 3);
     assert_eq!(server.violations(), Vec::<String>::new());
 }
+
+/// as the server kept it up.
+#[test]
+fn nbd_a_server_that_fails_every_request_is_retried_with_a_backoff() {
+    for forever in [
+        Fault::Magic(0xdead_beef),
+        Fault::Error {
+            code: ESHUTDOWN,
+            payload: false,
+        },
+        Fault::Drop { applied: false },
+    ] {
+        let server = Server::start(DISK, TF_HAS_FLAGS | TF_FLUSH);
+        let nbd = server.connect();
+        write_at(&server, &nbd, 0, pattern(2, BLOCK)).unwrap();
+        // Flushed: no write to re-send, whose failure would back off.
+        flush(&server, &nbd).unwrap();
+        server.st().forever = Some(forever.clone());
+        let before = server.accepted();
+        let n = nbd.clone();
+        let rx = start(move || {
+            let mut b = vec![0; BLOCK];
+            n.read(0, &mut b).map(|()| b)
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(
+            rx.try_recv().is_err(),
+            "{forever:?}: the client answered from a server that answers nothing"
+        );
+        // 10 + 20 + ... + 320 ms: 7 connections in 800 ms, give or take.
+        let made = server.accepted() - before;
+        assert!(
+            (2..=15).contains(&made),
+            "{forever:?}: {made} connections in 800 ms"
+        );
+        server.st().forever = None;
+        let back = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("no answer once the server answers")
+            .unwrap();
+        assert!(back == pattern(2, BLOCK));
+        assert_eq!(server.violations(), Vec::<String>::new());
+    }
+}

@@ -319,6 +319,7 @@ impl Nbd {
     fn call(&self, c: Command, write: &[u8], read: &mut [u8]) -> io::Result<()> {
         let mut delay = Duration::from_millis(10);
         let mut told = false;
+        let mut lost_before = false;
         loop {
             let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
             // A free connection if there is one (round-robin alone would
@@ -387,6 +388,16 @@ impl Nbd {
                     told = true;
                 }
                 *slot = None;
+                if lost_before {
+                    // A connection remade for this request failed too: the
+                    // server takes connections but not requests (garbage,
+                    // NBD_ESHUTDOWN, a close). Back off as for a refused
+                    // connection rather than spin.
+                    drop((slot, gate));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+                lost_before = true;
                 continue;
             }
             // Still under the gate: a re-send cannot start between the
