@@ -958,3 +958,39 @@ fn nbd_a_server_that_fails_every_request_is_retried_with_a_backoff() {
         assert_eq!(server.violations(), Vec::<String>::new());
     }
 }
+
+/// (or FLUSH one connection of several, silently covering nothing).
+#[test]
+fn nbd_a_reconnection_to_an_export_that_lost_a_feature_waits_for_it() {
+    let server = Server::start(DISK, TF_ALL);
+    let nbd = server.connect();
+    for lost in [TF_FLUSH, TF_FUA, TF_TRIM, TF_WRITE_ZEROES, TF_MULTI_CONN] {
+        server.st().flags = TF_ALL & !lost;
+        server.cut_all();
+        let before = server.accepted();
+        let n = nbd.clone();
+        let rx = start(move || {
+            n.write(0, &pattern(lost as u64, BLOCK), true)?;
+            n.discard(BLOCK as u64, BLOCK as u64)?;
+            n.write_zeroes(2 * BLOCK as u64, BLOCK as u64, false)?;
+            n.flush()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            rx.try_recv().is_err(),
+            "the export lost {lost:#x}, and the client used it"
+        );
+        assert!(server.accepted() > before, "lost {lost:#x}: no retry");
+        server.st().flags = TF_ALL;
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("no answer once the export is back")
+            .unwrap();
+    }
+    // Gaining a feature is no reason to wait (nor is becoming read-only:
+    // the server then fails writes with EPERM, a clear error).
+    server.st().flags = TF_ALL | TF_READ_ONLY | (1 << 7);
+    server.cut_all();
+    let e = write_at(&server, &nbd, 0, pattern(9, BLOCK)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(1), "{e}");
+    assert_eq!(server.violations(), Vec::<String>::new());
+}

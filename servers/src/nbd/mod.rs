@@ -464,7 +464,8 @@ impl Nbd {
         Ok(true)
     }
 
-    /// A new connection to the same export, which must not have changed.
+    /// A new connection to the same export, which must not have changed:
+    /// neither its size nor the features in use.
     fn reconnect(&self) -> io::Result<Stream> {
         let mut s = self.addr.connect()?;
         let export = handshake(&mut s, self.addr.export())?;
@@ -474,6 +475,18 @@ impl Nbd {
             return Err(io::Error::other(format!(
                 "the export is now {} bytes, not {}",
                 export.size, self.export.size
+            )));
+        }
+        // Nor lost a feature the device was promised, or CAN_MULTI_CONN
+        // (a FLUSH through one connection would no longer cover the
+        // writes through the others).
+        let relied =
+            TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN;
+        let lost = self.export.flags & relied & !export.flags;
+        if lost != 0 {
+            return Err(io::Error::other(format!(
+                "the export no longer has transmission flags {lost:#x} (they are {:#x}, were {:#x})",
+                export.flags, self.export.flags
             )));
         }
         self.reconnects.fetch_add(1, Ordering::Relaxed);
