@@ -994,3 +994,25 @@ fn nbd_a_reconnection_to_an_export_that_lost_a_feature_waits_for_it() {
     assert_eq!(e.raw_os_error(), Some(1), "{e}");
     assert_eq!(server.violations(), Vec::<String>::new());
 }
+
+/// buffer").
+#[test]
+fn nbd_a_handshake_cut_short_is_a_clear_error() {
+    let server = Server::start(DISK, TF_ALL);
+    let whole = good_handshake(DISK, TF_ALL);
+    for n in [0, 8, 17, 30, whole.len() - 1] {
+        server.st().handshakes.push_back(Script {
+            bytes: whole[..n].to_vec(),
+            after: After::Close,
+            flags: 0,
+        });
+        let addr = server.addr("");
+        let e = bounded(&server, "connect", move || Nbd::connect(addr))
+            .err()
+            .expect("connected through half a handshake");
+        assert!(
+            e.to_string().contains("closed the connection"),
+            "cut at {n}: {e}"
+        );
+    }
+}

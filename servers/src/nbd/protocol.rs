@@ -80,6 +80,16 @@ fn send_option(s: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
 
 /// Negotiates export `name` on a fresh connection.
 pub fn handshake<S: Read + Write>(s: &mut S, name: &str) -> io::Result<Export> {
+    negotiate(s, name).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            e.kind(),
+            "the server closed the connection during the handshake",
+        ),
+        _ => e,
+    })
+}
+
+fn negotiate<S: Read + Write>(s: &mut S, name: &str) -> io::Result<Export> {
     if read_u64(s)? != NBDMAGIC {
         return Err(bad("not an NBD server (no NBDMAGIC)"));
     }
