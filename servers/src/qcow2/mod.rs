@@ -51,6 +51,9 @@ struct Meta {
     /// L2 tables made but not yet linked into the L1 table (the first
     /// allocation in their range links them, after its sync).
     unlinked: HashMap<usize, u64>,
+    /// Virtual clusters whose L2 entry, as read from the file, points into
+    /// its metadata: why (they are damage, neither read nor written).
+    bad: HashMap<u64, String>,
 }
 
 /// A qcow2 image (the top of a chain), open for reading and writing.
@@ -59,6 +62,11 @@ pub struct Qcow2 {
     path: PathBuf,
     h: Header,
     read_only: bool,
+    /// The clusters of the metadata when the image was opened (header, L1
+    /// and refcount tables, refcount blocks, L2 tables): what an L2 entry
+    /// read from the file may not point at (what this server makes lies
+    /// past the file's end then).
+    metadata: HashMap<u64, &'static str>,
     meta: Mutex<Meta>,
     done: Condvar,
     backing: Option<Backing>,
@@ -85,6 +93,26 @@ enum Cluster {
 
 fn damaged(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, Qcow2Error::Damaged(why.into()))
+}
+
+/// Records that the clusters of `len` bytes at `off` hold `what`; an
+/// overlap with other metadata is damage (writing one would corrupt the
+/// other).
+fn claim(
+    metadata: &mut HashMap<u64, &'static str>,
+    cs: u64,
+    off: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<(), Qcow2Error> {
+    for c in off / cs..(off + len).div_ceil(cs) {
+        if let Some(other) = metadata.insert(c, what) {
+            return Err(Qcow2Error::Damaged(format!(
+                "{what} at {off:#x} overlaps {other}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Qcow2 {
@@ -180,6 +208,21 @@ impl Qcow2 {
             }
         }
         let refs = Refcounts::load(&file, &h, len)?;
+        // No two pieces of metadata share a cluster.
+        let mut metadata = HashMap::new();
+        claim(&mut metadata, cs, 0, cs, "the header")?;
+        let l1_len = h.l1_size as u64 * 8;
+        claim(&mut metadata, cs, h.l1_table_offset, l1_len, "the L1 table")?;
+        let (table, table_len) = refs.table_extent();
+        claim(&mut metadata, cs, table, table_len, "the refcount table")?;
+        for b in refs.blocks() {
+            claim(&mut metadata, cs, b, cs, "a refcount block")?;
+        }
+        for &e in &l1 {
+            if e & OFFSET_MASK != 0 {
+                claim(&mut metadata, cs, e & OFFSET_MASK, cs, "an L2 table")?;
+            }
+        }
         let q = Qcow2 {
             path: path.to_path_buf(),
             read_only,
@@ -189,6 +232,7 @@ impl Qcow2 {
                 refs,
                 allocating: HashSet::new(),
                 unlinked: HashMap::new(),
+                bad: HashMap::new(),
             }),
             done: Condvar::new(),
             backing,
@@ -197,6 +241,7 @@ impl Qcow2 {
             panic_next_allocation: AtomicBool::new(false),
             file,
             h,
+            metadata,
         };
         if !read_only {
             q.start_writing()?;
@@ -286,9 +331,29 @@ impl Qcow2 {
                 .chunks(8)
                 .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
                 .collect();
+            let per = t.len() as u64;
+            for (j, &e) in t.iter().enumerate() {
+                if let Some(why) = self.misplaced(e) {
+                    let vc = i as u64 * per + j as u64;
+                    m.bad
+                        .insert(vc, format!("the L2 entry of cluster {vc} points {why}"));
+                }
+            }
             m.l2.insert(i, t);
         }
         Ok(m.l2.get_mut(&i))
+    }
+
+    /// Where an L2 entry read from the file points that no cluster of its
+    /// own may be (into the metadata), if it does.
+    fn misplaced(&self, e: u64) -> Option<String> {
+        let cs = self.cs();
+        let off = match self.decode(e) {
+            Ok(Cluster::Data(off, _) | Cluster::Zero(Some(off))) => off,
+            _ => return None,
+        };
+        let what = self.metadata.get(&(off / cs))?;
+        Some(format!("into {what} ({off:#x})"))
     }
 
     /// What virtual cluster `vc` is.
@@ -299,6 +364,9 @@ impl Qcow2 {
             Some(t) => t[j],
             None => return Ok(Cluster::Unallocated),
         };
+        if let Some(why) = m.bad.get(&vc) {
+            return Err(damaged(why.clone()));
+        }
         self.decode(e)
     }
 
@@ -550,7 +618,11 @@ impl Qcow2 {
             }
             add(l2_off, cs);
             let entries: Vec<u64> = self.l2(m, i)?.map(|t| t.to_vec()).unwrap_or_default();
-            for e in entries {
+            for (j, e) in entries.into_iter().enumerate() {
+                let vc = (i * (cs / 8) as usize + j) as u64;
+                if let Some(why) = m.bad.get(&vc) {
+                    return Err(Qcow2Error::Damaged(why.clone()));
+                }
                 match self.decode(e)? {
                     Cluster::Data(off, _) | Cluster::Zero(Some(off)) => add(off, cs),
                     Cluster::Compressed(off, len) => add(off, len),
