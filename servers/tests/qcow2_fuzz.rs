@@ -174,4 +174,37 @@ mod found {
             }
         }
     }
+
+    /// An L2 entry that points past the end of the file read as zeroes,
+    /// and was written in place there: the next cluster allocated (at the
+    /// end) was the same one, and two virtual clusters shared it. It is
+    /// damage now, and stays so while the image grows.
+    #[test]
+    fn an_l2_entry_past_the_end_is_damage_not_shared_with_the_next_allocation() {
+        let cs = 65536u64;
+        let d = tempfile::tempdir().unwrap();
+        let img = image(d.path(), cs);
+        let _s = serving();
+        let t = tables(&img);
+        for (i, flags) in [COPIED, 0].into_iter().enumerate() {
+            let end = std::fs::metadata(&img).unwrap().len().next_multiple_of(cs);
+            poke(&img, t.l2 + 8, end | flags);
+            let b = Qcow2::open(&img, false).unwrap();
+            let mut back = vec![0u8; cs as usize];
+            let e = b.read(cs, &mut back).unwrap_err();
+            assert!(e.to_string().contains("past the image's end"), "{e}");
+            if flags == COPIED {
+                let e = b.write(cs, &pattern(2, 512), false).unwrap_err();
+                assert!(e.to_string().contains("past the image's end"), "{e}");
+            }
+            // The next allocations take the clusters at the end.
+            b.write((2 + i as u64) * cs, &pattern(3, cs as usize), false)
+                .unwrap();
+            let e = b.read(cs, &mut back).unwrap_err();
+            assert!(e.to_string().contains("past the image's end"), "{e}");
+            b.read((2 + i as u64) * cs, &mut back).unwrap();
+            assert_eq!(back, pattern(3, cs as usize));
+            b.stop().unwrap();
+        }
+    }
 }

@@ -51,8 +51,9 @@ struct Meta {
     /// L2 tables made but not yet linked into the L1 table (the first
     /// allocation in their range links them, after its sync).
     unlinked: HashMap<usize, u64>,
-    /// Virtual clusters whose L2 entry, as read from the file, points into
-    /// its metadata: why (they are damage, neither read nor written).
+    /// Virtual clusters whose L2 entry, as read from the file, points past
+    /// its end or into its metadata: why (they are damage, neither read
+    /// nor written).
     bad: HashMap<u64, String>,
 }
 
@@ -63,10 +64,11 @@ pub struct Qcow2 {
     h: Header,
     read_only: bool,
     /// The clusters of the metadata when the image was opened (header, L1
-    /// and refcount tables, refcount blocks, L2 tables): what an L2 entry
-    /// read from the file may not point at (what this server makes lies
-    /// past the file's end then).
+    /// and refcount tables, refcount blocks, L2 tables), and the first
+    /// cluster past the file's end then: what an L2 entry read from the
+    /// file may not point at (what this server makes lies past that end).
     metadata: HashMap<u64, &'static str>,
+    end: u64,
     meta: Mutex<Meta>,
     done: Condvar,
     backing: Option<Backing>,
@@ -242,6 +244,7 @@ impl Qcow2 {
             file,
             h,
             metadata,
+            end: len.div_ceil(cs),
         };
         if !read_only {
             q.start_writing()?;
@@ -345,13 +348,16 @@ impl Qcow2 {
     }
 
     /// Where an L2 entry read from the file points that no cluster of its
-    /// own may be (into the metadata), if it does.
+    /// own may be (past the file's end, into the metadata), if it does.
     fn misplaced(&self, e: u64) -> Option<String> {
         let cs = self.cs();
         let off = match self.decode(e) {
             Ok(Cluster::Data(off, _) | Cluster::Zero(Some(off))) => off,
             _ => return None,
         };
+        if off / cs >= self.end {
+            return Some(format!("past the image's end ({off:#x})"));
+        }
         let what = self.metadata.get(&(off / cs))?;
         Some(format!("into {what} ({off:#x})"))
     }
