@@ -207,4 +207,42 @@ mod found {
             b.stop().unwrap();
         }
     }
+
+    /// An image that names itself as its raw backing file was served for
+    /// writing: its unallocated clusters read its own bytes, which its
+    /// writes changed. A raw backing file takes QEMU's reader lock now, as
+    /// QEMU does, which the image's own writer lock refuses; read-only,
+    /// it is served.
+    #[test]
+    fn an_image_that_is_its_own_raw_backing_file_is_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.qcow2");
+        std::fs::write(d.path().join("base.raw"), pattern(4, 1 << 20)).unwrap();
+        let g = spawning();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&img),
+            "8M",
+        ]);
+        drop(g);
+        let _s = serving();
+        // The name, "base.raw", becomes "a.qcow2".
+        let at = peek(&img, 8);
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(b"a.qcow2", at).unwrap();
+        f.write_all_at(&7u32.to_be_bytes(), 16).unwrap();
+        let e = Qcow2::open(&img, false).err().expect("opened for writing");
+        assert!(e.to_string().contains("in use"), "{e}");
+        let b = Qcow2::open(&img, true).unwrap();
+        let mut back = vec![0u8; 4];
+        b.read(0, &mut back).unwrap();
+        assert_eq!(back, *b"QFI\xfb", "the image's own bytes");
+    }
 }

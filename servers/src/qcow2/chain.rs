@@ -81,6 +81,10 @@ impl Backing {
                 within,
             )?)))
         } else {
+            // QEMU's reader lock, as on a qcow2 backing image: nobody
+            // writes it while it is read (a VM, or this very image, named
+            // as its own backing file).
+            super::qemu_lock::lock(&file, false).map_err(named)?;
             let size = crate::blkdev::size(&file).map_err(named)?;
             Ok(Backing::Raw { file, size })
         }
