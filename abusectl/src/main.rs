@@ -85,7 +85,15 @@ enum Command {
         cow DELTA [BASE]  copy-on-write over a read-only base (abusectl cow create)\n\n\
         Examples:\n  abusectl server /dev/abctl0 file disk.img --threads 4\n  \
         abusectl server /dev/abctl0 file disk.img --setup qs=64\n  \
-        abusectl server /dev/abctl1 null 1G --setup ''")]
+        abusectl server /dev/abctl1 null 1G --setup ''\n  \
+        abusectl server /dev/abctl0 file disk.img --filter delay:read=10ms --filter error:write,rate=1%,errno=EIO\n\n\
+        Filters (--filter NAME[:KEY=VAL,...], repeatable; the first given sees each request first):\n  \
+        delay:read=DUR,write=DUR,flush=DUR,discard=DUR,write_zeroes=DUR   (DUR: 10ms, 1.5s, 2 = seconds)\n  \
+        error:[read,write,flush,discard,write_zeroes],rate=N%,errno=EIO,seed=N,after=N,sectors=A-B\n  \
+        flaky:up=DUR,down=DUR,mode=drop|fail   while down, writes are dropped or fail\n  \
+        log:file=PATH                          one line per request\n  \
+        rate:iops=N,bw=N[K|M|G]                token-bucket limits\n  \
+        readonly                               writes fail, the device is set up ro")]
     Server(server::ServerArgs),
     /// Copy-on-write deltas over a read-only base: create, info, merge.
     #[command(subcommand)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abuse_servers::file::{FileBackend, FileOptions};
+use abuse_servers::filter::FilterSpec;
 use abuse_servers::null::Null;
 use abuse_servers::{Backend, EngineConfig, Stats};
 use abuse_sys::uapi::*;
@@ -74,6 +75,13 @@ pub struct ServerArgs {
     /// Write this server's counters here as JSON (every second and at exit).
     #[arg(long, value_name = "PATH")]
     stats_file: Option<PathBuf>,
+    /// A filter over the backend, NAME[:KEY=VAL,...]; repeatable, the first
+    /// given sees each request first: delay:read=10ms,write=DUR,...;
+    /// error:[read,write,flush,discard,write_zeroes],rate=N%,errno=EIO,seed=N,after=N,sectors=A-B;
+    /// flaky:up=DUR,down=DUR,mode=drop|fail; log:file=PATH;
+    /// rate:iops=N,bw=N[K|M|G]; readonly.
+    #[arg(long = "filter", value_name = "SPEC", value_parser = FilterSpec::parse)]
+    filters: Vec<FilterSpec>,
 }
 
 fn backend(a: &ServerArgs) -> Result<Arc<dyn Backend>, String> {
@@ -164,7 +172,7 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
-    let backend = backend(&a)?;
+    let backend = abuse_servers::filter::wrap_shared(backend(&a)?, &a.filters)?;
     if let Some(opts) = &a.setup {
         let o = SetupOpts::parse(&[opts])?;
         let ctl = Control::open(&a.ctl).map_err(|e| e.to_string())?;

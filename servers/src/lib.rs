@@ -9,6 +9,7 @@ pub mod blkdev;
 pub mod cow;
 pub mod engine;
 pub mod file;
+pub mod filter;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;

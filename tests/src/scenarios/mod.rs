@@ -5,6 +5,7 @@ mod cow;
 mod data;
 mod delegation;
 mod file_io;
+mod filters;
 mod hostile;
 mod module;
 mod power_cut;
@@ -111,4 +112,8 @@ scenarios![
     backends::nbd_backend_qemu_nbd,
     backends::nbd_slow_server,
     backends::qcow2_backend,
+    // Filters over the real servers (--filter).
+    filters::filter_error_ext4,
+    filters::filter_delay_latency,
+    filters::filter_rate_iops,
 ];
