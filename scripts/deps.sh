@@ -20,6 +20,8 @@ APT_PACKAGES=(
   systemd
   # C layout test (and its 32-bit variant, for compat_ioctl callers)
   gcc gcc-multilib
+  # python/abuse.py's layout test and the Python ramdisk in the VM
+  python3
 )
 # qemu-system-x86 comes from bookworm-backports so that it matches the
 # preinstalled qemu-utils (installing bookworm's 7.2 would remove qemu-img).

@@ -77,6 +77,34 @@ cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
 # A 32-bit server, for the driver's compat_ioctl.
 gcc -m32 -static -O2 -Wall -Werror -I "$root/abuse-sys/include" \
   "$root/tests/c/compat32.c" -o "$rootfs/bin/abuse-compat32"
+# The servers in other languages: the C ramdisk (static, as compat32), and
+# python/ with Debian's python3 and the part of its standard library that
+# python/ramdisk.py imports (listed by importing it here: ~800 KiB), with
+# the byte-code Debian compiled (install -p keeps the mtimes it is checked by).
+gcc -static -O2 -std=gnu11 -Wall -Wextra -Werror -pthread -I "$root/abuse-sys/include" \
+  "$root/examples/c/ramdisk.c" -o "$rootfs/bin/abuse-ramdisk-c"
+python=$(readlink -f /usr/bin/python3)
+copy_tool "$python"
+ln -sf "$(basename "$python")" "$rootfs/usr/bin/python3"
+pyc_tag=$("$python" -c 'import sys; print(sys.implementation.cache_tag)')
+install -D -m 0644 -t "$rootfs/lib/abuse/python" "$root/python/abuse.py" "$root/python/ramdisk.py"
+for f in $("$python" -B -S -E -c '
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import abuse, ramdisk
+for m in list(sys.modules.values()):
+    f = getattr(m, "__file__", None) or ""
+    if f.startswith(os.path.dirname(os.__file__) + "/"):
+        print(f)' "$root/python" | sort -u); do
+  case "$f" in
+    *.so) copy_tool "$f" ;;
+    *.py)
+      install -D -p -m 0644 "$f" "$rootfs$f"
+      pyc=$(dirname "$f")/__pycache__/$(basename "$f" .py).$pyc_tag.pyc
+      if [ -f "$pyc" ]; then install -D -p -m 0644 "$pyc" "$rootfs$pyc"; fi
+      ;;
+  esac
+done
 cp "$ko" "$rootfs/lib/abuse/abuse.ko"
 # The kernel's own modules (null_blk, ublk, nbd) for comparisons.
 [ -d "$kdir/modroot/lib/modules" ] && cp -r "$kdir/modroot/lib/modules" "$rootfs/lib/"

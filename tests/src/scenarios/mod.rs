@@ -7,6 +7,7 @@ mod delegation;
 mod file_io;
 mod filters;
 mod hostile;
+mod languages;
 mod module;
 mod power_cut;
 mod recovery;
@@ -112,6 +113,9 @@ scenarios![
     backends::nbd_backend_qemu_nbd,
     backends::nbd_slow_server,
     backends::qcow2_backend,
+    // Servers in other languages (examples/c, python).
+    languages::c_ramdisk_server,
+    languages::python_ramdisk_server,
     // Filters over the real servers (--filter).
     filters::filter_error_ext4,
     filters::filter_delay_latency,
