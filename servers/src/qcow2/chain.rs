@@ -79,6 +79,7 @@ impl Backing {
                 true,
                 depth + 1,
                 within,
+                &|f| Box::new(f),
             )?)))
         } else {
             // QEMU's reader lock, as on a qcow2 backing image: nobody
@@ -127,9 +128,9 @@ impl Backing {
 
 /// A compressed cluster (raw deflate, as qemu writes it) at `off`, `len`
 /// bytes at most, decompressed to a whole cluster of `cs` bytes.
-pub fn inflate(file: &File, off: u64, len: u64, cs: u64) -> io::Result<Vec<u8>> {
+pub fn inflate(file: &dyn super::image::ImageIo, off: u64, len: u64, cs: u64) -> io::Result<Vec<u8>> {
     let mut packed = vec![0u8; len as usize];
-    let n = crate::backend::read_full(file, &mut packed, off)?;
+    let n = file.pread_full(&mut packed, off)?;
     let mut out = vec![0u8; cs as usize];
     let mut d = flate2::Decompress::new(false);
     d.decompress(&packed[..n], &mut out, flate2::FlushDecompress::Finish)

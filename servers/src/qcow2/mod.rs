@@ -15,13 +15,13 @@
 
 mod chain;
 pub mod header;
+pub mod image;
 mod qemu_lock;
 mod refcount;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -29,6 +29,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use crate::backend::{Backend, ALL_FEATURES};
 use crate::sync::GroupSync;
 use chain::Backing;
+use image::ImageIo;
 pub use header::{Header, Qcow2Error};
 use refcount::Refcounts;
 
@@ -59,7 +60,7 @@ struct Meta {
 
 /// A qcow2 image (the top of a chain), open for reading and writing.
 pub struct Qcow2 {
-    file: File,
+    file: Box<dyn ImageIo>,
     path: PathBuf,
     h: Header,
     read_only: bool,
@@ -141,7 +142,22 @@ impl Qcow2 {
                 .unwrap_or_else(|| "/".into());
             Some(dir)
         };
-        Self::open_chain(path, read_only, 0, within.as_deref())
+        Self::open_chain(path, read_only, 0, within.as_deref(), &|f| Box::new(f))
+    }
+
+    /// As [`Qcow2::open`], with the image's I/O going through `wrap` (the
+    /// tests' recorder of writes and syncs, for power cuts).
+    #[doc(hidden)]
+    pub fn open_through(
+        path: &Path,
+        wrap: &dyn Fn(File) -> Box<dyn ImageIo>,
+    ) -> Result<Qcow2, Qcow2Error> {
+        let dir = path
+            .canonicalize()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| "/".into());
+        Self::open_chain(path, false, 0, Some(&dir), wrap)
     }
 
     /// Opens an image `depth` levels down a backing chain, whose files lie
@@ -151,13 +167,16 @@ impl Qcow2 {
         read_only: bool,
         depth: u32,
         within: Option<&Path>,
+        wrap: &dyn Fn(File) -> Box<dyn ImageIo>,
     ) -> Result<Qcow2, Qcow2Error> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         // QEMU's own locks: one writer at a time (an ABUSE server, a VM,
-        // qemu-img), and no writer while it is read.
+        // qemu-img), and no writer while it is read. They last as long as
+        // the file, which `wrap` keeps.
         qemu_lock::lock(&file, !read_only)?;
+        let file = wrap(file);
         let mut first = vec![0u8; 65536];
-        let n = crate::backend::read_full(&file, &mut first, 0)?;
+        let n = file.pread_full(&mut first, 0)?;
         let h = Header::parse(&first[..n])?;
         if !read_only && h.nb_snapshots != 0 {
             return Err(Qcow2Error::Unsupported(
@@ -180,7 +199,7 @@ impl Qcow2 {
             None => None,
         };
         let cs = h.cluster_size();
-        let len = file.metadata()?.len();
+        let len = file.size()?;
         for (what, off, n) in [
             ("L1", h.l1_table_offset, h.l1_size as u64 * 8),
             (
@@ -196,7 +215,7 @@ impl Qcow2 {
             }
         }
         let mut l1 = vec![0u8; h.l1_size as usize * 8];
-        file.read_exact_at(&mut l1, h.l1_table_offset)?;
+        file.pread_exact(&mut l1, h.l1_table_offset)?;
         let l1: Vec<u64> = l1
             .chunks(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
@@ -209,7 +228,7 @@ impl Qcow2 {
                 )));
             }
         }
-        let refs = Refcounts::load(&file, &h, len)?;
+        let refs = Refcounts::load(&*file, &h, len)?;
         // No two pieces of metadata share a cluster.
         let mut metadata = HashMap::new();
         claim(&mut metadata, cs, 0, cs, "the header")?;
@@ -266,7 +285,7 @@ impl Qcow2 {
         self.set_incompatible(self.h.incompatible | header::INCOMPAT_DIRTY)?;
         if self.h.autoclear != 0 {
             self.file
-                .write_all_at(&0u64.to_be_bytes(), header::AUTOCLEAR_AT)?;
+                .pwrite_all(&0u64.to_be_bytes(), header::AUTOCLEAR_AT)?;
         }
         self.sync_file()?;
         Ok(())
@@ -278,7 +297,7 @@ impl Qcow2 {
         let referenced = self.references(&mut m)?;
         let fixed = m
             .refs
-            .repair(&self.file, &|| self.sync_file(), &referenced)?;
+            .repair(&*self.file, &|| self.sync_file(), &referenced)?;
         self.sync_file()?;
         Ok(fixed)
     }
@@ -289,19 +308,19 @@ impl Qcow2 {
     pub fn leak_one_for_tests(&self) -> io::Result<()> {
         self.lock()
             .refs
-            .allocate(&self.file, &|| self.sync_file())?;
+            .allocate(&*self.file, &|| self.sync_file())?;
         self.sync_file()
     }
 
     fn set_incompatible(&self, bits: u64) -> io::Result<()> {
         self.file
-            .write_all_at(&bits.to_be_bytes(), header::INCOMPAT_AT)
+            .pwrite_all(&bits.to_be_bytes(), header::INCOMPAT_AT)
     }
 
     /// A sync of the image, shared with every allocation in flight (and
     /// failing for ever after one failed).
     fn sync_file(&self) -> io::Result<()> {
-        self.sync.sync(|| self.file.sync_data())
+        self.sync.sync(|| self.file.sync())
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -329,7 +348,7 @@ impl Qcow2 {
                 return Ok(None);
             }
             let mut b = vec![0u8; self.cs() as usize];
-            self.file.read_exact_at(&mut b, off)?;
+            self.file.pread_exact(&mut b, off)?;
             let t: Box<[u64]> = b
                 .chunks(8)
                 .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
@@ -418,9 +437,9 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(())
             }
-            Cluster::Data(off, _) => crate::backend::read_or_zeroes(&self.file, buf, off + inner),
+            Cluster::Data(off, _) => self.file.pread_or_zeroes(buf, off + inner),
             Cluster::Compressed(off, len) => {
-                let whole = chain::inflate(&self.file, off, len, self.cs())?;
+                let whole = chain::inflate(&*self.file, off, len, self.cs())?;
                 buf.copy_from_slice(&whole[inner as usize..inner as usize + buf.len()]);
                 Ok(())
             }
@@ -454,19 +473,19 @@ impl Qcow2 {
                 // Written in place: the cluster is ours alone.
                 (Cluster::Data(off, true), Some(d)) => {
                     drop(m);
-                    return self.file.write_all_at(d, off + inner);
+                    return self.file.pwrite_all(d, off + inner);
                 }
                 (Cluster::Data(off, true), None) if whole && self.h.version >= 3 => {
                     // Zero flag, cluster kept (nothing is freed while
                     // served), its space given back to the file system.
                     self.set_entry(&mut m, vc, off | COPIED | ZERO)?;
                     drop(m);
-                    return crate::backend::punch_file(&self.file, off, cs);
+                    return self.file.punch(off, cs);
                 }
                 (Cluster::Data(off, true), None) => {
                     drop(m);
                     return crate::backend::fill_zeroes(
-                        |b, at| self.file.write_all_at(b, at),
+                        |b, at| self.file.pwrite_all(b, at),
                         off + inner,
                         len,
                     );
@@ -531,7 +550,7 @@ impl Qcow2 {
         let l2_off = Self::l2_offset(m, i)
             .ok_or_else(|| damaged(format!("no L2 table for cluster {vc}")))?;
         self.file
-            .write_all_at(&e.to_be_bytes(), l2_off + j as u64 * 8)?;
+            .pwrite_all(&e.to_be_bytes(), l2_off + j as u64 * 8)?;
         if let Some(t) = self.l2(m, i)? {
             t[j] = e;
         }
@@ -553,8 +572,8 @@ impl Qcow2 {
         let i = self.l1_index(vc);
         // A new L2 table: zeroed in the file now, linked after a sync.
         if Self::l2_offset(&m, i).is_none() {
-            let off = m.refs.allocate(&self.file, &|| self.sync_file())?;
-            self.file.write_all_at(&vec![0u8; cs as usize], off)?;
+            let off = m.refs.allocate(&*self.file, &|| self.sync_file())?;
+            self.file.pwrite_all(&vec![0u8; cs as usize], off)?;
             m.l2.insert(i, vec![0u64; (cs / 8) as usize].into_boxed_slice());
             m.unlinked.insert(i, off);
         }
@@ -563,9 +582,9 @@ impl Qcow2 {
             Cluster::Zero(Some(off)) => off,
             Cluster::Compressed(..) | Cluster::Data(_, false) => {
                 self.leaked.store(true, Ordering::Relaxed);
-                m.refs.allocate(&self.file, &|| self.sync_file())?
+                m.refs.allocate(&*self.file, &|| self.sync_file())?
             }
-            _ => m.refs.allocate(&self.file, &|| self.sync_file())?,
+            _ => m.refs.allocate(&*self.file, &|| self.sync_file())?,
         };
         drop(m);
         if self.panic_next_allocation.swap(false, Ordering::SeqCst) {
@@ -579,16 +598,16 @@ impl Qcow2 {
             Some(d) => buf[inner as usize..(inner + len) as usize].copy_from_slice(d),
             None => buf[inner as usize..(inner + len) as usize].fill(0),
         }
-        self.file.write_all_at(&buf, host)?;
+        self.file.pwrite_all(&buf, host)?;
         // The refcounts, the new L2 table and the data must be durable
         // before anything points at them.
-        self.sync.sync(|| self.file.sync_data())?;
+        self.sync.sync(|| self.file.sync())?;
         let mut m = self.lock();
         // The table was made before this allocation's sync began, so the
         // sync made it durable: it may be linked now, by whichever
         // allocation in its range gets here first.
         if let Some(l2_off) = m.unlinked.remove(&i) {
-            self.file.write_all_at(
+            self.file.pwrite_all(
                 &(l2_off | COPIED).to_be_bytes(),
                 self.h.l1_table_offset + i as u64 * 8,
             )?;
@@ -645,7 +664,7 @@ impl Qcow2 {
     pub fn check(&self) -> Result<(u64, u64), Qcow2Error> {
         let mut m = self.lock();
         let referenced = self.references(&mut m)?;
-        m.refs.compare(&self.file, &referenced)
+        m.refs.compare(&*self.file, &referenced)
     }
 }
 

@@ -2,10 +2,9 @@
 //! the end of the image, and the leak repair of a dirty image.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
+use super::image::ImageIo;
 use super::{Header, Qcow2Error, OFFSET_MASK};
 
 /// Makes what was written so far durable (the image's group sync, which
@@ -29,10 +28,10 @@ pub struct Refcounts {
 }
 
 impl Refcounts {
-    pub fn load(file: &File, h: &Header, len: u64) -> Result<Refcounts, Qcow2Error> {
+    pub fn load(file: &dyn ImageIo, h: &Header, len: u64) -> Result<Refcounts, Qcow2Error> {
         let cs = h.cluster_size();
         let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        file.read_exact_at(&mut raw, h.refcount_table_offset)?;
+        file.pread_exact(&mut raw, h.refcount_table_offset)?;
         let table: Vec<u64> = raw
             .chunks(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()) & OFFSET_MASK)
@@ -65,19 +64,19 @@ impl Refcounts {
         self.table.iter().copied().filter(|&b| b != 0)
     }
 
-    pub fn get(&self, file: &File, cluster: u64) -> io::Result<u16> {
+    pub fn get(&self, file: &dyn ImageIo, cluster: u64) -> io::Result<u16> {
         let b = match self.table.get((cluster / self.per_block()) as usize) {
             Some(&b) if b != 0 => b,
             _ => return Ok(0),
         };
         let mut v = [0u8; 2];
-        file.read_exact_at(&mut v, b + (cluster % self.per_block()) * 2)?;
+        file.pread_exact(&mut v, b + (cluster % self.per_block()) * 2)?;
         Ok(u16::from_be_bytes(v))
     }
 
     /// Sets `cluster`'s refcount, making its refcount block (and growing
     /// the refcount table) if need be.
-    pub fn set(&mut self, file: &File, sync: Sync, cluster: u64, v: u16) -> io::Result<()> {
+    pub fn set(&mut self, file: &dyn ImageIo, sync: Sync, cluster: u64, v: u16) -> io::Result<()> {
         let i = (cluster / self.per_block()) as usize;
         if i >= self.table.len() {
             self.grow(file, sync, i)?;
@@ -85,7 +84,7 @@ impl Refcounts {
         if self.table[i] == 0 {
             self.new_block(file, sync, i)?;
         }
-        file.write_all_at(
+        file.pwrite_all(
             &v.to_be_bytes(),
             self.table[i] + (cluster % self.per_block()) * 2,
         )
@@ -93,7 +92,7 @@ impl Refcounts {
 
     /// Makes refcount block `i` in the next free cluster; it counts itself
     /// if it covers itself, else its own block counts it.
-    fn new_block(&mut self, file: &File, sync: Sync, i: usize) -> io::Result<()> {
+    fn new_block(&mut self, file: &dyn ImageIo, sync: Sync, i: usize) -> io::Result<()> {
         let b = self.next_free;
         self.next_free += 1;
         let mut block = vec![0u8; self.cs as usize];
@@ -103,12 +102,12 @@ impl Refcounts {
         } else {
             self.set(file, sync, b, 1)?;
         }
-        file.write_all_at(&block, b * self.cs)?;
+        file.pwrite_all(&block, b * self.cs)?;
         // The block is on disk before the table points at it: a power cut
         // between the two would leave an entry past the end of the file,
         // and an image that no longer opens.
         sync()?;
-        file.write_all_at(
+        file.pwrite_all(
             &(b * self.cs).to_be_bytes(),
             self.table_offset + i as u64 * 8,
         )?;
@@ -122,7 +121,7 @@ impl Refcounts {
     /// it in one write and synced, then the old table's clusters are freed
     /// (never reused while served). A power cut before the switch leaves
     /// the old table in force, with at most unreferenced clusters past it.
-    fn grow(&mut self, file: &File, sync: Sync, need: usize) -> io::Result<()> {
+    fn grow(&mut self, file: &dyn ImageIo, sync: Sync, need: usize) -> io::Result<()> {
         let per_cluster = self.cs / 8;
         let old_clusters = (self.table.len() as u64).div_ceil(per_cluster);
         let mut n = (old_clusters * 2).max(1);
@@ -150,12 +149,12 @@ impl Refcounts {
                 self.set(file, sync, c, 1)?;
             }
             let raw: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            file.write_all_at(&raw, self.table_offset)?;
+            file.pwrite_all(&raw, self.table_offset)?;
             sync()?;
             let mut hdr = [0u8; 12];
             hdr[..8].copy_from_slice(&self.table_offset.to_be_bytes());
             hdr[8..].copy_from_slice(&(n as u32).to_be_bytes());
-            file.write_all_at(&hdr, REFCOUNT_TABLE_AT)?;
+            file.pwrite_all(&hdr, REFCOUNT_TABLE_AT)?;
             sync()
         })();
         if let Err(e) = written {
@@ -174,7 +173,7 @@ impl Refcounts {
 
     /// Takes a free cluster at the end of the image, refcount 1; returns
     /// its byte offset.
-    pub fn allocate(&mut self, file: &File, sync: Sync) -> io::Result<u64> {
+    pub fn allocate(&mut self, file: &dyn ImageIo, sync: Sync) -> io::Result<u64> {
         loop {
             let c = self.next_free;
             self.next_free += 1;
@@ -191,7 +190,7 @@ impl Refcounts {
     /// killed writer took before it wrote there) is found too.
     fn mismatches(
         &self,
-        file: &File,
+        file: &dyn ImageIo,
         referenced: &HashMap<u64, u64>,
     ) -> Result<Vec<(u64, u64, u64)>, Qcow2Error> {
         let per = self.per_block();
@@ -201,7 +200,7 @@ impl Refcounts {
             if b == 0 {
                 continue;
             }
-            file.read_exact_at(&mut block, b)?;
+            file.pread_exact(&mut block, b)?;
             for (k, v) in block.chunks(2).enumerate() {
                 let c = i as u64 * per + k as u64;
                 let have = u16::from_be_bytes([v[0], v[1]]) as u64;
@@ -226,7 +225,7 @@ impl Refcounts {
     /// leaks).
     pub fn compare(
         &self,
-        file: &File,
+        file: &dyn ImageIo,
         referenced: &HashMap<u64, u64>,
     ) -> Result<(u64, u64), Qcow2Error> {
         let m = self.mismatches(file, referenced)?;
@@ -238,7 +237,7 @@ impl Refcounts {
     /// leaves them); refuses refcounts below them (that is damage).
     pub fn repair(
         &mut self,
-        file: &File,
+        file: &dyn ImageIo,
         sync: Sync,
         referenced: &HashMap<u64, u64>,
     ) -> Result<u64, Qcow2Error> {
