@@ -64,6 +64,9 @@ impl ImageIo for Recorder {
     }
 }
 
+/// How many bytes of the `i`th unsynced write (of `n`) a crash kept.
+type Keep = Box<dyn Fn(usize, usize) -> usize>;
+
 /// What the device is asked, in order.
 enum Req {
     Write(u64, Vec<u8>),
@@ -221,7 +224,7 @@ fn a_power_cut_at_every_write_of_an_allocation_leaves_a_consistent_image() {
                 Op::Sync => 0,
             })
             .collect();
-        let mut plans: Vec<(String, Box<dyn Fn(usize, usize) -> usize>)> = vec![
+        let mut plans: Vec<(String, Keep)> = vec![
             ("none".into(), Box::new(|_, _| 0)),
             ("all".into(), Box::new(|_, n| n)),
         ];
