@@ -128,7 +128,12 @@ impl Backing {
 
 /// A compressed cluster (raw deflate, as qemu writes it) at `off`, `len`
 /// bytes at most, decompressed to a whole cluster of `cs` bytes.
-pub fn inflate(file: &dyn super::image::ImageIo, off: u64, len: u64, cs: u64) -> io::Result<Vec<u8>> {
+pub fn inflate(
+    file: &dyn super::image::ImageIo,
+    off: u64,
+    len: u64,
+    cs: u64,
+) -> io::Result<Vec<u8>> {
     let mut packed = vec![0u8; len as usize];
     let n = file.pread_full(&mut packed, off)?;
     let mut out = vec![0u8; cs as usize];
