@@ -29,8 +29,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use crate::backend::{Backend, ALL_FEATURES};
 use crate::sync::GroupSync;
 use chain::Backing;
-use image::ImageIo;
 pub use header::{Header, Qcow2Error};
+use image::ImageIo;
 use refcount::Refcounts;
 
 /// L1 and L2 entry bits.
