@@ -174,6 +174,8 @@ struct State {
     faults: VecDeque<Option<Fault>>,
     /// The fault for every request once `faults` is empty.
     forever: Option<Fault>,
+    /// The fault for the first WRITE of this data (before `faults`).
+    on_write_of: Option<(Vec<u8>, Fault)>,
     /// Honest from now on (`Server::release`).
     released: bool,
     log: Vec<Seen>,
@@ -187,6 +189,8 @@ struct State {
     held: Vec<(u64, Vec<u8>)>,
     /// Do them when the next connection comes in.
     apply_held_on_accept: bool,
+    /// Bytes of a huge option reply (`After::Flood`) the client took.
+    flooded: u64,
     /// Connections the client gave up on, that the server keeps open.
     parked: Vec<UnixStream>,
     /// For each connection made: whether the client had closed every
@@ -354,6 +358,7 @@ impl Server {
             st.faults.clear();
             st.handshakes.clear();
             st.forever = None;
+            st.on_write_of = None;
             st.apply_held();
             for s in st.parked.drain(..) {
                 let _ = s.shutdown(Shutdown::Both);
@@ -439,11 +444,14 @@ fn serve_conn(sh: &Shared, id: u64, s: &mut UnixStream) -> io::Result<bool> {
                     return Ok(false);
                 }
                 After::Flood => {
+                    // As much as the client takes (the socket's buffer, if
+                    // it takes none), up to 64 MiB.
                     let junk = pattern(99, 64 << 10);
                     for _ in 0..1024 {
                         if s.write_all(&junk).is_err() {
                             break;
                         }
+                        sh.lock().flooded += junk.len() as u64;
                     }
                     return Ok(false);
                 }
@@ -600,6 +608,12 @@ fn honest_handshake(sh: &Shared, s: &mut UnixStream) -> io::Result<u16> {
     }
 }
 
+/// Replaces the data after a simple reply's header with junk.
+fn junk_data(r: &mut [u8]) {
+    let n = r.len() - 16;
+    r[16..].copy_from_slice(&pattern(0x6a75_6e6b, n));
+}
+
 fn simple_reply(magic: u32, error: u32, cookie: u64) -> Vec<u8> {
     let mut r = magic.to_be_bytes().to_vec();
     r.extend_from_slice(&error.to_be_bytes());
@@ -632,6 +646,9 @@ fn transmission(
     flags: u16,
     mut first: Option<[u8; 28]>,
 ) -> io::Result<bool> {
+    // Whether every reply so far was exactly one reply: once not, the
+    // client reads something else where a later reply is.
+    let mut in_sync = true;
     loop {
         let hdr = match first.take() {
             Some(h) => h,
@@ -666,14 +683,25 @@ fn transmission(
             if let Some(v) = check_request(flags, cmd, rflags) {
                 st.violations.push(v);
             }
+            let targeted = st
+                .on_write_of
+                .as_ref()
+                .is_some_and(|(d, _)| cmd == CMD_WRITE && *d == payload);
             if st.released {
                 None
+            } else if targeted {
+                st.on_write_of.take().map(|(_, f)| f)
             } else {
                 match st.faults.pop_front() {
                     Some(f) => f,
                     None => st.forever.clone(),
                 }
             }
+        };
+        let exact = match &fault {
+            None => true,
+            Some(Fault::Error { payload: with, .. }) => !with || cmd != CMD_READ,
+            _ => false,
         };
         let exec = || sh.lock().execute(flags, cmd, off, len, &payload);
         let good = |(error, data): &(u32, Vec<u8>)| {
@@ -691,14 +719,18 @@ fn transmission(
                 }
                 return Ok(false);
             }
+            // Not this request's reply, so not its data either: a client
+            // that took it would read junk.
             Some(Fault::Magic(m)) => {
                 let mut r = good(&exec());
                 r[..4].copy_from_slice(&m.to_be_bytes());
+                junk_data(&mut r);
                 s.write_all(&r)?;
             }
             Some(Fault::Cookie(x)) => {
                 let mut r = good(&exec());
                 r[8..16].copy_from_slice(&(cookie ^ x).to_be_bytes());
+                junk_data(&mut r);
                 s.write_all(&r)?;
             }
             Some(Fault::Twice) => {
@@ -723,10 +755,12 @@ fn transmission(
                 s.write_all(&r)?;
                 if code == ESHUTDOWN {
                     // "If the client receives an ESHUTDOWN error it MUST
-                    // initiate a soft disconnect" (NBD_CMD_DISC).
+                    // initiate a soft disconnect" (NBD_CMD_DISC); if the
+                    // stream was in step, it did receive it.
                     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                     match rd::<28>(s) {
                         Ok(h) if be32(&h) == REQUEST_MAGIC && be16(&h[6..]) == CMD_DISC => {}
+                        _ if !in_sync => {}
                         other => sh.violation(format!(
                             "after NBD_ESHUTDOWN, no NBD_CMD_DISC but {:?}",
                             other.map(|h| be16(&h[6..]))
@@ -796,6 +830,7 @@ fn transmission(
             }
             Some(Fault::Hold(_)) => s.write_all(&good(&exec()))?,
         }
+        in_sync &= exact;
     }
 }
 
@@ -992,6 +1027,35 @@ fn nbd_a_reconnection_to_an_export_that_lost_a_feature_waits_for_it() {
     server.cut_all();
     let e = write_at(&server, &nbd, 0, pattern(9, BLOCK)).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(1), "{e}");
+    assert_eq!(server.violations(), Vec::<String>::new());
+}
+
+/// back.
+#[test]
+fn nbd_a_resend_cut_short_serves_no_older_data() {
+    let server = Server::start(DISK, TF_HAS_FLAGS | TF_FLUSH | TF_MULTI_CONN);
+    let nbd = server.connect();
+    // Every connection made (reads: nothing to re-send yet).
+    while server.accepted() < 4 {
+        read_at(&server, &nbd, 0, BLOCK).unwrap();
+    }
+    let (a, b) = (pattern(20, BLOCK), pattern(21, BLOCK));
+    write_at(&server, &nbd, 0, a.clone()).unwrap();
+    write_at(&server, &nbd, 0, b.clone()).unwrap();
+    // One connection breaks; when it is remade, A is re-sent, done, and
+    // the connection breaks before B is.
+    server.st().on_write_of = Some((a.clone(), Fault::Drop { applied: true }));
+    server
+        .st()
+        .faults
+        .push_back(Some(Fault::Drop { applied: false }));
+    for i in 0..8 {
+        let back = read_at(&server, &nbd, 0, BLOCK).unwrap();
+        assert!(back == b, "read {i}: older data than the client wrote last");
+    }
+    assert!(server.st().on_write_of.is_none(), "A was not re-sent");
+    flush(&server, &nbd).unwrap();
+    assert!(server.st().disk[..BLOCK] == b[..]);
     assert_eq!(server.violations(), Vec::<String>::new());
 }
 

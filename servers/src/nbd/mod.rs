@@ -12,7 +12,9 @@
 //! server completed are kept, and re-sent in order on every new connection
 //! before it carries anything else, with no other request in flight
 //! ([`Replay`]): a FLUSH through the new connection then vouches for them
-//! too. Never a successful FLUSH over a lost write. The log is bounded: past
+//! too. Never a successful FLUSH over a lost write. A re-send cut short
+//! closes the other connections too: it may have put an older write back
+//! over a newer one, and nothing is served until a whole re-send is done. The log is bounded: past
 //! [`REPLAY_MAX_BYTES`] a write flushes it first.
 
 mod protocol;
@@ -424,15 +426,39 @@ impl Nbd {
         }
         let mut s = self.reconnect()?;
         let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = self.resend(&mut s, &mut replay) {
+            if !replay.ops.is_empty() {
+                // Cut short, the re-send may have put an older write back
+                // over a newer one it did not get to: no connection may
+                // serve anything until a whole re-send has put the newer
+                // ones back. (No request is in flight: the gate is ours.)
+                for (j, c) in self.conns.iter().enumerate() {
+                    if j == k {
+                        continue;
+                    }
+                    if let Some(mut o) = c.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        disconnect(&mut o);
+                    }
+                }
+            }
+            return Err(e);
+        }
+        *slot = Some(s);
+        Ok(true)
+    }
+
+    /// Re-sends the log on the new connection `s`, in order, then flushes
+    /// it there.
+    fn resend(&self, s: &mut Stream, replay: &mut Replay) -> io::Result<()> {
         for (c, payload) in replay.ops.iter() {
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(&mut s, cookie, *c, payload, &mut []) {
+            match request(s, cookie, *c, payload, &mut []) {
                 Ok(()) => {}
                 Err(Failed::Server(code)) => {
                     // It refuses what it once took: the export is not what
                     // it was (or it is shutting down). Keep trying (as for
                     // a changed size).
-                    disconnect(&mut s);
+                    disconnect(s);
                     return Err(io::Error::other(format!(
                         "the server refuses a write it had acknowledged (error {code}) when it is sent again"
                     )));
@@ -446,13 +472,13 @@ impl Nbd {
             // Flushed once here, they are the server's: the other
             // connections, remade next, have nothing left to re-send.
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(&mut s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[], &mut []) {
+            match request(s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[], &mut []) {
                 Ok(()) => {
                     let end = replay.end();
                     replay.flushed(end);
                 }
                 Err(Failed::Server(code)) => {
-                    disconnect(&mut s);
+                    disconnect(s);
                     return Err(io::Error::other(format!(
                         "the server fails the FLUSH of the writes sent again (error {code})"
                     )));
@@ -460,8 +486,7 @@ impl Nbd {
                 Err(Failed::Connection(e)) => return Err(e),
             }
         }
-        *slot = Some(s);
-        Ok(true)
+        Ok(())
     }
 
     /// A new connection to the same export, which must not have changed:
