@@ -74,6 +74,11 @@ for so in plugins/nbdkit-memory-plugin.so plugins/nbdkit-file-plugin.so filters/
 done
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
+# Extra binaries for a one-off comparison in one boot (an older abusectl,
+# say): ABUSE_VM_EXTRA="path:name ...", each copied to /bin/name.
+for extra in ${ABUSE_VM_EXTRA:-}; do
+  cp "${extra%%:*}" "$rootfs/bin/${extra##*:}"
+done
 # A 32-bit server, for the driver's compat_ioctl.
 gcc -m32 -static -O2 -Wall -Werror -I "$root/abuse-sys/include" \
   "$root/tests/c/compat32.c" -o "$rootfs/bin/abuse-compat32"
