@@ -1,17 +1,16 @@
 //! `abusectl server`: run the engine on a backend in the foreground.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use abuse_servers::engine::EngineError;
 use abuse_servers::file::{FileBackend, FileOptions};
 use abuse_servers::filter::FilterSpec;
 use abuse_servers::null::Null;
-use abuse_servers::{Backend, EngineConfig, Stats};
-use abuse_sys::uapi::*;
+use abuse_servers::{device_status, Backend, Server, Stats, StopSignals};
 use abuse_sys::Control;
-use nix::sys::signal::{SigSet, Signal};
 
 use crate::opts::{parse_size, SetupOpts};
 
@@ -167,11 +166,7 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
     // complete what they fetched and return. Blocked before anything starts
     // a thread (the cow backend hashes its base on a rayon pool), so that
     // every thread inherits the mask.
-    let mut sigs = SigSet::empty();
-    sigs.add(Signal::SIGINT);
-    sigs.add(Signal::SIGTERM);
-    sigs.thread_block()
-        .map_err(|e| format!("blocking signals: {e}"))?;
+    let signals = StopSignals::block().map_err(|e| format!("blocking signals: {e}"))?;
     let backend = abuse_servers::filter::wrap_shared(backend(&a)?, &a.filters)?;
     if let Some(opts) = &a.setup {
         let o = SetupOpts::parse(&[opts])?;
@@ -179,35 +174,14 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
         let st = if o.reconnect {
             o.reconnect_status(&ctl.status().map_err(|e| e.to_string())?)?
         } else {
-            let size = o.size.unwrap_or(backend.size());
-            if size > backend.size() {
-                return Err(format!(
-                    "size={size} is larger than the backend ({} bytes)",
-                    backend.size()
-                ));
-            }
-            let mut st = o.to_status(size);
-            st.size -= size % st.block_size as u64;
-            // Advertise exactly what the backend handles.
-            st.flags =
-                (st.flags & (ABUSE_FLAG_READ_ONLY | ABUSE_FLAG_DELEGATED)) | backend.features();
-            if backend.read_only() {
-                st.flags |= ABUSE_FLAG_READ_ONLY;
-            }
-            st
+            // The backend's size unless given; exactly its features.
+            device_status(&*backend, o.to_status(o.size.unwrap_or(backend.size())))?
         };
         ctl.set_status(&st).map_err(|e| e.to_string())?;
         crate::delegate::node_owner(&a.ctl, &st)?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = signals.watch();
     let stats = Arc::new(Stats::default());
-    {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let _ = sigs.wait();
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
     if a.stats_file.is_some() {
         let (stop, stats, path) = (stop.clone(), stats.clone(), a.stats_file.clone());
         std::thread::spawn(move || {
@@ -217,21 +191,25 @@ pub fn run(a: ServerArgs) -> Result<(), String> {
             }
         });
     }
-    let cfg = EngineConfig {
-        ctl: a.ctl.clone(),
-        threads: a.threads.unwrap_or(0),
-        batch: a.batch,
-        io_threads: a.io_threads,
-        pin: !a.no_pin,
-        sched_batch: !a.no_sched_batch,
-        copy_data: a.copy_data,
-    };
-    let result = abuse_servers::serve(&cfg, backend.clone(), stop, stats.clone());
-    if result.is_ok() {
-        if let Err(e) = backend.stop() {
+    let result = Server::shared(&a.ctl, backend)
+        .config(|cfg| {
+            cfg.threads = a.threads.unwrap_or(0);
+            cfg.batch = a.batch;
+            cfg.io_threads = a.io_threads;
+            cfg.pin = !a.no_pin;
+            cfg.sched_batch = !a.no_sched_batch;
+            cfg.copy_data = a.copy_data;
+        })
+        .stop_on(stop)
+        .stats(stats.clone())
+        .run();
+    let result = match result {
+        Err(EngineError::Stop(e)) => {
             eprintln!("abusectl server: stopping the backend: {e}");
+            Ok(())
         }
-    }
+        other => other,
+    };
     save(&a.stats_file, &stats);
     eprintln!("abusectl server: {}", stats_json(&stats));
     result.map_err(|e| e.to_string())

@@ -20,6 +20,7 @@
 mod affinity;
 mod device;
 mod execute;
+mod server;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ pub use execute::errno_of;
 use execute::{
     by_file, execute_payload, file_refused, place_by_file, split_payloads, FailureLog, Kernel,
 };
+pub use server::{default_status, device_status, Server, StopSignals, DEFAULT_BLOCK_SIZE};
 pub use stats::{Counters, Stats, Totals};
 
 /// How an engine runs.
@@ -89,6 +91,10 @@ pub enum EngineError {
     Panicked,
     #[error("cannot start the I/O threads: {0}")]
     Pool(String),
+    #[error("blocking SIGINT and SIGTERM: {0}")]
+    Signals(std::io::Error),
+    #[error("stopping the backend: {0}")]
+    Stop(std::io::Error),
 }
 
 /// How long a worker sleeps in the kernel before checking for shutdown and
