@@ -31,6 +31,10 @@ echo "vm: building static guest binaries"
 RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
   --manifest-path "$root/Cargo.toml" --target x86_64-unknown-linux-gnu \
   --target-dir "$root/target/guest" -p abusectl -p abuse-tests
+# The library's example servers (servers/examples/), static the same way.
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+  --manifest-path "$root/Cargo.toml" --target x86_64-unknown-linux-gnu \
+  --target-dir "$root/target/guest" -p abuse-servers --example ramdisk --example xor --example logging
 bins="$root/target/guest/x86_64-unknown-linux-gnu/release"
 
 work=$(mktemp -d /tmp/abuse-vm.XXXXXX)
@@ -74,6 +78,9 @@ for so in plugins/nbdkit-memory-plugin.so plugins/nbdkit-file-plugin.so filters/
 done
 cp /bin/busybox "$rootfs/bin/busybox"
 cp "$bins/abusectl" "$bins/abuse-guest" "$rootfs/bin/"
+for example in ramdisk xor logging; do
+  cp "$bins/examples/$example" "$rootfs/bin/abuse-example-$example"
+done
 # Extra binaries for a one-off comparison in one boot (an older abusectl,
 # say): ABUSE_VM_EXTRA="path:name ...", each copied to /bin/name.
 for extra in ${ABUSE_VM_EXTRA:-}; do

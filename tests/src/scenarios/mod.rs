@@ -4,6 +4,7 @@ mod backends;
 mod cow;
 mod data;
 mod delegation;
+mod examples;
 mod file_io;
 mod filters;
 mod hostile;
@@ -116,6 +117,9 @@ scenarios![
     // Servers in other languages (examples/c, python).
     languages::c_ramdisk_server,
     languages::python_ramdisk_server,
+    // Servers written on the library (servers/examples/).
+    examples::example_ramdisk_server,
+    examples::example_xor_server,
     // Filters over the real servers (--filter).
     filters::filter_error_ext4,
     filters::filter_delay_latency,
