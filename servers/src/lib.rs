@@ -3,7 +3,7 @@
 //! [`engine`] runs worker threads that fetch batches of requests from a
 //! control node, execute them on a [`Backend`], and complete them. Any
 //! number of engines, in any number of processes, may serve one device.
-//! The backends `abusectl server` offers ([`null`], [`file`], [`cow`],
+//! The backends `abusectl server` offers ([`null`], [`file`](mod@file), [`cow`],
 //! [`qcow2`], [`nbd`], [`rbd`]) and its [`filter`]s are built on it, and so
 //! can a server of your own: implement [`Backend`], hand it to a
 //! [`Server`].
