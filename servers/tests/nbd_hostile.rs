@@ -205,6 +205,14 @@ struct State {
     /// For each connection made: whether the client had closed every
     /// parked connection by then.
     parked_closed_at_accept: Vec<bool>,
+    /// Answers only once this many requests are in flight on a connection,
+    /// in the reverse order (0: each as it comes).
+    gather: usize,
+    /// The first reply of the next gathered round with an unknown cookie
+    /// (in place of one in flight).
+    gather_unknown_cookie: bool,
+    /// Most requests seen in flight at once on one connection.
+    most_in_flight: usize,
 }
 
 impl State {
@@ -659,6 +667,9 @@ fn transmission(
     // client reads something else where a later reply is.
     let mut in_sync = true;
     loop {
+        if sh.lock().gather > 0 {
+            return gathered(sh, s, flags, first);
+        }
         let hdr = match first.take() {
             Some(h) => h,
             None => rd::<28>(s)?,
@@ -840,6 +851,60 @@ fn transmission(
             Some(Fault::Hold(_)) => s.write_all(&good(&exec()))?,
         }
         in_sync &= exact;
+    }
+}
+
+/// `State::gather`: takes requests until that many are in flight, does
+/// them, then answers them last first, and again. A client with one
+/// request in flight at a time waits for ever.
+fn gathered(
+    sh: &Shared,
+    s: &mut UnixStream,
+    flags: u16,
+    mut first: Option<[u8; 28]>,
+) -> io::Result<bool> {
+    loop {
+        let n = sh.lock().gather;
+        let mut round = Vec::new();
+        while round.len() < n {
+            let hdr = match first.take() {
+                Some(h) => h,
+                None => rd::<28>(s)?,
+            };
+            let (rflags, cmd) = (be16(&hdr[4..]), be16(&hdr[6..]));
+            let (cookie, off, len) = (be64(&hdr[8..]), be64(&hdr[16..]), be32(&hdr[24..]));
+            if be32(&hdr) != REQUEST_MAGIC || cmd == CMD_DISC {
+                return Ok(false);
+            }
+            if let Some(v) = check_request(flags, cmd, rflags) {
+                sh.violation(v);
+            }
+            let mut payload = Vec::new();
+            if cmd == CMD_WRITE {
+                payload = vec![0; len as usize];
+                s.read_exact(&mut payload)?;
+            }
+            round.push((cmd, cookie, off, len, payload));
+            let mut st = sh.lock();
+            st.most_in_flight = st.most_in_flight.max(round.len());
+        }
+        let unknown = std::mem::take(&mut sh.lock().gather_unknown_cookie);
+        for (cmd, cookie, off, len, payload) in round.into_iter().rev() {
+            let (error, data) = sh.lock().execute(flags, cmd, off, len, &payload);
+            let cookie = if unknown { cookie ^ (1 << 63) } else { cookie };
+            let mut r = simple_reply(SIMPLE_MAGIC, error, cookie);
+            if error == 0 {
+                r.extend_from_slice(&data);
+            }
+            s.write_all(&r)?;
+            if unknown {
+                // The client must give the connection up: nothing more.
+                let mut b = [0; 1];
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.read(&mut b);
+                return Ok(false);
+            }
+        }
     }
 }
 
@@ -2007,4 +2072,173 @@ fn nbd_a_late_write_after_the_flush_is_beyond_the_protocol() {
         assert_eq!(nbd.reconnects(), 1);
         assert_eq!(server.violations(), Vec::<String>::new());
     }
+}
+
+/// Pipelining: a server that answers only once 8 requests are in flight on
+/// its one connection, and then last first. A client with one request at a
+/// time waits for ever (the bound fails it); a pipelined one gets each reply
+/// to its own request, writes and reads alike. Then a reply with a cookie
+/// no request has, among 8 in flight: the connection is given up, and all
+/// 8 are retried on a new one, none completed by another's reply.
+#[test]
+fn nbd_requests_are_pipelined_and_replies_taken_in_any_order() {
+    const N: usize = 8;
+    // No FLUSH: no log to re-send one at a time on the new connection.
+    let server = Server::start(DISK, TF_HAS_FLAGS);
+    server.st().gather = N;
+    let nbd = server.connect();
+    assert_eq!(nbd.connections(), 1);
+    let all = |reads: bool| {
+        let rxs: Vec<_> = (0..N)
+            .map(|i| {
+                let n = nbd.clone();
+                start(move || {
+                    let off = (i * BLOCK) as u64;
+                    if reads {
+                        let mut b = vec![0; BLOCK];
+                        n.read(off, &mut b).map(|()| b)
+                    } else {
+                        n.write(off, &pattern(40 + i as u64, BLOCK), false)
+                            .map(|()| Vec::new())
+                    }
+                })
+            })
+            .collect();
+        rxs.into_iter()
+            .map(|rx| {
+                rx.recv_timeout(LIMIT)
+                    .expect("no answer: requests are not pipelined")
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    all(false);
+    for (i, b) in all(true).into_iter().enumerate() {
+        assert!(
+            b == pattern(40 + i as u64, BLOCK),
+            "block {i}: another's reply"
+        );
+    }
+    assert_eq!(server.st().most_in_flight, N);
+    assert_eq!(nbd.reconnects(), 0);
+    // An unknown cookie among 8 in flight.
+    server.st().gather_unknown_cookie = true;
+    for (i, b) in all(true).into_iter().enumerate() {
+        assert!(
+            b == pattern(40 + i as u64, BLOCK),
+            "block {i}: another's reply"
+        );
+    }
+    assert_eq!(nbd.reconnects(), 1);
+    let disk = server.st().disk.clone();
+    for i in 0..N {
+        assert!(disk[i * BLOCK..(i + 1) * BLOCK] == pattern(40 + i as u64, BLOCK)[..]);
+    }
+    assert_eq!(server.violations(), Vec::<String>::new());
+}
+
+/// Hostile replies while many requests are in flight on each connection:
+/// 8 callers, each writing its own block and reading it back, through 4
+/// connections, with faults sprinkled over the requests (closed
+/// connections, unknown and repeated cookies, wrong magics, errors, data
+/// too long, cut headers). Each read returns its caller's last successful
+/// write (or a failed one after it, which an attempt whose reply was lost
+/// may have done), never another's data; every error is an NBD errno;
+/// the disk ends up with what the successful writes wrote.
+#[test]
+fn nbd_hostile_replies_with_many_requests_in_flight() {
+    const CALLERS: usize = 8;
+    let server = Server::start(DISK, TF_HAS_FLAGS | TF_FLUSH | TF_MULTI_CONN);
+    let nbd = server.connect();
+    let mix = [
+        None,
+        Some(Fault::Drop { applied: true }),
+        None,
+        // No request in flight has it (a cookie another request in
+        // flight has is that request's reply: nothing tells them apart).
+        Some(Fault::Cookie(1 << 40)),
+        Some(Fault::Magic(0)),
+        None,
+        Some(Fault::Twice),
+        Some(Fault::Unsolicited(1 << 62)),
+        Some(Fault::Error {
+            code: 5,
+            payload: false,
+        }),
+        None,
+        Some(Fault::Payload {
+            cut: None,
+            extra: 3,
+        }),
+        Some(Fault::CutHeader(7)),
+        Some(Fault::Drop { applied: false }),
+        None,
+    ];
+    server.st().faults = mix.iter().cycle().take(120).cloned().collect();
+    let rxs: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let n = nbd.clone();
+            start(move || -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+                let off = (i * BLOCK) as u64;
+                // What the block holds: `last`, or (after a write that
+                // failed, which may have been done on an attempt whose
+                // reply was lost) `maybe`.
+                let mut last = vec![0; BLOCK];
+                let mut maybe: Option<Vec<u8>> = None;
+                for round in 0..12u64 {
+                    let data = pattern(1000 * i as u64 + round, BLOCK);
+                    match n.write(off, &data, false) {
+                        Ok(()) => (last, maybe) = (data, None),
+                        Err(e) if e.raw_os_error() == Some(5) => maybe = Some(data),
+                        Err(e) => return Err(format!("caller {i}: write: {e}")),
+                    }
+                    let mut b = vec![0; BLOCK];
+                    match n.read(off, &mut b) {
+                        Ok(()) if b == last => {}
+                        Ok(()) if maybe.as_ref() == Some(&b) => (last, maybe) = (b, None),
+                        Ok(()) => {
+                            let whose = (0..8u64)
+                                .flat_map(|c| (0..12).map(move |r| (c, r)))
+                                .find(|(c, r)| b == pattern(1000 * c + r, BLOCK));
+                            return Err(format!(
+                                "caller {i} round {round}: wrong data (the write of caller, round: {whose:?})"
+                            ));
+                        }
+                        Err(e) if e.raw_os_error() == Some(5) => {}
+                        Err(e) => return Err(format!("caller {i}: read: {e}")),
+                    }
+                    if round % 4 == 3 {
+                        match n.flush() {
+                            Ok(()) => {}
+                            Err(e) if e.raw_os_error() == Some(5) => {}
+                            Err(e) => return Err(format!("caller {i}: flush: {e}")),
+                        }
+                    }
+                }
+                Ok((last, maybe))
+            })
+        })
+        .collect();
+    let lasts: Vec<_> = rxs
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| match rx.recv_timeout(4 * LIMIT) {
+            Ok(r) => r.unwrap(),
+            Err(e) => {
+                server.release();
+                panic!("caller {i}: no answer ({e:?})")
+            }
+        })
+        .collect();
+    drop(nbd);
+    let disk = server.st().disk.clone();
+    for (i, (last, maybe)) in lasts.iter().enumerate() {
+        let got = &disk[i * BLOCK..(i + 1) * BLOCK];
+        assert!(
+            got == &last[..] || maybe.as_deref() == Some(got),
+            "block {i} is not its last successful write"
+        );
+    }
+    assert!(server.st().faults.is_empty(), "the faults were not all met");
+    assert_eq!(server.violations(), Vec::<String>::new());
 }

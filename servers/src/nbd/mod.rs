@@ -1,8 +1,12 @@
 //! The nbd backend: a client of any NBD server (nbdkit, qemu-nbd, a remote
 //! nbd-server). FLUSH, FUA, DISCARD (trim) and WRITE_ZEROES are used as
-//! the server advertises them. Connections: one per I/O thread where the
-//! server allows several (CAN_MULTI_CONN: a flush on one covers writes
-//! completed on all), else one shared. A dropped connection is
+//! the server advertises them. Connections: 4 where the server allows
+//! several (CAN_MULTI_CONN: a flush on one covers writes completed on
+//! all), else one. Each is pipelined ([`Conn`]): many requests in flight,
+//! their replies taken in any order by whichever waiting caller reads the
+//! connection now, and handed to their callers by cookie. A FLUSH covers what was acknowledged
+//! before it was sent (the engine sends one only once the writes it covers
+//! are acknowledged). A dropped connection is
 //! reconnected with a backoff and the request retried, so the device sees
 //! no error while the NBD server restarts (a write retried after a drop is
 //! the same write: NBD writes are idempotent).
@@ -19,12 +23,12 @@
 
 mod protocol;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use abuse_sys::uapi::*;
@@ -131,6 +135,22 @@ enum Stream {
     Tcp(TcpStream),
 }
 
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -153,10 +173,261 @@ impl Write for Stream {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a request's caller gets: a READ's data (None: read into its
+/// buffer by the caller itself, or no data), or why not.
+type Reply = Result<Option<Vec<u8>>, Failed>;
+
+/// Where a request's caller waits.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Waiting,
+    /// Its reply (or why none).
+    Done(Reply),
+    /// The connection's replies are its to read (the reader before it
+    /// got its own).
+    Lead,
+}
+
+impl Slot {
+    fn set(&self, s: SlotState) {
+        *lock(&self.state) = s;
+        self.cv.notify_one();
+    }
+}
+
+/// A request in flight, waiting for its reply.
+struct Waiter {
+    /// Bytes of data its reply carries (a READ's length, else 0).
+    len: usize,
+    slot: Arc<Slot>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// By cookie.
+    waiters: HashMap<u64, Waiter>,
+    /// Whether a caller reads the replies now.
+    reading: bool,
+    /// Why the connection is done (no request may start on it).
+    broken: Option<(io::ErrorKind, String)>,
+}
+
+/// One connection, pipelined: callers write their requests one at a time
+/// (the writer's lock) and wait for their replies, which come in any
+/// order. One of the waiting callers reads them (leader and followers: no
+/// thread of its own, and a request alone on the connection reads its own
+/// reply, with no hand-off): it hands each to its request by cookie until
+/// its own comes, then passes the reading on to a caller still waiting. A
+/// reply nobody waits for (an unknown or repeated cookie), a wrong magic,
+/// a cut: the connection is broken, and every request in flight on it
+/// fails with a connection error (to be retried on a new one), never with
+/// another's reply.
+struct Conn {
+    writer: Mutex<Stream>,
+    /// The read side, used by the caller that reads.
+    reader: Mutex<io::BufReader<Stream>>,
+    /// The socket, to shut it down without the writer's lock (a writer may
+    /// be blocked on a server that stopped reading).
+    ctl: Stream,
+    pending: Mutex<Pending>,
+    /// Requests in flight (to spread them over the connections).
+    inflight: AtomicUsize,
+}
+
+impl Conn {
+    /// Starts serving `s` (handshake done).
+    fn start(s: Stream) -> io::Result<Arc<Conn>> {
+        // Replies come in bursts under load: many per read(2).
+        let reader = io::BufReader::with_capacity(256 << 10, s.try_clone()?);
+        let ctl = s.try_clone()?;
+        Ok(Arc::new(Conn {
+            writer: Mutex::new(s),
+            reader: Mutex::new(reader),
+            ctl,
+            pending: Mutex::default(),
+            inflight: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Sends a request and waits for its reply.
+    fn call(&self, cookie: u64, c: Command, write: &[u8], read: &mut [u8]) -> Reply {
+        let slot = Arc::new(Slot::default());
+        {
+            let mut p = lock(&self.pending);
+            if let Some((kind, why)) = &p.broken {
+                return Err(Failed::Connection(io::Error::new(*kind, why.clone())));
+            }
+            let len = if c.cmd == CMD_READ { c.len as usize } else { 0 };
+            p.waiters.insert(
+                cookie,
+                Waiter {
+                    len,
+                    slot: slot.clone(),
+                },
+            );
+        }
+        let sent = send_request(&mut *lock(&self.writer), cookie, c, write);
+        if let Err(e) = sent {
+            // Ours fails with the others in flight.
+            self.fail(e);
+        }
+        loop {
+            {
+                let mut p = lock(&self.pending);
+                if !p.reading && p.waiters.contains_key(&cookie) && p.broken.is_none() {
+                    // Nobody reads: we do.
+                    p.reading = true;
+                    drop(p);
+                    self.lead(cookie, read);
+                    continue;
+                }
+            }
+            let mut st = lock(&slot.state);
+            loop {
+                match std::mem::take(&mut *st) {
+                    SlotState::Done(r) => return r,
+                    SlotState::Lead => {
+                        drop(st);
+                        self.lead(cookie, read);
+                        break;
+                    }
+                    SlotState::Waiting => {
+                        st = slot.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads replies, handing each to its request, until the one for
+    /// `mine` (left in its slot) or the connection breaks; then passes the
+    /// reading on to a request still waiting.
+    fn lead(&self, mine: u64, buf: &mut [u8]) {
+        const ESHUTDOWN: u32 = 108;
+        let mut r = lock(&self.reader);
+        let why = loop {
+            let (error, cookie) = match read_reply_header(&mut *r) {
+                Ok(h) => h,
+                Err(e) => break Some(e),
+            };
+            let Some(w) = lock(&self.pending).waiters.remove(&cookie) else {
+                break Some(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a reply for cookie {cookie}, which no request in flight has"),
+                ));
+            };
+            if error == ESHUTDOWN {
+                // "If the client receives an ESHUTDOWN error it MUST
+                // initiate a soft disconnect" (before the caller, told,
+                // gives the connection up). What else is in flight is
+                // retried on a new connection.
+                drop(r);
+                self.disconnect();
+                w.slot
+                    .set(SlotState::Done(Err(Failed::Server(error as i32))));
+                return;
+            }
+            let reply = if error != 0 {
+                Err(Failed::Server(error as i32))
+            } else {
+                // Ours straight into the caller's buffer.
+                let mut data = Vec::new();
+                let direct = cookie == mine && w.len == buf.len();
+                let into = if direct {
+                    &mut buf[..]
+                } else {
+                    data.resize(w.len, 0);
+                    &mut data[..]
+                };
+                match r.read_exact(into) {
+                    Ok(()) => Ok((!direct && w.len > 0).then_some(data)),
+                    Err(e) => {
+                        w.slot
+                            .set(SlotState::Done(Err(Failed::Connection(io::Error::new(
+                                e.kind(),
+                                e.to_string(),
+                            )))));
+                        break Some(e);
+                    }
+                }
+            };
+            if cookie == mine {
+                // Ours: nobody waits on the slot but us (no wake-up).
+                *lock(&w.slot.state) = SlotState::Done(reply);
+                break None;
+            }
+            w.slot.set(SlotState::Done(reply));
+        };
+        drop(r);
+        if let Some(e) = why {
+            self.fail(e);
+        }
+        let mut p = lock(&self.pending);
+        p.reading = false;
+        if p.broken.is_none() {
+            if let Some(next) = p.waiters.values().next().map(|w| w.slot.clone()) {
+                p.reading = true;
+                next.set(SlotState::Lead);
+            }
+        }
+    }
+
+    /// The connection is done: no request starts on it, every one in
+    /// flight fails with a connection error, the socket is shut down.
+    fn fail(&self, e: io::Error) {
+        let waiters = {
+            let mut p = lock(&self.pending);
+            if p.broken.is_none() {
+                p.broken = Some((e.kind(), e.to_string()));
+            }
+            std::mem::take(&mut p.waiters)
+        };
+        let (kind, why) = (e.kind(), e.to_string());
+        for (_, w) in waiters {
+            w.slot
+                .set(SlotState::Done(Err(Failed::Connection(io::Error::new(
+                    kind,
+                    why.clone(),
+                )))));
+        }
+        self.ctl.shutdown();
+    }
+
+    /// Tells the server this connection is done (NBD_CMD_DISC), then
+    /// closes it.
+    fn disconnect(&self) {
+        {
+            let mut p = lock(&self.pending);
+            if p.broken.is_none() {
+                p.broken = Some((io::ErrorKind::ConnectionAborted, "disconnected".into()));
+            }
+        }
+        disconnect(&mut *lock(&self.writer));
+        self.fail(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "disconnected",
+        ));
+    }
+}
+
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Connections to a server that allows several.
 const MULTI_CONN: usize = 4;
+/// Requests in flight at once (the engine's I/O threads, each waiting on
+/// one), over all connections.
+const IO_THREADS: usize = 32;
 /// Most bytes of acknowledged, unflushed writes kept for re-sending: a
 /// write past it flushes the server. Re-sending is one request at a time
 /// with all other I/O held back, so it must stay short: 8 MiB is 2048 round
@@ -248,8 +519,8 @@ pub struct Nbd {
     addr: Address,
     export: Export,
     /// Each slot holds one connection (made on first use, remade after a
-    /// drop); a call takes a free one, else the next round-robin.
-    conns: Vec<Mutex<Option<Stream>>>,
+    /// drop); a call takes the one with the fewest requests in flight.
+    conns: Vec<Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
     cookie: AtomicU64,
     /// Reconnections made (for messages and tests).
@@ -283,7 +554,7 @@ impl Nbd {
         } else {
             Some(serve_alone(&addr)?)
         };
-        let mut conns = vec![Mutex::new(Some(first))];
+        let mut conns = vec![Mutex::new(Some(Conn::start(first)?))];
         conns.extend((1..n).map(|_| Mutex::new(None)));
         Ok(Nbd {
             addr,
@@ -317,35 +588,17 @@ impl Nbd {
     /// Sends one request, reconnecting and retrying while the connection
     /// fails; a server error is returned as its errno. A request that
     /// changed data is logged for re-sending until a FLUSH covers it; a
-    /// FLUSH that completes drops what it covers.
+    /// FLUSH that completes drops what it covers. Many calls are in flight
+    /// at once on each connection.
     fn call(&self, c: Command, write: &[u8], read: &mut [u8]) -> io::Result<()> {
         let mut delay = Duration::from_millis(10);
         let mut told = false;
         let mut lost_before = false;
         loop {
             let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-            // A free connection if there is one (round-robin alone would
-            // queue requests behind a busy one while another idles), else
-            // the next in turn.
-            let n = self.conns.len();
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
-            let (k, mut slot) = (0..n)
-                .find_map(|k| {
-                    self.conns[(start + k) % n]
-                        .try_lock()
-                        .ok()
-                        .map(|g| ((start + k) % n, g))
-                })
-                .unwrap_or_else(|| {
-                    (
-                        start % n,
-                        self.conns[start % n]
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()),
-                    )
-                });
-            let Some(stream) = slot.as_mut() else {
-                drop((slot, gate));
+            let (k, conn) = self.pick();
+            let Some(conn) = conn else {
+                drop(gate);
                 match self.reconnect_slot(k) {
                     Ok(true) if told => eprintln!("abuse server: nbd: {}: reconnected", self.addr),
                     Ok(_) => {}
@@ -362,22 +615,30 @@ impl Nbd {
             };
             let logged =
                 self.has(TF_SEND_FLUSH) && matches!(c.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-            let upto = (c.cmd == CMD_FLUSH)
-                .then(|| self.replay.lock().unwrap_or_else(|p| p.into_inner()).end());
+            // Before the FLUSH is sent: it covers what was acknowledged
+            // (and so logged) by now, not what is acknowledged after.
+            let upto = (c.cmd == CMD_FLUSH).then(|| lock(&self.replay).end());
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            let res = request(stream, cookie, c, write, read);
+            conn.inflight.fetch_add(1, Ordering::Relaxed);
+            let res = conn.call(cookie, c, write, read);
+            conn.inflight.fetch_sub(1, Ordering::Relaxed);
             let lost = match res {
-                Ok(()) => None,
+                Ok(None) => None,
+                Ok(Some(data)) => {
+                    if data.len() != read.len() {
+                        // Cannot be (the reader reads what was asked).
+                        Some(io::Error::other("a reply of the wrong length"))
+                    } else {
+                        read.copy_from_slice(&data);
+                        None
+                    }
+                }
                 Err(Failed::Server(code)) => match nbd_errno(code) {
                     Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
-                    None => {
-                        // "If the client receives an ESHUTDOWN error it
-                        // MUST initiate a soft disconnect."
-                        disconnect(stream);
-                        Some(io::Error::other(
-                            "the server is shutting down (NBD_ESHUTDOWN)",
-                        ))
-                    }
+                    // NBD_ESHUTDOWN: the reader made the soft disconnect.
+                    None => Some(io::Error::other(
+                        "the server is shutting down (NBD_ESHUTDOWN)",
+                    )),
                 },
                 Err(Failed::Connection(e)) => Some(e),
             };
@@ -389,13 +650,13 @@ impl Nbd {
                     );
                     told = true;
                 }
-                *slot = None;
+                self.drop_conn(k, &conn, e);
+                drop(gate);
                 if lost_before {
                     // A connection remade for this request failed too: the
                     // server takes connections but not requests (garbage,
                     // NBD_ESHUTDOWN, a close). Back off as for a refused
                     // connection rather than spin.
-                    drop((slot, gate));
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(MAX_BACKOFF);
                 }
@@ -404,7 +665,7 @@ impl Nbd {
             }
             // Still under the gate: a re-send cannot start between the
             // reply and the log.
-            let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            let mut replay = lock(&self.replay);
             if logged {
                 replay.push(c, write);
             }
@@ -415,17 +676,51 @@ impl Nbd {
         }
     }
 
+    /// The connection for a request: a slot not yet (or no longer)
+    /// connected if there is one (it is made for this request), else an
+    /// idle one, else the one with the fewest requests in flight.
+    fn pick(&self) -> (usize, Option<Arc<Conn>>) {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, Arc<Conn>, usize)> = None;
+        for j in 0..n {
+            let k = (start + j) % n;
+            let Some(c) = lock(&self.conns[k]).clone() else {
+                return (k, None);
+            };
+            let load = c.inflight.load(Ordering::Relaxed);
+            if load == 0 {
+                return (k, Some(c));
+            }
+            if best.as_ref().is_none_or(|b| load < b.2) {
+                best = Some((k, c, load));
+            }
+        }
+        let (k, c, _) = best.expect("at least one connection");
+        (k, Some(c))
+    }
+
+    /// Gives up connection `conn` in slot `k` (unless already replaced).
+    fn drop_conn(&self, k: usize, conn: &Arc<Conn>, e: io::Error) {
+        let mut slot = lock(&self.conns[k]);
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *slot = None;
+        }
+        drop(slot);
+        conn.fail(e);
+    }
+
     /// Makes connection `k` anew if it is still gone, and re-sends the log
     /// on it, with no other request in flight. Ok(true): reconnected.
     fn reconnect_slot(&self, k: usize) -> io::Result<bool> {
         let _excl = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut slot = self.conns[k].lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&self.conns[k]);
         if slot.is_some() {
             // Another caller remade it meanwhile.
             return Ok(false);
         }
         let mut s = self.reconnect()?;
-        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replay = lock(&self.replay);
         if let Err(e) = self.resend(&mut s, &mut replay) {
             if !replay.ops.is_empty() {
                 // Cut short, the re-send may have put an older write back
@@ -436,23 +731,23 @@ impl Nbd {
                     if j == k {
                         continue;
                     }
-                    if let Some(mut o) = c.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                        disconnect(&mut o);
+                    if let Some(o) = lock(c).take() {
+                        o.disconnect();
                     }
                 }
             }
             return Err(e);
         }
-        *slot = Some(s);
+        *slot = Some(Conn::start(s)?);
         Ok(true)
     }
 
-    /// Re-sends the log on the new connection `s`, in order, then flushes
-    /// it there.
+    /// Re-sends the log on the new connection `s`, in order, one request
+    /// at a time, then flushes it there.
     fn resend(&self, s: &mut Stream, replay: &mut Replay) -> io::Result<()> {
         for (c, payload) in replay.ops.iter() {
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(s, cookie, *c, payload, &mut []) {
+            match request(s, cookie, *c, payload) {
                 Ok(()) => {}
                 Err(Failed::Server(code)) => {
                     // It refuses what it once took: the export is not what
@@ -472,7 +767,7 @@ impl Nbd {
             // Flushed once here, they are the server's: the other
             // connections, remade next, have nothing left to re-send.
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[], &mut []) {
+            match request(s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[]) {
                 Ok(()) => {
                     let end = replay.end();
                     replay.flushed(end);
@@ -526,8 +821,8 @@ impl Nbd {
 impl Drop for Nbd {
     fn drop(&mut self) {
         for c in &self.conns {
-            if let Some(s) = c.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                disconnect(s);
+            if let Some(c) = lock(c).take() {
+                c.disconnect();
             }
         }
     }
@@ -610,9 +905,9 @@ impl Backend for Nbd {
     }
 
     fn io_threads(&self) -> usize {
-        // Each I/O thread can keep a request in flight on its own
-        // connection (with one connection they take turns).
-        self.conns.len()
+        // Each I/O thread keeps one request in flight; the connections
+        // carry many at once (pipelined), so many threads.
+        IO_THREADS
     }
 }
 

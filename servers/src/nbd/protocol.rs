@@ -1,7 +1,8 @@
 //! The NBD protocol, client side (github.com/NetworkBlockDevice/nbd,
 //! doc/proto.md): the fixed-newstyle handshake (NBD_OPT_GO, falling back to
-//! NBD_OPT_EXPORT_NAME for old servers) and simple replies. One request at
-//! a time per connection: a connection is a blocking stream.
+//! NBD_OPT_EXPORT_NAME for old servers) and simple replies. Requests are
+//! pipelined: a connection's reading caller (in `super`) takes the replies in any
+//! order, by cookie.
 
 use std::io::{self, Read, Write};
 
@@ -186,50 +187,71 @@ pub struct Command {
     pub len: u32,
 }
 
-/// One request: the header (and a WRITE's data), then the simple reply
-/// (and a READ's data into `read`). An error the server reports is its
-/// errno; anything else wrong is the connection's.
+/// A request's header (28 bytes): `c` with `cookie`.
+pub fn request_header(cookie: u64, c: Command) -> [u8; 28] {
+    let mut hdr = [0u8; 28];
+    hdr[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    hdr[4..6].copy_from_slice(&c.flags.to_be_bytes());
+    hdr[6..8].copy_from_slice(&c.cmd.to_be_bytes());
+    hdr[8..16].copy_from_slice(&cookie.to_be_bytes());
+    hdr[16..24].copy_from_slice(&c.offset.to_be_bytes());
+    hdr[24..28].copy_from_slice(&c.len.to_be_bytes());
+    hdr
+}
+
+/// Sends one request: the header and a WRITE's data.
+pub fn send_request<S: Write>(s: &mut S, cookie: u64, c: Command, write: &[u8]) -> io::Result<()> {
+    let hdr = request_header(cookie, c);
+    if c.cmd == CMD_WRITE {
+        // One buffer, one syscall (a 4 KiB write is one message).
+        let mut msg = Vec::with_capacity(28 + write.len());
+        msg.extend_from_slice(&hdr);
+        msg.extend_from_slice(write);
+        s.write_all(&msg)?;
+    } else {
+        s.write_all(&hdr)?;
+    }
+    s.flush()
+}
+
+/// A simple reply's header: its error and cookie. Anything but a simple
+/// reply (a structured one nobody negotiated, garbage) is the connection's
+/// failure.
+pub fn read_reply_header<S: Read>(s: &mut S) -> io::Result<(u32, u64)> {
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply)?;
+    let magic = u32::from_be_bytes(reply[0..4].try_into().expect("4 bytes"));
+    let error = u32::from_be_bytes(reply[4..8].try_into().expect("4 bytes"));
+    let cookie = u64::from_be_bytes(reply[8..16].try_into().expect("8 bytes"));
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(bad(format!("bad reply magic {magic:#x} (cookie {cookie})")));
+    }
+    Ok((error, cookie))
+}
+
+/// One request and its reply, alone on the connection (the re-send of the
+/// log on a new connection): the header (and a WRITE's data), then the
+/// simple reply. An error the server reports is its errno; anything else
+/// wrong is the connection's.
 pub fn request<S: Read + Write>(
     s: &mut S,
     cookie: u64,
     c: Command,
     write: &[u8],
-    read: &mut [u8],
 ) -> Result<(), Failed> {
-    let Command {
-        cmd,
-        flags,
-        offset,
-        len,
-    } = c;
-    let mut hdr = [0u8; 28];
-    hdr[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    hdr[4..6].copy_from_slice(&flags.to_be_bytes());
-    hdr[6..8].copy_from_slice(&cmd.to_be_bytes());
-    hdr[8..16].copy_from_slice(&cookie.to_be_bytes());
-    hdr[16..24].copy_from_slice(&offset.to_be_bytes());
-    hdr[24..28].copy_from_slice(&len.to_be_bytes());
-    let sent = if cmd == CMD_WRITE {
-        s.write_all(&hdr).and_then(|()| s.write_all(write))
-    } else {
-        s.write_all(&hdr)
-    };
-    sent.and_then(|()| s.flush()).map_err(Failed::Connection)?;
-    let mut reply = [0u8; 16];
-    s.read_exact(&mut reply).map_err(Failed::Connection)?;
-    let magic = u32::from_be_bytes(reply[0..4].try_into().expect("4 bytes"));
-    let error = u32::from_be_bytes(reply[4..8].try_into().expect("4 bytes"));
-    let got = u64::from_be_bytes(reply[8..16].try_into().expect("8 bytes"));
-    if magic != SIMPLE_REPLY_MAGIC || got != cookie {
+    send_request(s, cookie, c, write).map_err(Failed::Connection)?;
+    let (error, got) = read_reply_header(s).map_err(Failed::Connection)?;
+    if got != cookie {
         return Err(Failed::Connection(bad(format!(
-            "bad reply (magic {magic:#x}, cookie {got} for {cookie})"
+            "a reply for cookie {got}, not {cookie}"
         ))));
     }
     if error != 0 {
         return Err(Failed::Server(error as i32));
     }
-    if cmd == CMD_READ {
-        s.read_exact(read).map_err(Failed::Connection)?;
+    if c.cmd == CMD_READ {
+        // Never sent alone: a READ needs the reader's buffer.
+        return Err(Failed::Connection(bad("a READ sent alone")));
     }
     Ok(())
 }
@@ -245,8 +267,13 @@ pub enum Failed {
 
 /// Tells the server this connection is done (NBD_CMD_DISC: no reply).
 pub fn disconnect(s: &mut impl Write) {
-    let mut hdr = [0u8; 28];
-    hdr[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    hdr[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-    let _ = s.write_all(&hdr);
+    let _ = s.write_all(&request_header(
+        0,
+        Command {
+            cmd: CMD_DISC,
+            flags: 0,
+            offset: 0,
+            len: 0,
+        },
+    ));
 }

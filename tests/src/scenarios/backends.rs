@@ -320,7 +320,7 @@ pub fn nbd_backend_qemu_nbd() -> Outcome {
 
 /// A slow NBD server (nbdkit's delay filter: 100 ms per read and write):
 /// verified I/O still succeeds, nothing times out, and the requests wait
-/// on the server together (one per connection), not one after another.
+/// on the server together (many per connection: pipelined), not one after another.
 pub fn nbd_slow_server() -> Outcome {
     insmod("max_abuse=1")?;
     let _nbdkit = Nbdkit::start(&[
@@ -336,13 +336,16 @@ pub fn nbd_slow_server() -> Outcome {
         Some("/tmp/nbd-slow.log"),
     )?;
     // 2 jobs x 256 KiB of 4 KiB writes, then the same reads: 256
-    // requests, 25.6 s one after another.
+    // requests, 25.6 s one after another, 6.4 s one per connection (4).
+    // Pipelined, the 16 the jobs keep in flight wait on the server
+    // together (nbdkit runs 16 per connection): 1.6 s, and fio's own
+    // start-up (4.6 s in all measured under TCG).
     let start = std::time::Instant::now();
     fio_verify(2, 1, "--iodepth=8 --size=256k --offset_increment=256k")?;
     let took = start.elapsed();
     ensure!(
-        took < Duration::from_millis(12_800),
-        "256 requests of 100 ms took {took:?}: fewer than 2 waited on the server at a time"
+        took < Duration::from_millis(6_400),
+        "256 requests of 100 ms took {took:?}: no more than one per connection waited on the server at a time"
     );
     let st = control(CTL)?.status().map_err(|e| e.to_string())?;
     ensure!(st.errors == 0, "{} requests failed", st.errors);
