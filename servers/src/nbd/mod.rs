@@ -2,7 +2,7 @@
 //! nbd-server). FLUSH, FUA, DISCARD (trim) and WRITE_ZEROES are used as
 //! the server advertises them. Connections: 4 where the server allows
 //! several (CAN_MULTI_CONN: a flush on one covers writes completed on
-//! all), else one. Each is pipelined ([`Conn`]): many requests in flight,
+//! all), else one. Each is pipelined (`Conn`): many requests in flight,
 //! their replies taken in any order by whichever waiting caller reads the
 //! connection now, and handed to their callers by cookie. A FLUSH covers what was acknowledged
 //! before it was sent (the engine sends one only once the writes it covers
@@ -15,11 +15,11 @@
 //! So the writes (and trims, zeroes) acknowledged since the last FLUSH the
 //! server completed are kept, and re-sent in order on every new connection
 //! before it carries anything else, with no other request in flight
-//! ([`Replay`]): a FLUSH through the new connection then vouches for them
+//! (`Replay`): a FLUSH through the new connection then vouches for them
 //! too. Never a successful FLUSH over a lost write. A re-send cut short
 //! closes the other connections too: it may have put an older write back
 //! over a newer one, and nothing is served until a whole re-send is done. The log is bounded: past
-//! [`REPLAY_MAX_BYTES`] a write flushes it first.
+//! `REPLAY_MAX_BYTES` a write flushes it first.
 
 mod protocol;
 
