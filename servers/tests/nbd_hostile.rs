@@ -2242,3 +2242,174 @@ fn nbd_hostile_replies_with_many_requests_in_flight() {
     assert!(server.st().faults.is_empty(), "the faults were not all met");
     assert_eq!(server.violations(), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------
+// Pipelining and a blocked writer
+
+/// A fake server of its own for the tests below: each connection is
+/// handshaken (the export `size`, `flags`) then given to `serve` with its
+/// index (0 for the first).
+fn fake_server(
+    size: u64,
+    flags: u16,
+    serve: impl Fn(usize, UnixStream) -> io::Result<()> + Send + Sync + 'static,
+) -> (tempfile::TempDir, Address) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().enumerate() {
+            let Ok(mut s) = conn else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || -> io::Result<()> {
+                s.write_all(&good_handshake(size, flags))?;
+                let _client_flags = rd::<4>(&mut s)?;
+                let opt = rd::<16>(&mut s)?;
+                let mut data = vec![0; be32(&opt[12..]) as usize];
+                s.read_exact(&mut data)?;
+                serve(i, s)
+            });
+        }
+    });
+    let addr = Address::Unix {
+        path: path.to_str().unwrap().into(),
+        export: String::new(),
+    };
+    (dir, addr)
+}
+
+/// Answers every request as it comes: writes taken, reads all zeroes.
+fn serve_honestly(s: &mut UnixStream) -> io::Result<()> {
+    loop {
+        let hdr = rd::<28>(s)?;
+        let (cmd, cookie, len) = (be16(&hdr[6..]), be64(&hdr[8..]), be32(&hdr[24..]));
+        if cmd == CMD_DISC {
+            return Ok(());
+        }
+        if cmd == CMD_WRITE {
+            let mut payload = vec![0; len as usize];
+            s.read_exact(&mut payload)?;
+        }
+        let mut r = simple_reply(SIMPLE_MAGIC, 0, cookie);
+        if cmd == CMD_READ {
+            r.resize(16 + len as usize, 0);
+        }
+        s.write_all(&r)?;
+    }
+}
+
+/// Waits for every call of `rxs` for at most `LIMIT` in all.
+fn all_within<T>(rxs: Vec<mpsc::Receiver<T>>, hang: &str) -> Vec<T> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    rxs.into_iter()
+        .map(|rx| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            rx.recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer in {LIMIT:?}: {hang}"))
+        })
+        .collect()
+}
+
+/// The reader's hand-off, with a server that (like qemu-nbd with its
+/// requests in flight at their limit, or any server that reads a request
+/// only once it has written the replies before it) stops reading while a
+/// reply is not taken: reader A gets its own reply, and a large READ X
+/// (sent) and 7 large WRITEs (one half written, the others waiting for the
+/// writer's lock) are in flight. The reading must go to X, whose reply the
+/// server is writing; handed to a writer, blocked until the server reads,
+/// nobody reads X's reply and the server never reads again: a deadlock.
+/// (Which waiter got it was a HashMap's order: 7 in 8 a writer; 4 rounds.)
+#[test]
+fn nbd_the_reading_is_never_handed_to_a_caller_still_writing() {
+    const BIG: usize = 8 << 20;
+    const WRITERS: usize = 7;
+    for round in 0..4 {
+        let (tx, rx) = mpsc::channel::<()>();
+        let tx = Mutex::new(tx);
+        let (_dir, addr) = fake_server(16 << 20, TF_HAS_FLAGS, move |_, mut s| {
+            let tx = tx.lock().unwrap().clone();
+            let a = rd::<28>(&mut s)?;
+            let _ = tx.send(());
+            let x = rd::<28>(&mut s)?;
+            let _ = tx.send(());
+            // The writers start, the first half writes, the others wait.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut r = simple_reply(SIMPLE_MAGIC, 0, be64(&a[8..]));
+            r.resize(16 + BLOCK, 0);
+            s.write_all(&r)?;
+            // Blocks until the client reads it.
+            let mut r = simple_reply(SIMPLE_MAGIC, 0, be64(&x[8..]));
+            r.resize(16 + BIG, 0);
+            s.write_all(&r)?;
+            serve_honestly(&mut s)
+        });
+        let nbd = Arc::new(Nbd::connect(addr).unwrap());
+        assert_eq!(nbd.connections(), 1);
+        let read = |len: usize| {
+            let n = nbd.clone();
+            start(move || {
+                let mut b = vec![1; len];
+                n.read(0, &mut b).map(|()| b.iter().all(|&x| x == 0))
+            })
+        };
+        let mut rxs = vec![read(BLOCK)];
+        rx.recv_timeout(LIMIT).unwrap();
+        rxs.push(read(BIG));
+        rx.recv_timeout(LIMIT).unwrap();
+        for i in 0..WRITERS {
+            let n = nbd.clone();
+            rxs.push(start(move || {
+                n.write((i << 20) as u64, &vec![7; 1 << 20], false)
+                    .map(|()| true)
+            }));
+        }
+        let hang = format!(
+            "round {round}: the reading was handed to a caller still writing its request, and nobody reads"
+        );
+        for r in all_within(rxs, &hang) {
+            assert!(r.unwrap(), "round {round}: a read returned something else");
+        }
+        assert_eq!(nbd.reconnects(), 0);
+    }
+}
+
+/// NBD_ESHUTDOWN while another caller is writing a large request to a
+/// server that no longer reads: the soft disconnect cannot wait for the
+/// writer's lock (the writer waits for the server, for ever); the
+/// connection is closed, and both requests are retried on a new one.
+#[test]
+fn nbd_eshutdown_while_a_request_is_half_written_does_not_hang() {
+    let (tx, rx) = mpsc::channel::<()>();
+    let tx = Mutex::new(tx);
+    let (_dir, addr) = fake_server(16 << 20, TF_HAS_FLAGS, move |i, mut s| {
+        if i > 0 {
+            return serve_honestly(&mut s);
+        }
+        let tx = tx.lock().unwrap().clone();
+        let a = rd::<28>(&mut s)?;
+        let _ = tx.send(());
+        // The write starts, and stops half written.
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&simple_reply(SIMPLE_MAGIC, ESHUTDOWN, be64(&a[8..])))?;
+        // Reads nothing more; keeps the connection open.
+        std::thread::sleep(Duration::from_secs(30));
+        Ok(())
+    });
+    let nbd = Arc::new(Nbd::connect(addr).unwrap());
+    let n = nbd.clone();
+    let reader = start(move || {
+        let mut b = vec![1; BLOCK];
+        n.read(0, &mut b).map(|()| b.iter().all(|&x| x == 0))
+    });
+    rx.recv_timeout(LIMIT).unwrap();
+    let n = nbd.clone();
+    let writer = start(move || n.write(0, &vec![7; 4 << 20], false).map(|()| true));
+    for r in all_within(
+        vec![reader, writer],
+        "the soft disconnect waits for a writer blocked on the server",
+    ) {
+        assert!(r.unwrap());
+    }
+    assert!(nbd.reconnects() >= 1);
+}

@@ -211,6 +211,10 @@ struct Waiter {
     /// Bytes of data its reply carries (a READ's length, else 0).
     len: usize,
     slot: Arc<Slot>,
+    /// Its request is written whole: its caller waits on its slot, free to
+    /// read. One still writing (perhaps blocked on a server that reads no
+    /// more until its replies are taken) is never handed the reading.
+    sent: bool,
 }
 
 #[derive(Default)]
@@ -274,6 +278,7 @@ impl Conn {
                 Waiter {
                     len,
                     slot: slot.clone(),
+                    sent: false,
                 },
             );
         }
@@ -285,6 +290,9 @@ impl Conn {
         loop {
             {
                 let mut p = lock(&self.pending);
+                if let Some(w) = p.waiters.get_mut(&cookie) {
+                    w.sent = true;
+                }
                 if !p.reading && p.waiters.contains_key(&cookie) && p.broken.is_none() {
                     // Nobody reads: we do.
                     p.reading = true;
@@ -376,7 +384,9 @@ impl Conn {
         let mut p = lock(&self.pending);
         p.reading = false;
         if p.broken.is_none() {
-            if let Some(next) = p.waiters.values().next().map(|w| w.slot.clone()) {
+            // Only to one whose request is written (one still writing takes
+            // the reading itself once done, if nobody reads by then).
+            if let Some(next) = p.waiters.values().find(|w| w.sent).map(|w| w.slot.clone()) {
                 p.reading = true;
                 next.set(SlotState::Lead);
             }
@@ -413,7 +423,13 @@ impl Conn {
                 p.broken = Some((io::ErrorKind::ConnectionAborted, "disconnected".into()));
             }
         }
-        disconnect(&mut *lock(&self.writer));
+        // Not if a request is being written: its writer may be blocked on a
+        // server that reads no more, for ever; the close below frees it.
+        match self.writer.try_lock() {
+            Ok(mut w) => disconnect(&mut *w),
+            Err(std::sync::TryLockError::Poisoned(p)) => disconnect(&mut *p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
         self.fail(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "disconnected",
