@@ -182,7 +182,8 @@ fn ramdisk_story(lang: &Lang, store: &str) -> Outcome {
     // 3. ext4 across a kill -9 with the filesystem mounted and dirty.
     sh(&format!("{MKFS_EXT4} -q -F {DEV} && mount {DEV} /mnt"))?;
     sh(
-        "mkdir -p /tmp/tree && cp -r /lib/abuse/python /tmp/tree/ && i=0; while [ $i -lt 40 ]; do \
+        // A tree of its own: other scenarios leave theirs in /tmp/tree.
+        "rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r /lib/abuse/python /tmp/tree/ && i=0; while [ $i -lt 40 ]; do \
         dd if=/dev/urandom of=/tmp/tree/f$i bs=1k count=$((i * 37 % 500 + 1)) 2>/dev/null; \
         i=$((i + 1)); done; cp -r /tmp/tree /mnt/",
     )?;
