@@ -7,7 +7,17 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 
 // <linux/fs.h>: BLKGETSIZE64 = _IOR(0x12, 114, size_t).
-nix::ioctl_read!(getsize64, 0x12, 114, u64);
+nix::ioctl_read!(
+    /// BLKGETSIZE64: the size of a block device in bytes.
+    ///
+    /// # Safety
+    ///
+    /// `data` must point at a writable `u64`.
+    getsize64,
+    0x12,
+    114,
+    u64
+);
 
 /// The size in bytes of a regular file or a block device.
 pub fn size(file: &File) -> io::Result<u64> {

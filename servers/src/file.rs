@@ -44,6 +44,7 @@ pub struct FileBackend {
 /// How to open the file.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FileOptions {
+    /// Open the file read-only: a read-only device.
     pub read_only: bool,
     /// O_DIRECT: bypass the page cache (payload buffers are page-aligned).
     pub direct: bool,

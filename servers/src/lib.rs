@@ -209,6 +209,8 @@
 //! [`EngineError::Stop`]). The lower-level [`serve`] runs the engine alone:
 //! no setup, no signals, no `stop`.
 
+#![deny(missing_docs)]
+
 pub mod backend;
 pub mod blkdev;
 pub mod cow;

@@ -10,6 +10,7 @@ pub struct Null {
 }
 
 impl Null {
+    /// A device of `size` bytes.
     pub fn new(size: u64) -> Self {
         Null { size }
     }

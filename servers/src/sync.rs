@@ -62,6 +62,7 @@ struct State {
     failed: Option<(u64, io::ErrorKind, String)>,
 }
 
+/// Shares syncs among the callers that need one (group commit).
 #[derive(Default)]
 pub struct GroupSync {
     state: Mutex<State>,

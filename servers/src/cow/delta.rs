@@ -22,16 +22,27 @@ use super::storage::{Shared, Storage};
 /// Why a delta could not be created or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
+    /// The delta's on-disk structures are bad.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// Reading or writing the delta or the base failed.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The base's size is not the one the delta was made over.
     #[error("wrong base: the delta was made over a base of {want} bytes, this one has {got}")]
-    BaseSize { want: u64, got: u64 },
+    BaseSize {
+        /// The base's size, as the delta records it.
+        want: u64,
+        /// The size of the base given.
+        got: u64,
+    },
+    /// The base's contents are not those the delta was made over.
     #[error("wrong base, or the base changed since the delta was made (its contents differ)")]
     BaseDigest,
+    /// Another server of the delta is still setting up its working area.
     #[error("another server of this delta is still setting it up")]
     NotReady,
+    /// The shared working area does not match the delta's table.
     #[error("the shared working area disagrees with the delta's table ({0}): stop every server of this delta and start again")]
     WorkingArea(String),
 }
@@ -620,6 +631,7 @@ impl<S: Shared, B: Storage> Delta<S, B> {
         &self.base
     }
 
+    /// The delta's header.
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -1048,7 +1060,9 @@ impl<S: Shared, B: Storage> Delta<S, B> {
 /// Which file holds a range of the device (`Delta::locate`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// The base, at the same offset (no block of the range is mapped).
     Base,
+    /// The delta (every block of the range is mapped, consecutively).
     Delta,
 }
 

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+/// The magic at the start of a delta's header.
 pub const MAGIC: &[u8; 8] = b"ABUSECOW";
 /// The version `create` writes (a journal of table entries); versions 2
 /// (no journal) and 3 (a journal of whole table pages) are still read and
@@ -16,12 +17,15 @@ pub const ENTRY_JOURNAL: u32 = 4;
 pub fn journal_pages(table_pages: u32) -> u32 {
     table_pages.saturating_mul(16).clamp(64, 1024)
 }
+/// The size of a metadata page: header, commit record, journal or table page.
 pub const PAGE: usize = 4096;
 /// Table entries per page (after the 16-byte page header).
 pub const ENTRIES_PER_PAGE: usize = (PAGE - 16) / 8;
 /// (block, entry) records per page of a version 4 journal.
 pub const RECORDS_PER_PAGE: usize = (PAGE - 16) / 16;
+/// The smallest block size.
 pub const MIN_BLOCK: u32 = 4096;
+/// The largest block size.
 pub const MAX_BLOCK: u32 = 1 << 20;
 /// The largest virtual size: every offset fits an i64 with room to spare.
 pub const MAX_SIZE: u64 = 1 << 60;
@@ -43,24 +47,37 @@ const COMMIT_MAGIC: &[u8; 8] = b"ABUSECMT";
 /// Why a delta cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
+    /// The file does not start with [`MAGIC`].
     #[error("not an ABUSE cow delta (bad magic)")]
     Magic,
+    /// A version this build does not read.
     #[error("unsupported delta version {0} (this build reads versions 2 to {VERSION})")]
     Version(u32),
+    /// The header's checksum does not match.
     #[error("the delta header is corrupt (checksum mismatch)")]
     HeaderChecksum,
+    /// The header's fields contradict each other.
     #[error("the delta header is inconsistent: {0}")]
     Inconsistent(String),
+    /// The file is shorter than its table needs: its size, and the size needed.
     #[error("the delta is truncated: {0} bytes, its table needs {1}")]
     Truncated(u64, u64),
+    /// A merge into the base was interrupted ([`FLAG_MERGING`]).
     #[error("a merge into the base was interrupted: run `abusectl cow merge` again to finish it")]
     Merging,
+    /// A commit record (in the slot given) is corrupt.
     #[error("the delta's commit record (slot {0}) is corrupt")]
     CommitRecord(u32),
+    /// The table pages the last commit names are not all on disk.
     #[error("the delta's table is corrupt: the committed versions of its pages are not all there (a page was damaged after it was committed)")]
     TableCorrupt,
+    /// A table entry points outside the data area.
     #[error("table entry for block {block} points outside the delta's data area")]
-    EntryOutOfRange { block: u64 },
+    EntryOutOfRange {
+        /// The virtual block whose entry it is.
+        block: u64,
+    },
+    /// Two blocks' table entries point at the same delta block.
     #[error("table entries for blocks {0} and {1} point at the same delta block")]
     EntryShared(u64, u64),
 }
@@ -70,8 +87,11 @@ pub enum FormatError {
 pub struct Header {
     /// 2 (no journal), 3 (a journal of pages) or 4 (of entries).
     pub version: u32,
+    /// The size of a block in bytes: the unit the delta copies and maps.
     pub block_size: u32,
+    /// The size of the device in bytes (whole blocks).
     pub virtual_size: u64,
+    /// The size of the base in bytes.
     pub base_size: u64,
     /// SHA-256 over the base's size and samples of it: checked at every open.
     pub base_sample: [u8; 32],
@@ -80,8 +100,11 @@ pub struct Header {
     pub base_digest: [u8; 32],
     /// Names this delta: the working area records whose it is.
     pub uuid: [u8; 16],
+    /// Byte offset of the data area (the delta's blocks).
     pub data_offset: u64,
+    /// Pages in the table.
     pub table_pages: u32,
+    /// The base's path, as the delta records it.
     pub base_path: String,
     /// `FLAG_*`.
     pub flags: u32,
@@ -90,8 +113,12 @@ pub struct Header {
 /// A base's identity, as a delta records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BaseId {
+    /// The base's size in bytes.
     pub size: u64,
+    /// SHA-256 over the base's size and samples of it
+    /// ([`Header::base_sample`]).
     pub sample: [u8; 32],
+    /// SHA-256 over the whole base ([`Header::base_digest`]).
     pub digest: [u8; 32],
 }
 
@@ -174,6 +201,7 @@ impl Header {
         Ok(h)
     }
 
+    /// The device's size in blocks.
     pub fn nblocks(&self) -> u64 {
         self.virtual_size / self.block_size as u64
     }
@@ -234,6 +262,7 @@ impl Header {
         self.table_offset() + (2 * page as u64 + slot as u64) * PAGE as u64
     }
 
+    /// The identity of the base the delta was made over.
     pub fn base_id(&self) -> BaseId {
         BaseId {
             size: self.base_size,
@@ -242,6 +271,7 @@ impl Header {
         }
     }
 
+    /// The header page, with its checksum.
     pub fn encode(&self) -> [u8; PAGE] {
         let mut b = [0u8; PAGE];
         b[0..8].copy_from_slice(MAGIC);
@@ -261,6 +291,8 @@ impl Header {
         b
     }
 
+    /// Decodes a header page, checking its magic, checksum, version and
+    /// geometry.
     pub fn decode(b: &[u8; PAGE]) -> Result<Self, FormatError> {
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
@@ -314,7 +346,10 @@ impl Header {
 /// pages of the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Commit {
+    /// The flush that made this commit.
     pub seq: u64,
+    /// The XOR of every table page's [`page_hash`], for the flush that
+    /// committed it.
     pub pages: [u8; 32],
     /// Journal pages in use (always 0 in version 2).
     pub journal: u32,
@@ -337,6 +372,7 @@ impl Commit {
         COMMIT_OFFSET + (seq % 2) * PAGE as u64
     }
 
+    /// The record's page, in the form of delta version `version`.
     pub fn encode(&self, version: u32) -> [u8; PAGE] {
         let mut b = [0u8; PAGE];
         b[0..8].copy_from_slice(COMMIT_MAGIC);
@@ -393,6 +429,7 @@ pub fn page_hash(index: u32, seq: u64) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// XORs `h` into `acc` (how page hashes combine).
 pub fn xor_into(acc: &mut [u8; 32], h: &[u8; 32]) {
     for (a, b) in acc.iter_mut().zip(h) {
         *a ^= b;

@@ -24,18 +24,25 @@ use delta::{Delta, DeltaError};
 /// Why a cow operation failed, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CowError {
+    /// The delta could not be created, opened or used.
     #[error("{0}: {1}")]
     Delta(PathBuf, DeltaError),
+    /// I/O on the file failed.
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
+    /// A server holds the delta.
     #[error("{0}: in use by a running cow server (stop it first)")]
     Busy(PathBuf),
+    /// The delta to create exists already.
     #[error("{0}: already exists (remove it, or pick another name)")]
     Exists(PathBuf),
+    /// A server reads the base, so it cannot be merged into.
     #[error("{0}: the base is in use by a cow server (stop it before merging)")]
     BaseBusy(PathBuf),
+    /// The base is being merged into.
     #[error("{0}: the base is being merged into (wait for the merge to finish)")]
     BaseMerging(PathBuf),
+    /// The base's contents are not those the delta was made over.
     #[error(
         "{0}: does not match the delta: its contents differ from the base the delta was made over"
     )]
@@ -97,10 +104,14 @@ impl storage::Shared for ReadOnly {
 
 /// What `Cow::inspect` found.
 pub struct Inspection {
+    /// The delta's header.
     pub header: format::Header,
     /// Blocks the durable table maps.
     pub mapped: u64,
+    /// The base's path: the one given, or the one the delta records.
     pub base_path: PathBuf,
+    /// Whether a server holds the delta (its table on disk may then trail
+    /// the server's).
     pub in_use: bool,
 }
 
@@ -125,6 +136,7 @@ impl storage::Storage for NoBase {
 /// An open cow device.
 pub struct Cow {
     delta: Delta<Flock<File>, Flock<File>>,
+    /// The base's path.
     pub base_path: PathBuf,
 }
 
@@ -408,10 +420,12 @@ impl Cow {
         self.delta.adopted()
     }
 
+    /// The delta's header.
     pub fn header(&self) -> &format::Header {
         self.delta.header()
     }
 
+    /// Blocks the delta maps (its working table).
     pub fn mapped_blocks(&self) -> u64 {
         self.delta.mapped_blocks()
     }

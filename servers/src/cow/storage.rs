@@ -7,10 +7,13 @@ use std::os::unix::fs::FileExt;
 
 /// Positional I/O with an explicit durability point.
 pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Everything written so far is durable when this returns.
     fn sync(&self) -> io::Result<()>;
+    /// The size in bytes.
     fn size(&self) -> io::Result<u64>;
     /// The range reads as zeroes, deallocated where the storage can.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -88,6 +91,7 @@ pub trait Shared: Storage {
     fn lock_byte(&self, _at: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Releases the cross-process lock on byte `at`.
     fn unlock_byte(&self, _at: u64) -> io::Result<()> {
         Ok(())
     }

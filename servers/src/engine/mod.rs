@@ -48,6 +48,7 @@ pub use stats::{Counters, Stats, Totals};
 /// How an engine runs.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
+    /// The control device (/dev/abctlN).
     pub ctl: PathBuf,
     /// Worker threads; 0: one per hardware queue of the device (one where
     /// the kernel moves the data to and from the backend's file).
@@ -72,27 +73,40 @@ pub struct EngineConfig {
 /// Why an engine stopped, or would not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A call on the control device failed.
     #[error(transparent)]
     Device(#[from] abuse_sys::Error),
+    /// The transfer buffer could not be allocated.
     #[error("{0}: cannot allocate the transfer buffer: {1}")]
     Buffer(PathBuf, std::io::Error),
+    /// The device has not been set up.
     #[error("{0}: the device is not configured (abusectl setup, or server --setup)")]
     NotConfigured(PathBuf),
+    /// The device and the backend do not fit together (why).
     #[error("{0}: {1}")]
     Unsuitable(PathBuf, String),
+    /// The device was reconfigured under the server.
     #[error("{path}: the device was {what} under this server (configuration generation {from} -> {to}): stopping rather than serve a configuration it was not started for")]
     Reconfigured {
+        /// The control device.
         path: PathBuf,
+        /// What happened to the device.
         what: &'static str,
+        /// The configuration generation the server started with.
         from: u64,
+        /// The generation found.
         to: u64,
     },
+    /// A worker thread panicked.
     #[error("a worker thread panicked")]
     Panicked,
+    /// The I/O threads could not be started.
     #[error("cannot start the I/O threads: {0}")]
     Pool(String),
+    /// SIGINT and SIGTERM could not be blocked.
     #[error("blocking SIGINT and SIGTERM: {0}")]
     Signals(std::io::Error),
+    /// [`Backend::stop`] failed.
     #[error("stopping the backend: {0}")]
     Stop(std::io::Error),
 }

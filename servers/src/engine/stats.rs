@@ -35,22 +35,36 @@ macro_rules! counters {
 }
 
 counters! {
+    /// READs completed.
     reads,
     /// READs of those completed as zeroes (ABUSE_BIO_ZEROES).
     holes,
     /// READs and WRITEs whose data the kernel moved between the request
     /// and the backend's file (ABUSE_BIO_FILE).
     file_io,
+    /// WRITEs completed.
     writes,
+    /// FLUSHes completed.
     flushes,
+    /// WRITEs of those with FUA.
     fua,
+    /// DISCARDs completed.
     discards,
+    /// WRITE_ZEROES completed.
     write_zeroes,
+    /// Bytes READ.
     bytes_read,
+    /// Bytes written.
     bytes_written,
+    /// Requests that failed.
     errors,
+    /// Requests fetched before, by a server that died or timed out
+    /// (ABUSE_BIO_REQUEUED).
     requeued,
+    /// Completions the kernel refused as stale (the device was reset, or
+    /// failed), skipped.
     stale,
+    /// Fetches that brought requests.
     batches,
     /// Backend calls retried after a transient error.
     retries,

@@ -16,6 +16,7 @@ pub struct Options {
 }
 
 impl Options {
+    /// Parses the filter's options.
     pub fn parse(opts: &Opts<'_>) -> Result<Self, String> {
         let known = "read=DUR, write=DUR, flush=DUR, discard=DUR, write_zeroes=DUR";
         let mut o = Options::default();
@@ -37,6 +38,7 @@ pub struct Delay {
 }
 
 impl Delay {
+    /// The filter, with these options.
     pub fn new(o: Options) -> Self {
         Delay { o }
     }

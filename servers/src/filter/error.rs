@@ -34,14 +34,18 @@ pub const ERRNOS: [Errno; 8] = [
     Errno::EREMOTEIO,
 ];
 
+/// Which requests the error filter fails, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     /// Which commands match, indexed by [`Cmd::index`].
     pub cmds: [bool; 5],
     /// The share that fails, 0 to 1.
     pub rate: f64,
+    /// What the failing requests fail with (one of [`ERRNOS`]).
     pub errno: Errno,
+    /// Seeds the pseudo-random sequence that picks the failures.
     pub seed: u64,
+    /// Requests that match but pass before any fails.
     pub after: u64,
     /// Sectors (512 bytes) from..=to.
     pub sectors: Option<(u64, u64)>,
@@ -61,6 +65,7 @@ impl Default for Options {
 }
 
 impl Options {
+    /// Parses the filter's options.
     pub fn parse(opts: &Opts<'_>) -> Result<Self, String> {
         let known = "read, write, flush, discard, write_zeroes, rate=N%, errno=NAME, seed=N, after=N, sectors=A-B";
         let mut o = Options::default();
@@ -154,6 +159,7 @@ pub struct Error {
 }
 
 impl Error {
+    /// The filter, with these options.
     pub fn new(o: Options) -> Self {
         Error {
             o,

@@ -21,14 +21,19 @@ pub enum Mode {
     Fail,
 }
 
+/// When the flaky disk works, when not, and what it does to writes then.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
+    /// How long the disk works.
     pub up: Duration,
+    /// How long it is then broken.
     pub down: Duration,
+    /// What happens to writes while it is broken.
     pub mode: Mode,
 }
 
 impl Options {
+    /// Parses the filter's options.
     pub fn parse(opts: &Opts<'_>) -> Result<Self, String> {
         let known = "up=DUR, down=DUR, mode=drop|fail";
         let (mut up, mut down, mut mode) = (None, None, Mode::Drop);
@@ -70,6 +75,7 @@ pub struct Flaky {
 }
 
 impl Flaky {
+    /// The filter, with these options; the disk works from now.
     pub fn new(o: Options) -> Self {
         Flaky {
             o,

@@ -23,12 +23,15 @@ use nix::errno::Errno;
 use super::{needs_value, unknown, Filter, Opts, Request};
 use crate::backend::Backend;
 
+/// Where the log filter writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
+    /// The log file (appended to, created if need be).
     pub file: PathBuf,
 }
 
 impl Options {
+    /// Parses the filter's options.
     pub fn parse(opts: &Opts<'_>) -> Result<Self, String> {
         let mut file = None;
         for &(k, v) in &opts.items {
@@ -49,6 +52,7 @@ pub struct Log {
 }
 
 impl Log {
+    /// The filter: opens the log file for appending, creating it if need be.
     pub fn open(o: &Options) -> Result<Self, String> {
         let file = OpenOptions::new()
             .append(true)

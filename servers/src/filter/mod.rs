@@ -37,10 +37,15 @@ pub mod readonly;
 /// A request's command, as a filter sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Cmd {
+    /// READ.
     Read,
+    /// WRITE.
     Write,
+    /// FLUSH.
     Flush,
+    /// DISCARD.
     Discard,
+    /// WRITE_ZEROES.
     WriteZeroes,
 }
 
@@ -116,6 +121,7 @@ enum Data<'a> {
 
 /// One request on its way through the filters to the backend.
 pub struct Request<'a> {
+    /// The command.
     pub cmd: Cmd,
     /// Byte offset (0 for FLUSH).
     pub offset: u64,
@@ -159,14 +165,18 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// A FLUSH.
     pub fn flush() -> Self {
         Self::new(Cmd::Flush, 0, 0, Data::None)
     }
 
+    /// A DISCARD of `len` bytes at `offset`.
     pub fn discard(offset: u64, len: u64) -> Self {
         Self::new(Cmd::Discard, offset, len, Data::None)
     }
 
+    /// A WRITE_ZEROES of `len` bytes at `offset`; `unmap`: the range may be
+    /// deallocated.
     pub fn write_zeroes(offset: u64, len: u64, unmap: bool) -> Self {
         Request {
             unmap,
@@ -227,6 +237,7 @@ pub struct Filtered<F> {
 }
 
 impl<F: Filter> Filtered<F> {
+    /// `filter` over `next` (the next filter, or the backend).
     pub fn new(filter: F, next: Arc<dyn Backend>) -> Self {
         Filtered { filter, next }
     }
@@ -314,17 +325,24 @@ impl<F: Filter> Backend for Filtered<F> {
 pub struct FilterSpec {
     /// What was given, for messages.
     pub text: String,
+    /// The filter, with its options.
     pub kind: Kind,
 }
 
 /// Each filter's options.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
+    /// `delay`.
     Delay(delay::Options),
+    /// `error`.
     Error(error::Options),
+    /// `flaky`.
     Flaky(flaky::Options),
+    /// `log`.
     Log(log::Options),
+    /// `rate`.
     Rate(rate::Options),
+    /// `readonly` (no options).
     Readonly,
 }
 
@@ -488,6 +506,8 @@ impl Backend for Shared {
 
 /// A filter's options, split: `KEY=VAL` pairs and bare `FLAG`s, in order.
 pub struct Opts<'a> {
+    /// The items in order: `KEY=VAL` as `(KEY, Some(VAL))`, a bare `FLAG`
+    /// as `(FLAG, None)`.
     pub items: Vec<(&'a str, Option<&'a str>)>,
 }
 

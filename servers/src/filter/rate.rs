@@ -17,14 +17,17 @@ use std::time::{Duration, Instant};
 use super::{needs_value, parse_bytes, parse_u64, unknown, Cmd, Filter, Opts, Request};
 use crate::backend::Backend;
 
+/// The rate filter's limits (at least one).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Options {
+    /// Requests per second (READs, WRITEs, DISCARDs and WRITE_ZEROES).
     pub iops: Option<u64>,
     /// Bytes per second.
     pub bw: Option<u64>,
 }
 
 impl Options {
+    /// Parses the filter's options.
     pub fn parse(opts: &Opts<'_>) -> Result<Self, String> {
         let known = "iops=N, bw=N[K|M|G]";
         let mut o = Options::default();
@@ -58,6 +61,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A full bucket: `rate` tokens a second, at most `burst` saved.
     pub fn new(rate: f64, burst: f64) -> Self {
         Bucket {
             rate,
@@ -90,6 +94,7 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// The filter, with these limits.
     pub fn new(o: Options) -> Self {
         let bucket = |rate: u64, least: f64| {
             let rate = rate as f64;

@@ -39,13 +39,20 @@ use protocol::*;
 /// Where an NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
+    /// A Unix socket.
     Unix {
+        /// The socket's path.
         path: String,
+        /// The export's name (empty: the server's default).
         export: String,
     },
+    /// A TCP address.
     Tcp {
+        /// The host's name or address.
         host: String,
+        /// The port (10809 unless given).
         port: u16,
+        /// The export's name (empty: the server's default).
         export: String,
     },
 }

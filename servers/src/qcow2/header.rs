@@ -3,17 +3,24 @@
 
 use std::io;
 
+/// The magic that starts an image.
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 /// Incompatible feature bits.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// The image is marked corrupt.
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// The guest data lives in an external data file.
 pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Compressed clusters use the compression type the header names, not
+/// zlib.
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Extended L2 entries (subclusters).
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Autoclear bit: persistent bitmaps are consistent with the image.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Where the incompatible and autoclear features live (version 3).
 pub const INCOMPAT_AT: u64 = 72;
+/// Byte offset of the autoclear feature bits.
 pub const AUTOCLEAR_AT: u64 = 88;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -21,18 +28,25 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Why an image cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
+    /// Not a qcow2 image.
     #[error("not a qcow2 image (bad magic)")]
     Magic,
+    /// A version other than 2 or 3.
     #[error("qcow2 version {0} is not supported (2 and 3 are)")]
     Version(u32),
+    /// The header's fields are out of range or contradict each other.
     #[error("the qcow2 header is inconsistent: {0}")]
     Header(String),
+    /// The image uses something this backend does not handle.
     #[error("{0} is not supported")]
     Unsupported(String),
+    /// The image has the corrupt bit set.
     #[error("the image is marked corrupt: repair it with `qemu-img check -r all`")]
     MarkedCorrupt,
+    /// The image's metadata is damaged.
     #[error("the image's metadata is damaged: {0} (try `qemu-img check -r all`)")]
     Damaged(String),
+    /// I/O on the image failed.
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -40,17 +54,29 @@ pub enum Qcow2Error {
 /// The header fields this backend uses (all integers are big-endian).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// 2 or 3.
     pub version: u32,
+    /// log2 of the cluster size.
     pub cluster_bits: u32,
+    /// The size of the device in bytes.
     pub size: u64,
+    /// Entries in the L1 table.
     pub l1_size: u32,
+    /// Byte offset of the L1 table.
     pub l1_table_offset: u64,
+    /// Byte offset of the refcount table.
     pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
     pub refcount_table_clusters: u32,
+    /// Internal snapshots.
     pub nb_snapshots: u32,
+    /// Incompatible feature bits (`INCOMPAT_*`; 0 in version 2).
     pub incompatible: u64,
+    /// Autoclear feature bits (0 in version 2).
     pub autoclear: u64,
+    /// log2 of a refcount's width in bits (4 in version 2).
     pub refcount_order: u32,
+    /// The backing file's name, if the image has one.
     pub backing_file: Option<String>,
     /// The backing file's format, if the header says ("raw", "qcow2").
     pub backing_format: Option<String>,
@@ -196,6 +222,7 @@ impl Header {
         Ok(h)
     }
 
+    /// The size of a cluster in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }

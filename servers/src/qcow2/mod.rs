@@ -327,10 +327,12 @@ impl Qcow2 {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The image's header.
     pub fn header(&self) -> &Header {
         &self.h
     }
 
+    /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -81,13 +81,16 @@ fn cstring(what: &str, s: &str) -> io::Result<CString> {
 /// Where to find the image and how to reach the cluster.
 #[derive(Clone, Debug, Default)]
 pub struct RbdSpec {
+    /// The pool that holds the image.
     pub pool: String,
+    /// The image's name.
     pub image: String,
     /// ceph.conf; None: librados' default search (CEPH_CONF,
     /// /etc/ceph/ceph.conf, ...).
     pub conf: Option<std::path::PathBuf>,
     /// The client id (`admin` for client.admin); None: librados' default.
     pub id: Option<String>,
+    /// Open the image read-only: a read-only device.
     pub read_only: bool,
 }
 
