@@ -768,41 +768,35 @@ impl Nbd {
     /// Re-sends the log on the new connection `s`, in order, one request
     /// at a time, then flushes it there.
     fn resend(&self, s: &mut Stream, replay: &mut Replay) -> io::Result<()> {
-        for (c, payload) in replay.ops.iter() {
+        // One request on `s`; a server's refusal ends the connection (the
+        // export is not what it was, or it is shutting down: keep trying,
+        // as for a changed size), described by `refused`.
+        let send = |s: &mut Stream, c: Command, payload: &[u8], refused: &dyn Fn(i32) -> String| {
             let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(s, cookie, *c, payload) {
-                Ok(()) => {}
+            match request(s, cookie, c, payload) {
+                Ok(()) => Ok(()),
                 Err(Failed::Server(code)) => {
-                    // It refuses what it once took: the export is not what
-                    // it was (or it is shutting down). Keep trying (as for
-                    // a changed size).
                     disconnect(s);
-                    return Err(io::Error::other(format!(
-                        "the server refuses a write it had acknowledged (error {code}) when it is sent again"
-                    )));
+                    Err(io::Error::other(refused(code)))
                 }
-                Err(Failed::Connection(e)) => return Err(e),
+                Err(Failed::Connection(e)) => Err(e),
             }
+        };
+        for (c, payload) in replay.ops.iter() {
+            send(s, *c, payload, &|code| {
+                format!("the server refuses a write it had acknowledged (error {code}) when it is sent again")
+            })?;
         }
         self.replayed
             .fetch_add(replay.ops.len() as u64, Ordering::Relaxed);
         if !replay.ops.is_empty() {
             // Flushed once here, they are the server's: the other
             // connections, remade next, have nothing left to re-send.
-            let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-            match request(s, cookie, cmd(CMD_FLUSH, 0, 0, 0), &[]) {
-                Ok(()) => {
-                    let end = replay.end();
-                    replay.flushed(end);
-                }
-                Err(Failed::Server(code)) => {
-                    disconnect(s);
-                    return Err(io::Error::other(format!(
-                        "the server fails the FLUSH of the writes sent again (error {code})"
-                    )));
-                }
-                Err(Failed::Connection(e)) => return Err(e),
-            }
+            send(s, cmd(CMD_FLUSH, 0, 0, 0), &[], &|code| {
+                format!("the server fails the FLUSH of the writes sent again (error {code})")
+            })?;
+            let end = replay.end();
+            replay.flushed(end);
         }
         Ok(())
     }
