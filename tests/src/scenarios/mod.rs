@@ -17,6 +17,7 @@ mod safety;
 mod serve;
 mod servers;
 mod setup;
+mod standalone;
 
 pub use requests::ioctls_on_fd3;
 
