@@ -720,29 +720,46 @@ pub fn hostile_unkillable_move_failed() -> Outcome {
     run("max_abuse=2", unkillable_move_failed)
 }
 
-fn unkillable_move_failed() -> Outcome {
-    delegate(CTL, "16M", 2)?;
-    let ctl = control(CTL)?;
-    let lo = loop_over_unserved(1)?;
-    let reader = read_async(0);
+/// A hostile server (user nobody) that moves the request it fetches, a
+/// `cmd`, with O_DIRECT I/O on `lo` (a loop device over an unserved ABUSE
+/// device), where it waits uninterruptibly; returned once the timeout has
+/// fenced it (dmesg names it), with when it fetched the request.
+fn fenced_stuck_mover(ctl: &Control, lo: &str, cmd: u16) -> Result<(Helper, Instant), String> {
     let direct = format!("direct:{lo}");
     let mut h = Helper::nobody("the hostile server", &["--ctl", CTL, "--move", &direct])?;
     let bio = bio_of(&h.expect("target", Duration::from_secs(10))?)?;
     let fetched_at = Instant::now();
+    ensure!(bio.cmd == cmd, "fetched cmd {}, want {cmd}", bio.cmd);
     h.expect("moving", Duration::from_secs(5))?;
-    wait_moving(&ctl, &bio, Duration::from_secs(5))?;
+    wait_moving(ctl, &bio, Duration::from_secs(5))?;
     let pid = h.pid();
     ensure!(
         wait_for(Duration::from_secs(6), || fence_logged(pid, 2000)),
         "the mover {pid} was not fenced"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let state = proc_state(pid);
+    Ok((h, fetched_at))
+}
+
+/// The fenced mover `h` is alive and in uninterruptible sleep.
+fn stuck_in_d(h: &mut Helper) -> Outcome {
+    let state = proc_state(h.pid());
     ensure!(
         h.alive() && state == Some('D'),
         "the fenced mover is not stuck in D state: {state:?}, {}",
         h.output()
     );
+    Ok(())
+}
+
+fn unkillable_move_failed() -> Outcome {
+    delegate(CTL, "16M", 2)?;
+    let ctl = control(CTL)?;
+    let lo = loop_over_unserved(1)?;
+    let reader = read_async(0);
+    let (mut h, fetched_at) = fenced_stuck_mover(&ctl, &lo, ABUSE_CMD_READ)?;
+    let pid = h.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    stuck_in_d(&mut h)?;
     let res = join_within(reader, Duration::from_secs(15), "the reader")?;
     let at = fetched_at.elapsed();
     ensure!(
@@ -798,29 +815,11 @@ fn unkillable_write_waits_for_reset() -> Outcome {
     let ctl = control(CTL)?;
     let lo = loop_over_unserved_as(1, true)?;
     let writer = write_async(0, pattern(5, 4096));
-    let direct = format!("direct:{lo}");
-    let mut h = Helper::nobody("the hostile server", &["--ctl", CTL, "--move", &direct])?;
-    let bio = bio_of(&h.expect("target", Duration::from_secs(10))?)?;
-    ensure!(
-        bio.cmd == ABUSE_CMD_WRITE,
-        "fetched cmd {}, want a WRITE",
-        bio.cmd
-    );
-    h.expect("moving", Duration::from_secs(5))?;
-    wait_moving(&ctl, &bio, Duration::from_secs(5))?;
+    let (mut h, _) = fenced_stuck_mover(&ctl, &lo, ABUSE_CMD_WRITE)?;
     let pid = h.pid();
-    ensure!(
-        wait_for(Duration::from_secs(6), || fence_logged(pid, 2000)),
-        "the mover {pid} was not fenced"
-    );
     // The grace is 5 s: a READ would have been failed by now.
     std::thread::sleep(Duration::from_secs(9));
-    let state = proc_state(pid);
-    ensure!(
-        h.alive() && state == Some('D'),
-        "the fenced mover is not stuck in D state: {state:?}, {}",
-        h.output()
-    );
+    stuck_in_d(&mut h)?;
     ensure!(
         !writer.is_finished(),
         "the WRITE ended while its stuck mover may still perform it"
