@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SCENARIO ?=
 FLAVOR ?= test
 
-.PHONY: all deps bench-deps rbd-deps kernel kernel-bench driver host-test vm-test test demo bench profile lint clean install install-test rbd-test
+.PHONY: all deps bench-deps rbd-deps kernel kernel-bench driver host-test vm-test test demo bench profile lint clean install install-test rbd-test deb
 
 all: driver
 	cargo build --workspace --release
@@ -93,10 +93,16 @@ KDIR ?= /lib/modules/$(shell uname -r)/build
 install:
 	scripts/install.sh "$(DESTDIR)" "$(PREFIX)" "$(KDIR)"
 
-## The install layout in a scratch root, against the test kernel; the unit
-## checked by systemd-analyze verify.
+## The install layout in a scratch root, against the test kernel (from a
+## plain shell: the kernel's own rustc found from its tree); the unit checked
+## by systemd-analyze verify; the module built by DKMS for the test kernel.
 install-test: kernel
 	tests/install-test.sh
+
+## The Debian package: target/deb/abuse_VERSION_ARCH.deb (abusectl, man
+## pages, completions, unit, udev rule, and the module's DKMS source).
+deb: deps
+	scripts/deb.sh
 
 lint:
 	cargo fmt --all --check

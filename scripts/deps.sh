@@ -18,6 +18,8 @@ APT_PACKAGES=(
   busybox-static e2fsprogs fio util-linux fdisk kmod nbdkit
   # make install-test: systemd-analyze verify of the unit
   systemd
+  # make install-test: the module built by DKMS; make deb: dpkg-shlibdeps
+  dkms dpkg-dev
   # C layout test (and its 32-bit variant, for compat_ioctl callers)
   gcc gcc-multilib
   # python/abuse.py's layout test and the Python ramdisk in the VM

@@ -6,8 +6,8 @@
 # Builds abusectl and installs it with its man pages and shell completions,
 # a modules-load entry, a udev rule and the abuse-server@.service unit; and
 # builds and installs the module for the kernel at KDIR (default: the
-# running kernel's build tree) when that kernel can build Rust modules,
-# saying exactly what is missing when it cannot. DESTDIR stages the whole
+# running kernel's build tree; none: no module) when that kernel can build
+# Rust modules, saying exactly what is missing when it cannot. DESTDIR stages the whole
 # tree elsewhere (packaging, and the layout test).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +15,10 @@ destdir=${1:-}
 prefix=${2:-/usr/local}
 kdir=${3:-/lib/modules/$(uname -r)/build}
 bindir=$prefix/bin
+# RUSTC= and LLVM= choose the module's compilers (those that built the
+# kernel), not cargo's.
+module_rustc=${RUSTC:-} module_llvm=${LLVM:-}
+unset RUSTC LLVM
 
 cargo build --release -p abusectl --manifest-path "$root/Cargo.toml"
 bin=$root/target/release/abusectl
@@ -32,15 +36,23 @@ sed "s|@BINDIR@|$bindir|g" "$root/dist/abuse-server@.service" \
   >"$destdir/usr/lib/systemd/system/abuse-server@.service"
 install -m 0644 "$root/dist/abctl.conf.example" "$destdir/etc/abuse/abctl.conf.example"
 
-# The module: only for a kernel that can build Rust modules.
+# KDIR=none: no module (the Debian package leaves it to DKMS).
+if [ "$kdir" = none ]; then
+  echo "install: abusectl, unit, udev rule, man pages and completions installed under ${destdir:-/}"
+  exit 0
+fi
+
+# The module: only for a kernel that can build Rust modules, with the
+# compilers that built it.
 missing=()
 [ -f "$kdir/Makefile" ] || missing+=("a kernel build tree at $kdir (install the headers package, or pass KDIR=)")
 if [ ${#missing[@]} -eq 0 ]; then
   grep -qs '^CONFIG_RUST=y' "$kdir/.config" "$kdir/include/config/auto.conf" ||
     missing+=("Rust support in that kernel (CONFIG_RUST=y)")
   [ -f "$kdir/rust/libkernel.rmeta" ] || missing+=("the kernel's Rust metadata ($kdir/rust/libkernel.rmeta: build the kernel with CONFIG_RUST and keep the build tree)")
-  grep -qs 'RUST_CONST_HELPER_BLK_STS_DEV_RESOURCE' "$kdir/rust/bindings/bindings_helper.h" ||
-    missing+=("the bindings ABUSE needs (apply driver/kernel-patches/*.patch to that kernel and rebuild it)")
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+  toolchain=$("$root/driver/kernel-toolchain.sh" "$kdir" "$module_rustc" "$module_llvm" 2>&1) || missing+=("${toolchain#abuse: }")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install: abusectl, unit, udev rule, man pages and completions installed under ${destdir:-/}" >&2
@@ -50,15 +62,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
-mkdir -p "$build/driver" "$build/abuse-sys/src"
-cp -r "$root/driver/Kbuild" "$root/driver/src" "$build/driver/"
-cp "$root/abuse-sys/src/uapi.rs" "$build/abuse-sys/src/"
-# The toolchain that built the kernel: LLVM (and RUSTC=, BINDGEN= if not
-# the ones on PATH).
-[ -d /usr/lib/llvm-19/bin ] && export PATH=/usr/lib/llvm-19/bin:$PATH
-kmake=(make -C "$kdir" LLVM=1 ${RUSTC:+RUSTC=$RUSTC} ${BINDGEN:+BINDGEN=$BINDGEN})
-"${kmake[@]}" M="$build/driver" modules
-release=$("${kmake[@]}" -s --no-print-directory kernelrelease)
-install -D -m 0644 "$build/driver/src/abuse.ko" "$destdir/lib/modules/$release/extra/abuse.ko"
+"$root/scripts/module-source.sh" "$build"
+make -C "$build/driver" KDIR="$kdir" ${module_rustc:+RUSTC=$module_rustc} ${module_llvm:+LLVM=$module_llvm}
+release=$(make -C "$kdir" -s --no-print-directory kernelrelease)
+install -D -m 0644 "$build/driver/abuse.ko" "$destdir/lib/modules/$release/extra/abuse.ko"
 [ -n "$destdir" ] || depmod "$release"
 echo "install: abuse.ko for $release, abusectl, unit, udev rule, man pages and completions installed under ${destdir:-/}"

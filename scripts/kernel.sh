@@ -6,8 +6,9 @@
 #   kernel.sh make FLAVOR ARGS    run make in that tree with the Rust toolchain set up
 #
 # The cache lives outside the checkout, keyed by the source package version,
-# the config fragments, the tree patches, this script and the toolchain, so a
-# second build on the same machine is a stamp check.
+# the config fragments, this script and the toolchain, so a second build on
+# the same machine is a stamp check. The tree is not patched: the module
+# builds against a stock Rust-enabled kernel.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,8 +35,6 @@ fragments() {
   esac
 }
 
-patches() { ls "$root"/driver/kernel-patches/*.patch 2>/dev/null || true; }
-
 key() {
   local flavor=$1
   {
@@ -43,7 +42,7 @@ key() {
     /usr/bin/rustc --version
     "$TOOLS_DIR/bin/bindgen" --version 2>/dev/null || echo no-bindgen
     echo "rev $BUILD_REV"
-    cat $(fragments "$flavor") $(patches)
+    cat $(fragments "$flavor")
   } | sha256sum | cut -c1-16
 }
 
@@ -86,11 +85,6 @@ build() {
   mkdir -p "$out"
   echo "kernel: unpacking $SRC_TARBALL into $out"
   tar -xf "$SRC_TARBALL" -C "$out" --strip-components=1
-  local p
-  for p in $(patches); do
-    echo "kernel: applying $(basename "$p")"
-    patch -d "$out" -p1 --forward --quiet <"$p"
-  done
   kmake_env
   local frags
   read -r -a frags <<<"$(fragments "$flavor")"

@@ -9,8 +9,9 @@ dest=$(mktemp -d)
 trap 'rm -rf "$dest"' EXIT
 fail() { echo "install-test: $*" >&2; exit 1; }
 
-RUSTC=/usr/bin/rustc BINDGEN=${ABUSE_TOOLS:-/var/cache/abuse/tools}/bin/bindgen \
-  "$root/scripts/install.sh" "$dest" /usr/local "$kdir" >/dev/null
+# As a user would, from a plain shell: no RUSTC=, whatever rustc is first on
+# PATH (here rustup's, not the one that built the kernel).
+env -u RUSTC -u LLVM "$root/scripts/install.sh" "$dest" /usr/local "$kdir" >/dev/null
 release=$(make -s --no-print-directory -C "$kdir" kernelrelease)
 [[ $release =~ ^[0-9][0-9A-Za-z.+_-]*$ ]] || fail "not a kernel release: '$release'"
 for f in usr/local/bin/abusectl \
@@ -41,6 +42,30 @@ command -v systemd-analyze >/dev/null || fail "systemd-analyze is missing (make 
   # Only complaints about this unit count (not the host's other units).
   if grep -i "abuse-server" <<<"$out"; then fail "systemd-analyze verify: $out"; fi
 }
+# A rustc other than the kernel's: one line that says which, not E0514s.
+other=$(mktemp -d)/rustc
+printf '#!/bin/sh\necho "rustc 1.0.0 (0000000 2015-05-15)"\n' >"$other" && chmod +x "$other"
+out=$(RUSTC=$other "$root/scripts/install.sh" "$dest" /usr/local "$kdir" 2>&1 >/dev/null) &&
+  fail "installed a module built by another rustc ($other)"
+grep -q "RUSTC=$other is 'rustc 1.0.0.*was built by 'rustc" <<<"$out" || fail "no word about the kernel's rustc: $out"
+grep -q "E0514" <<<"$out" && fail "E0514 instead of a message: $out"
+rm -rf "$(dirname "$other")"
+# DKMS: the package's source (module-source.sh, as make deb ships it) added
+# and built for the test kernel, in a DKMS tree of its own.
+command -v dkms >/dev/null || fail "dkms is missing (make deps installs it)"
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
+dkms_root=$(mktemp -d)
+"$root/scripts/module-source.sh" "$dkms_root/src/abuse-$version"
+mkdir -p "$dkms_root/tree"
+dkms_args=(-m abuse -v "$version" --sourcetree "$dkms_root/src" --dkmstree "$dkms_root/tree")
+dkms add "${dkms_args[@]}" >/dev/null
+if ! out=$(dkms build "${dkms_args[@]}" -k "$release" --kernelsourcedir "$kdir" 2>&1); then
+  cat "$dkms_root"/tree/abuse/"$version"/build/make.log >&2 || true
+  fail "dkms build: $out"
+fi
+ko=$(find "$dkms_root/tree/abuse/$version/$release" -name 'abuse.ko*' | head -1)
+[ -n "$ko" ] && modinfo "$ko" | grep -q '^name: *abuse' || fail "dkms build made no abuse.ko: $out"
+rm -rf "$dkms_root"
 # A kernel tree without Rust: told what is missing, not a build failure.
 norust=$(mktemp -d)
 touch "$norust/Makefile"

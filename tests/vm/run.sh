@@ -43,12 +43,15 @@ rootfs=$work/rootfs
 mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,lib/abuse,proc,sys,dev,tmp,run,mnt,etc,root}
 
 # Dynamic tools with the libraries they need.
-copy_tool() {
-  local tool=$1 lib
-  install -D "$tool" "$rootfs$tool"
-  for lib in $(ldd "$tool" 2>/dev/null | grep -o '/[^ ]*'); do
+copy_libs() {
+  local lib
+  for lib in $(ldd "$1" 2>/dev/null | grep -o '/[^ ]*'); do
     [ -e "$rootfs$lib" ] || install -D "$lib" "$rootfs$lib"
   done
+}
+copy_tool() {
+  install -D "$1" "$rootfs$1"
+  copy_libs "$1"
 }
 for tool in /sbin/mke2fs /sbin/e2fsck /sbin/sfdisk /sbin/blkdiscard /usr/bin/fio \
   /usr/bin/setpriv /sbin/losetup /usr/bin/qemu-img; do
@@ -118,6 +121,34 @@ for m in list(sys.modules.values()):
   esac
 done
 cp "$ko" "$rootfs/lib/abuse/abuse.ko"
+if [ "$flavor" = test ]; then
+  # The Debian package (make deb), installed in the guest with the real
+  # dpkg as on a machine: the libraries its abusectl links, and a dpkg
+  # database listing the host packages whose files are in the guest (so
+  # its Depends are met by what is really there; their own dependencies,
+  # only partly copied, are left out).
+  deb=$("$root/scripts/deb.sh")
+  cp "$deb" "$rootfs/lib/abuse/abuse.deb"
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work" ./usr/bin/abusectl
+  copy_libs "$work/usr/bin/abusectl"
+  copy_tool /usr/bin/dpkg
+  copy_tool /usr/bin/dpkg-deb
+  copy_tool /usr/bin/dpkg-query
+  copy_tool /usr/bin/dpkg-split
+  copy_tool /usr/bin/dpkg-trigger
+  copy_tool /usr/bin/tar
+  install -D /sbin/ldconfig "$rootfs/sbin/ldconfig"
+  mkdir -p "$rootfs/var/lib/dpkg/info" "$rootfs/var/lib/dpkg/updates" "$rootfs/var/lib/dpkg/triggers"
+  touch "$rootfs/var/lib/dpkg/available"
+  for f in $(cd "$rootfs" && find . -type f -name '*.so*' | cut -c2-); do
+    owner=$(dpkg-query -S "$f" 2>/dev/null || dpkg-query -S "$(readlink -f "$f")" 2>/dev/null) || continue
+    for pkg in $(sed -e 's/: .*//' -e 's/,//g' <<<"$owner"); do
+      echo "$f" >>"$rootfs/var/lib/dpkg/info/$pkg.list"
+    done
+  done
+  (cd "$rootfs/var/lib/dpkg/info" && ls | sed 's/\.list$//') | xargs -r dpkg-query -s |
+    grep -v -E '^(Pre-Depends|Depends|Breaks|Conflicts):' >"$rootfs/var/lib/dpkg/status"
+fi
 # The kernel's own modules (null_blk, ublk, nbd) for comparisons.
 [ -d "$kdir/modroot/lib/modules" ] && cp -r "$kdir/modroot/lib/modules" "$rootfs/lib/"
 cp "$root/tests/vm/init" "$rootfs/init"

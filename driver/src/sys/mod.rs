@@ -9,6 +9,7 @@ pub(crate) mod blk;
 pub(crate) mod chrdev;
 pub(crate) mod file;
 pub(crate) mod param;
+mod shims;
 pub(crate) mod user;
 pub(crate) mod bounce;
 pub(crate) mod wait;
@@ -89,7 +90,7 @@ impl Process {
     pub(crate) fn kill(&self) {
         // SAFETY: a live `struct pid` (our reference); `kill_pid` looks the
         // task up under RCU and copes with a group that is exiting or gone.
-        unsafe { bindings::kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
+        unsafe { shims::abuse_kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
     }
 
     /// Whether both are the same thread group (the same `struct pid`: a
@@ -103,14 +104,10 @@ impl Process {
     /// writes, even if one of its files is still open in another process.
     pub(crate) fn exited(&self) -> bool {
         let Some(task) = self.task() else { return true };
-        let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
+        let ptr = (&*task as *const kernel::task::Task).cast_mut().cast::<bindings::task_struct>();
         // SAFETY: our reference keeps the task, and with it its
-        // `signal_struct`, alive; `live` is an `atomic_t` that only falls
-        // (`atomic_read` is a plain read of it).
-        let live = unsafe {
-            core::sync::atomic::AtomicI32::from_ptr(&raw mut (*(*ptr).signal).live.counter)
-        };
-        live.load(core::sync::atomic::Ordering::Acquire) <= 0
+        // `signal_struct`, alive, as the shim requires.
+        unsafe { shims::abuse_thread_group_exited(ptr) }
     }
 }
 
@@ -190,12 +187,9 @@ pub(crate) fn possible_cpus() -> u32 {
 /// The current task's filesystem uid, as a global uid (the initial user
 /// namespace's: `kuid_t`'s value).
 pub(crate) fn current_fsuid() -> u32 {
-    let task = kernel::current!();
-    // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
-    let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
-    // SAFETY: a task's own credentials (`current_cred()`) stay valid while
-    // it runs: only the task itself replaces them.
-    unsafe { (*(*ptr).cred).fsuid.val }
+    // SAFETY: reads the current task's own credentials, which stay valid
+    // while it runs (only the task itself replaces them).
+    unsafe { shims::abuse_current_fsuid() }
 }
 
 /// `capable(CAP_SYS_ADMIN)` for the current task.
@@ -277,24 +271,20 @@ impl PollTable {
         if self.table.is_null() {
             return;
         }
-        // SAFETY: `table` is the non-null poll table of the ongoing `poll()`
-        // call (see `PollTable` construction in `chrdev`).
-        let qproc = unsafe { (*self.table)._qproc };
-        if let Some(qproc) = qproc {
-            // SAFETY: `file` is the file being polled, `head` a live wait
-            // queue that outlives the file (the file pins its device), and
-            // `table` the caller's table: the arguments `poll_wait` passes.
-            unsafe { qproc(self.file, head, self.table) };
-        }
+        // SAFETY: `file` is the file being polled and `table` the non-null
+        // poll table of the ongoing `poll()` call (see `PollTable`
+        // construction in `chrdev`); `head` is a live wait queue that
+        // outlives the file (the file pins its device).
+        unsafe { shims::abuse_poll_wait(self.file, head, self.table) };
     }
 }
 
 /// The `poll()` event bits the control node reports.
 pub(crate) mod poll_events {
-    use kernel::bindings;
-    pub(crate) const IN: u32 = bindings::EPOLLIN;
-    pub(crate) const RDNORM: u32 = bindings::EPOLLRDNORM;
-    pub(crate) const MSG: u32 = bindings::EPOLLMSG;
+    use super::shims;
+    pub(crate) const IN: u32 = shims::EPOLLIN;
+    pub(crate) const RDNORM: u32 = shims::EPOLLRDNORM;
+    pub(crate) const MSG: u32 = shims::EPOLLMSG;
 }
 
 /// A value published by module init for the module's file operations to

@@ -10,6 +10,7 @@ mod filters;
 mod hostile;
 mod languages;
 mod module;
+mod package;
 mod power_cut;
 mod recovery;
 mod requests;
@@ -121,6 +122,8 @@ scenarios![
     // Servers written on the library (servers/examples/).
     examples::example_ramdisk_server,
     examples::example_xor_server,
+    // The Debian package (make deb), installed with dpkg and used.
+    package::deb_package_installs_and_serves,
     // Filters over the real servers (--filter).
     filters::filter_error_ext4,
     filters::filter_delay_latency,
