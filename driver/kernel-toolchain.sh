@@ -11,6 +11,7 @@
 # RUSTC/LLVM, if given, are checked (RUSTC) or passed on (LLVM) rather than
 # searched for. On failure, says in one line what to install or pass.
 set -eu
+[ $# -ge 1 ] || { echo "usage: kernel-toolchain.sh KDIR [RUSTC] [LLVM]" >&2; exit 2; }
 kdir=$1 rustc=${2:-} llvm=${3:-}
 fail() { echo "abuse: $*" >&2; exit 1; }
 
@@ -19,6 +20,7 @@ config=$kdir/include/config/auto.conf
 [ -f "$config" ] || fail "no configured kernel build tree at $kdir (install its headers package, or pass KDIR=)"
 value() { sed -n "s/^$1=//p" "$config" | sed 's/^"\(.*\)"$/\1/'; }
 [ "$(value CONFIG_RUST)" = y ] || fail "the kernel at $kdir has no Rust support (CONFIG_RUST=y): it cannot load Rust modules"
+[ -f "$kdir/rust/libkernel.rmeta" ] || fail "the kernel tree at $kdir has no Rust metadata (rust/libkernel.rmeta): its headers package does not ship it, or the tree was cleaned"
 want=$(value CONFIG_RUSTC_VERSION_TEXT)
 [ -n "$want" ] || fail "the kernel at $kdir does not record its rustc (CONFIG_RUSTC_VERSION_TEXT, Linux >= 6.12): pass RUSTC=<the rustc that built it>"
 

@@ -16,6 +16,8 @@ const DEB: &str = "/lib/abuse/abuse.deb";
 const DPKG: &str = "/usr/bin/dpkg";
 const ABUSECTL: &str = "/usr/bin/abusectl";
 const CTL: &str = "/dev/abctl1";
+/// The package's conffile.
+const CONFFILE: &str = "/etc/abuse/abctl.conf.example";
 const DEV: &str = "/dev/abuse1";
 
 /// What the package puts on a machine, besides its DKMS source.
@@ -28,7 +30,7 @@ const FILES: &[&str] = &[
     "/usr/share/fish/vendor_completions.d/abusectl.fish",
     "/usr/lib/udev/rules.d/60-abuse.rules",
     "/usr/lib/systemd/system/abuse-server@.service",
-    "/etc/modules-load.d/abuse.conf",
+    "/usr/lib/modules-load.d/abuse.conf",
     "/etc/abuse/abctl.conf.example",
 ];
 
@@ -148,13 +150,19 @@ pub fn deb_package_installs_and_serves() -> Outcome {
         "dpkg -r left {ABUSECTL}: {out}"
     );
     ensure!(!std::path::Path::new(&src).exists(), "dpkg -r left {src}");
+    // The boot-time load goes with the package (not a conffile: it would
+    // name a module DKMS removed on every boot).
     ensure!(
-        std::path::Path::new("/etc/modules-load.d/abuse.conf").exists(),
+        !std::path::Path::new("/usr/lib/modules-load.d/abuse.conf").exists(),
+        "dpkg -r left the modules-load entry"
+    );
+    ensure!(
+        std::path::Path::new(CONFFILE).exists(),
         "dpkg -r removed a conffile"
     );
     sh(&format!("{DPKG} -P abuse 2>&1"))?;
     ensure!(
-        !std::path::Path::new("/etc/modules-load.d/abuse.conf").exists(),
+        !std::path::Path::new(CONFFILE).exists(),
         "dpkg -P left the conffiles"
     );
     ensure!(
