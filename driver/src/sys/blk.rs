@@ -3,7 +3,7 @@
 //! [`Request`]s. 6.12's `kernel::block::mq` cannot change a disk's capacity,
 //! has no timeout callback and no request accessors, hence this module.
 
-use super::shims;
+use super::kabi;
 use core::{marker::PhantomData, ptr::NonNull};
 use kernel::{
     bindings,
@@ -85,8 +85,8 @@ impl Status {
     fn raw(self) -> bindings::blk_status_t {
         match self {
             Status::Ok => bindings::BLK_STS_OK as bindings::blk_status_t,
-            Status::IoErr => shims::BLK_STS_IOERR,
-            Status::NotSupp => shims::BLK_STS_NOTSUPP,
+            Status::IoErr => kabi::BLK_STS_IOERR,
+            Status::NotSupp => kabi::BLK_STS_NOTSUPP,
             // SAFETY: a pure table lookup; any int is accepted.
             Status::Errno(e) => unsafe { bindings::errno_to_blk_status(-(e as i32)) },
         }
@@ -140,7 +140,7 @@ impl NewRequest {
 
     /// The operation (`req_op`).
     pub(crate) fn op(&self) -> Op {
-        let op = self.raw().cmd_flags & shims::REQ_OP_MASK;
+        let op = self.raw().cmd_flags & kabi::REQ_OP_MASK;
         match op {
             bindings::req_op_REQ_OP_READ => Op::Read,
             bindings::req_op_REQ_OP_WRITE => Op::Write,
@@ -153,12 +153,12 @@ impl NewRequest {
 
     /// Forced unit access.
     pub(crate) fn is_fua(&self) -> bool {
-        self.raw().cmd_flags & shims::REQ_FUA != 0
+        self.raw().cmd_flags & kabi::REQ_FUA != 0
     }
 
     /// WRITE_ZEROES that must not deallocate.
     pub(crate) fn is_nounmap(&self) -> bool {
-        self.raw().cmd_flags & shims::REQ_NOUNMAP != 0
+        self.raw().cmd_flags & kabi::REQ_NOUNMAP != 0
     }
 
     /// Starts the request (its timer runs from now): the driver owns it.
@@ -200,7 +200,7 @@ impl Request {
 
     /// Forced unit access.
     pub(crate) fn is_fua(&self) -> bool {
-        self.raw().cmd_flags & shims::REQ_FUA != 0
+        self.raw().cmd_flags & kabi::REQ_FUA != 0
     }
 
     /// Copies the request's data (a WRITE's payload) to user address
@@ -374,7 +374,7 @@ impl<T: QueueOps> OpsTable<T> {
                 // Not started: blk-mq keeps it and dispatches it again when
                 // one of this queue's requests ends (SCHED_RESTART).
                 core::mem::forget(back);
-                shims::BLK_STS_DEV_RESOURCE
+                kabi::BLK_STS_DEV_RESOURCE
             }
         }
     }
@@ -549,11 +549,11 @@ impl<T: QueueOps> BlockDevice<T> {
         lim.logical_block_size = l.block_size;
         lim.physical_block_size = l.block_size;
         lim.io_min = l.block_size;
-        lim.features &= !(shims::BLK_FEAT_WRITE_CACHE | shims::BLK_FEAT_FUA);
+        lim.features &= !(kabi::BLK_FEAT_WRITE_CACHE | kabi::BLK_FEAT_FUA);
         if l.write_cache {
-            lim.features |= shims::BLK_FEAT_WRITE_CACHE;
+            lim.features |= kabi::BLK_FEAT_WRITE_CACHE;
             if l.fua {
-                lim.features |= shims::BLK_FEAT_FUA;
+                lim.features |= kabi::BLK_FEAT_FUA;
             }
         }
         let max = l.max_bytes >> 9;

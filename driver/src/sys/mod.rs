@@ -9,7 +9,7 @@ pub(crate) mod blk;
 pub(crate) mod chrdev;
 pub(crate) mod file;
 pub(crate) mod param;
-mod shims;
+mod kabi;
 pub(crate) mod user;
 pub(crate) mod bounce;
 pub(crate) mod wait;
@@ -90,7 +90,7 @@ impl Process {
     pub(crate) fn kill(&self) {
         // SAFETY: a live `struct pid` (our reference); `kill_pid` looks the
         // task up under RCU and copes with a group that is exiting or gone.
-        unsafe { shims::abuse_kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
+        unsafe { kabi::kill_pid(self.0.as_ptr(), bindings::SIGKILL as i32, 1) };
     }
 
     /// Whether both are the same thread group (the same `struct pid`: a
@@ -104,10 +104,14 @@ impl Process {
     /// writes, even if one of its files is still open in another process.
     pub(crate) fn exited(&self) -> bool {
         let Some(task) = self.task() else { return true };
-        let ptr = (&*task as *const kernel::task::Task).cast_mut().cast::<bindings::task_struct>();
+        let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
         // SAFETY: our reference keeps the task, and with it its
-        // `signal_struct`, alive, as the shim requires.
-        unsafe { shims::abuse_thread_group_exited(ptr) }
+        // `signal_struct`, alive; `live` is an `atomic_t` that only falls
+        // (`atomic_read` is a plain read of it).
+        let live = unsafe {
+            core::sync::atomic::AtomicI32::from_ptr(&raw mut (*(*ptr).signal).live.counter)
+        };
+        live.load(core::sync::atomic::Ordering::Acquire) <= 0
     }
 }
 
@@ -187,9 +191,12 @@ pub(crate) fn possible_cpus() -> u32 {
 /// The current task's filesystem uid, as a global uid (the initial user
 /// namespace's: `kuid_t`'s value).
 pub(crate) fn current_fsuid() -> u32 {
-    // SAFETY: reads the current task's own credentials, which stay valid
-    // while it runs (only the task itself replaces them).
-    unsafe { shims::abuse_current_fsuid() }
+    let task = kernel::current!();
+    // `Task` is `#[repr(transparent)]` over `Opaque<task_struct>`.
+    let ptr = (&*task as *const kernel::task::Task).cast::<bindings::task_struct>();
+    // SAFETY: a task's own credentials (`current_cred()`) stay valid while
+    // it runs: only the task itself replaces them.
+    unsafe { (*(*ptr).cred).fsuid.val }
 }
 
 /// `capable(CAP_SYS_ADMIN)` for the current task.
@@ -271,20 +278,25 @@ impl PollTable {
         if self.table.is_null() {
             return;
         }
-        // SAFETY: `file` is the file being polled and `table` the non-null
-        // poll table of the ongoing `poll()` call (see `PollTable`
-        // construction in `chrdev`); `head` is a live wait queue that
-        // outlives the file (the file pins its device).
-        unsafe { shims::abuse_poll_wait(self.file, head, self.table) };
+        // SAFETY: `table` is the non-null poll table of the ongoing `poll()`
+        // call (see `PollTable` construction in `chrdev`), a `poll_table`
+        // as `kabi::PollTable` declares it (checked at build time).
+        let qproc = unsafe { (*self.table.cast::<kabi::PollTable>()).qproc };
+        if let Some(qproc) = qproc {
+            // SAFETY: `file` is the file being polled, `head` a live wait
+            // queue that outlives the file (the file pins its device), and
+            // `table` the caller's table: the arguments `poll_wait` passes.
+            unsafe { qproc(self.file, head, self.table) };
+        }
     }
 }
 
 /// The `poll()` event bits the control node reports.
 pub(crate) mod poll_events {
-    use super::shims;
-    pub(crate) const IN: u32 = shims::EPOLLIN;
-    pub(crate) const RDNORM: u32 = shims::EPOLLRDNORM;
-    pub(crate) const MSG: u32 = shims::EPOLLMSG;
+    use super::kabi;
+    pub(crate) const IN: u32 = kabi::EPOLLIN;
+    pub(crate) const RDNORM: u32 = kabi::EPOLLRDNORM;
+    pub(crate) const MSG: u32 = kabi::EPOLLMSG;
 }
 
 /// A value published by module init for the module's file operations to

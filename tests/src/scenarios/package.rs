@@ -82,7 +82,7 @@ pub fn deb_package_installs_and_serves() -> Outcome {
         "driver/Makefile",
         "driver/kernel-toolchain.sh",
         "driver/src/abuse.rs",
-        "driver/src/sys/shims.c",
+        "driver/src/sys/kabi_check.c",
         "abuse-sys/src/uapi.rs",
     ] {
         ensure!(
