@@ -491,11 +491,27 @@ impl Replay {
     }
 }
 
+/// This machine's lock on serving one export (see `serve_alone`). Its
+/// file is removed when it is released, so none is left behind.
+struct ExportLock {
+    path: std::path::PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for ExportLock {
+    fn drop(&mut self) {
+        // Removed while still held: one that opened it meanwhile finds, once
+        // it holds it, that the path names another file (or none), and
+        // starts over (`serve_alone`).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Takes this machine's lock on serving `addr` (an export without
 /// CAN_MULTI_CONN, whose FLUSH on one connection covers only that
 /// connection's writes): a second server process would acknowledge writes
 /// that the first one's FLUSHes do not cover.
-fn serve_alone(addr: &Address) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+fn serve_alone(addr: &Address) -> io::Result<ExportLock> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     addr.to_string().hash(&mut h);
@@ -506,21 +522,50 @@ fn serve_alone(addr: &Address) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
         std::env::temp_dir()
     };
     let path = dir.join(format!("abuse-nbd-{:016x}.lock", h.finish()));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => Ok(locked),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "{addr}: another server on this machine already serves this export, which allows one connection at a time (no CAN_MULTI_CONN): a FLUSH through one connection would not cover the other's writes; serve it from one process (--threads)"
-            ),
-        )),
-        Err((_, e)) => Err(e.into()),
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match lock_if_current(f, &path) {
+            Ok(Some(lock)) => return Ok(ExportLock { path, _lock: lock }),
+            // Its last holder removed it between our open and our lock.
+            Ok(None) => continue,
+            Err(nix::errno::Errno::EWOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{addr}: another server on this machine already serves this export, which allows one connection at a time (no CAN_MULTI_CONN): a FLUSH through one connection would not cover the other's writes; serve it from one process (--threads)"
+                    ),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+}
+
+/// Locks `f`, opened at `path`, if it is still the file there: None if its
+/// last holder removed it meanwhile (the lock is then of a file nobody else
+/// will lock, and a new one may be held at `path`).
+fn lock_if_current(
+    f: std::fs::File,
+    path: &std::path::Path,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, nix::errno::Errno> {
+    use std::os::unix::fs::MetadataExt;
+    let locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)?;
+    let held = locked.metadata().map_err(io_errno)?;
+    match std::fs::metadata(path) {
+        Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => Ok(Some(locked)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_errno(e)),
+    }
+}
+
+fn io_errno(e: io::Error) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::errno::Errno::EIO as i32))
 }
 
 /// The errno for an NBD error code: the errors the protocol defines as
@@ -559,7 +604,7 @@ pub struct Nbd {
     replayed: AtomicU64,
     /// Held while this process is the export's one client on this machine
     /// (a server without CAN_MULTI_CONN).
-    _alone: Option<nix::fcntl::Flock<std::fs::File>>,
+    _alone: Option<ExportLock>,
 }
 
 impl Nbd {
@@ -990,6 +1035,68 @@ mod tests {
             assert!(Address::parse(bad).is_err(), "{bad} accepted");
         }
         assert_eq!(unix("/s", "").to_string(), "unix:/s");
+    }
+
+    #[test]
+    fn a_lock_file_removed_by_its_last_holder_is_not_locked() {
+        let addr = Address::parse(&format!(
+            "unix:/nonexistent/stale-lock-{}-{:?}.sock",
+            std::process::id(),
+            std::time::Instant::now()
+        ))
+        .unwrap();
+        let first = serve_alone(&addr).unwrap();
+        let path = first.path.clone();
+        // Opened while the first holds it, locked only after it let go (and
+        // removed it) and a second took a new file there.
+        let stale = std::fs::File::open(&path).unwrap();
+        drop(first);
+        let second = serve_alone(&addr).unwrap();
+        assert!(
+            lock_if_current(stale, &path).unwrap().is_none(),
+            "locked the removed file while another holds the one at the path"
+        );
+        drop(second);
+    }
+
+    #[test]
+    fn the_export_lock_is_exclusive_and_leaves_no_file_behind() {
+        let addr = Address::parse(&format!(
+            "unix:/nonexistent/lock-test-{}-{:?}.sock",
+            std::process::id(),
+            std::time::Instant::now()
+        ))
+        .unwrap();
+        let first = serve_alone(&addr).unwrap();
+        let path = first.path.clone();
+        assert!(path.exists());
+        let second = serve_alone(&addr)
+            .err()
+            .expect("a second holder was let in");
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse, "{second}");
+        drop(first);
+        assert!(!path.exists(), "{} was left behind", path.display());
+        // Taken again (a new file), and again released.
+        drop(serve_alone(&addr).unwrap());
+        assert!(!path.exists());
+        // Racing takers: at every moment at most one holds it.
+        let holders = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        if let Ok(lock) = serve_alone(&addr) {
+                            let n = holders.fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(n, 0, "two held the export's lock at once");
+                            std::thread::sleep(Duration::from_micros(200));
+                            holders.fetch_sub(1, Ordering::SeqCst);
+                            drop(lock);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(!path.exists());
     }
 
     #[test]
