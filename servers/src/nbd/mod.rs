@@ -495,15 +495,19 @@ impl Replay {
 /// file is removed when it is released, so none is left behind.
 struct ExportLock {
     path: std::path::PathBuf,
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Drop for ExportLock {
     fn drop(&mut self) {
         // Removed while still held: one that opened it meanwhile finds, once
         // it holds it, that the path names another file (or none), and
-        // starts over (`serve_alone`).
-        let _ = std::fs::remove_file(&self.path);
+        // starts over (`serve_alone`). Only if the path still names the file
+        // held: one removed by someone else (a /tmp cleaner) may have been
+        // replaced by another holder's, which is not ours to remove.
+        if is_current(&self.lock, &self.path).unwrap_or(false) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -522,14 +526,16 @@ fn serve_alone(addr: &Address) -> io::Result<ExportLock> {
         std::env::temp_dir()
     };
     let path = dir.join(format!("abuse-nbd-{:016x}.lock", h.finish()));
-    loop {
+    // A file system whose inode numbers differ between the path and the open
+    // file (old overlayfs) would never match: give up rather than spin.
+    for _ in 0..100 {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)?;
         match lock_if_current(f, &path) {
-            Ok(Some(lock)) => return Ok(ExportLock { path, _lock: lock }),
+            Ok(Some(lock)) => return Ok(ExportLock { path, lock }),
             // Its last holder removed it between our open and our lock.
             Ok(None) => continue,
             Err(nix::errno::Errno::EWOULDBLOCK) => {
@@ -543,6 +549,10 @@ fn serve_alone(addr: &Address) -> io::Result<ExportLock> {
             Err(e) => return Err(e.into()),
         }
     }
+    Err(io::Error::other(format!(
+        "{}: cannot take the lock on serving {addr}: the file there keeps changing under it",
+        path.display()
+    )))
 }
 
 /// Locks `f`, opened at `path`, if it is still the file there: None if its
@@ -552,15 +562,22 @@ fn lock_if_current(
     f: std::fs::File,
     path: &std::path::Path,
 ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, nix::errno::Errno> {
-    use std::os::unix::fs::MetadataExt;
     let locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| e)?;
-    let held = locked.metadata().map_err(io_errno)?;
+    Ok(is_current(&locked, path)
+        .map_err(io_errno)?
+        .then_some(locked))
+}
+
+/// Whether `path` names the file `f` (same device and inode, and not
+/// removed).
+fn is_current(f: &std::fs::File, path: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let held = f.metadata()?;
     match std::fs::metadata(path) {
-        Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => Ok(Some(locked)),
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_errno(e)),
+        Ok(now) => Ok(held.nlink() > 0 && (now.dev(), now.ino()) == (held.dev(), held.ino())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -1057,6 +1074,31 @@ mod tests {
             "locked the removed file while another holds the one at the path"
         );
         drop(second);
+    }
+
+    #[test]
+    fn a_release_removes_only_its_own_lock_file() {
+        let addr = Address::parse(&format!(
+            "unix:/nonexistent/foreign-rm-{}-{:?}.sock",
+            std::process::id(),
+            std::time::Instant::now()
+        ))
+        .unwrap();
+        let first = serve_alone(&addr).unwrap();
+        let path = first.path.clone();
+        // Removed by someone else (a cleaner), and a second holder's file
+        // is there now: the first's release must leave it.
+        std::fs::remove_file(&path).unwrap();
+        let second = serve_alone(&addr).unwrap();
+        drop(first);
+        assert!(
+            path.exists(),
+            "the first holder's release removed the second's file"
+        );
+        let third = serve_alone(&addr).err().expect("a third holder was let in");
+        assert_eq!(third.kind(), io::ErrorKind::AddrInUse, "{third}");
+        drop(second);
+        assert!(!path.exists());
     }
 
     #[test]
