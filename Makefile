@@ -56,14 +56,17 @@ test: deps
 demo: deps kernel
 	tests/vm/run.sh --flavor test --script tests/vm/demo.sh --timeout 900
 
-## fio on ABUSE's servers next to null_blk, loop, ublk and nbd, in one boot of
-## the benchmark kernel (BENCH_RUNS boots: medians); a table with ratios,
-## target/bench/bench.json and target/bench/bench.png.
+## fio on ABUSE's servers next to null_blk, loop, ublk and nbd, and qcow2
+## against rublk in 12 conditions, each job interleaved A B B A across the
+## devices compared, in one boot of the benchmark kernel (BENCH_RUNS boots:
+## medians); a table with ratios and their spread, the targets judged on
+## their worst condition, target/bench/bench.json and target/bench/bench.png.
+## The virtio disk (2 GiB) holds the 1 GiB qcow2 images of the virtio runs.
 BENCH_RUNS ?= 3
 bench: deps bench-deps kernel-bench
 	mkdir -p target/bench
 	for i in $$(seq $(BENCH_RUNS)); do \
-	  rm -f target/bench/run-$$i.log; ABUSE_VM_LOG=target/bench/run-$$i.log tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1500 --disk 1024 || exit 1; \
+	  rm -f target/bench/run-$$i.log; ABUSE_VM_LOG=target/bench/run-$$i.log tests/vm/run.sh --flavor bench --script tests/vm/bench.sh --timeout 1500 --disk 2048 || exit 1; \
 	done
 	cargo run --quiet --release -p abuse-bench -- $$(seq -f 'target/bench/run-%g.log' $(BENCH_RUNS)) \
 	  --json target/bench/bench.json --png target/bench/bench.png

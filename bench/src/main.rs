@@ -1,7 +1,9 @@
 //! `abuse-bench LOG... [--json FILE] [--png FILE]`: reads the console logs
 //! of one or more `make bench` boots and prints one table of medians, with
-//! every result also as a ratio to null_blk and to the matching ublk
-//! target; writes the rows as JSON and draws a bar chart.
+//! every ABUSE result also as a ratio to each peer it ran interleaved with
+//! (median over boots and the spread of the single pairs), then the targets
+//! (judged on their worst condition); writes the rows as JSON and draws a
+//! bar chart.
 
 mod chart;
 mod report;
@@ -38,17 +40,29 @@ fn run() -> Result<(), String> {
     }
     let rows = report::rows(&runs);
     println!(
-        "Medians of {} run(s); ratios (each boot's, then their median) above 1 mean faster (or lower latency) than the peer.",
+        "{} boot(s); figures are medians over every run (boots x repetitions). Ratios above 1 mean faster (or lower \
+         latency) than the peer: per boot over the A B B A repetitions, then the median over boots; [min-max] over \
+         every single pair.",
         runs.len()
     );
     print!("{}", report::table(&rows));
     let goals = targets::outcomes(&runs);
     print!("{}", targets::summary(&goals));
-    let stats: Vec<results::ServerStats> = logs
+    let texts: Vec<String> = logs
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|s| results::parse_stats(&s))
         .collect();
+    // Per device over every boot (qcow2 has a server per run).
+    let mut stats: Vec<results::ServerStats> = Vec::new();
+    for s in texts.iter().flat_map(|t| results::parse_stats(t)) {
+        match stats.iter_mut().find(|x| x.device == s.device) {
+            Some(x) => {
+                x.requests += s.requests;
+                x.batches += s.batches;
+            }
+            None => stats.push(s),
+        }
+    }
     for s in &stats {
         println!(
             "{}: {} requests in {} batches: {:.1} requests per batch (per ABUSE_SERVE call)",
@@ -58,6 +72,11 @@ fn run() -> Result<(), String> {
             s.per_batch()
         );
     }
+    let took: Vec<String> = texts
+        .iter()
+        .map(|t| results::parse_elapsed(t).map_or("unfinished".into(), |s| format!("{s} s")))
+        .collect();
+    println!("bench time in the guest, per boot: {}", took.join(", "));
     if let Some(p) = json {
         let v = serde_json::json!({ "runs": runs.len(), "rows": rows, "targets": goals, "raw": runs, "servers": stats });
         std::fs::write(&p, serde_json::to_string_pretty(&v).expect("serialisable"))

@@ -1,6 +1,9 @@
-//! The results of one `make bench` boot: fio's JSON for each (device, job),
-//! as tests/vm/bench.sh prints it between `==== bench DEVICE JOB` and
-//! `==== end` lines of the console log.
+//! The results of one `make bench` boot: fio's JSON for each (device, job,
+//! condition, repetition), as tests/vm/bench.sh prints it between
+//! `==== bench DEVICE JOB [cond=COND] [rep=N]` and `==== end` lines of the
+//! console log.
+
+use std::collections::HashMap;
 
 use serde::Serialize;
 
@@ -9,6 +12,13 @@ use serde::Serialize;
 pub struct Result {
     pub device: String,
     pub job: String,
+    /// The condition the job ran in (qcow2: image size, cluster size, and
+    /// where: `256M-64K-alone`); empty for the jobs that have one only.
+    pub cond: String,
+    /// Which run of (device, job, cond) in its boot this is, from 1: runs
+    /// with the same repetition on two devices are a pair (bench.sh runs
+    /// them A B B A, so rep 1 has one device first and rep 2 the other).
+    pub rep: u32,
     pub iops: f64,
     pub mib_s: f64,
     /// Completion latency percentiles, microseconds.
@@ -32,24 +42,25 @@ pub const JOBS: &[(&str, &str)] = &[
 ];
 
 /// Parses the results out of a console log. A job whose JSON is missing or
-/// unreadable (a peer that would not start) is left out.
+/// unreadable (a peer that would not start) is left out. Tags after DEVICE
+/// JOB are `key=value`; unknown ones are ignored, and a log without `rep=`
+/// (an older bench.sh) numbers the runs of each (device, job, cond) in the
+/// order they come.
 pub fn parse(log: &str) -> Vec<Result> {
     let mut out = Vec::new();
-    let mut current: Option<(String, String, String)> = None;
+    let mut seen: HashMap<(String, String, String), u32> = HashMap::new();
+    let mut current: Option<(Header, String)> = None;
     for line in log.lines() {
         let line = line.trim_end_matches('\r');
         if let Some(rest) = line.strip_prefix("==== bench ") {
-            let mut it = rest.split_whitespace();
-            if let (Some(d), Some(j)) = (it.next(), it.next()) {
-                current = Some((d.to_string(), j.to_string(), String::new()));
-            }
+            current = header(rest, &mut seen).map(|h| (h, String::new()));
         } else if line == "==== end" {
-            if let Some((device, job, json)) = current.take() {
-                if let Some(r) = from_fio(&device, &job, &json) {
+            if let Some((h, json)) = current.take() {
+                if let Some(r) = from_fio(h, &json) {
                     out.push(r);
                 }
             }
-        } else if let Some((_, _, json)) = current.as_mut() {
+        } else if let Some((_, json)) = current.as_mut() {
             // Kernel messages on the console may land between fio's lines.
             if is_kernel_line(line) {
                 continue;
@@ -59,6 +70,49 @@ pub fn parse(log: &str) -> Vec<Result> {
         }
     }
     out
+}
+
+/// A `==== bench` line's device, job, condition and repetition.
+struct Header {
+    device: String,
+    job: String,
+    cond: String,
+    rep: u32,
+}
+
+fn header(rest: &str, seen: &mut HashMap<(String, String, String), u32>) -> Option<Header> {
+    let mut it = rest.split_whitespace();
+    let (device, job) = (it.next()?.to_string(), it.next()?.to_string());
+    let (mut cond, mut rep) = (String::new(), None);
+    for tag in it {
+        match tag.split_once('=') {
+            Some(("cond", c)) => cond = c.to_string(),
+            Some(("rep", n)) => rep = n.parse().ok(),
+            _ => {}
+        }
+    }
+    let count = seen
+        .entry((device.clone(), job.clone(), cond.clone()))
+        .or_default();
+    *count += 1;
+    Some(Header {
+        rep: rep.unwrap_or(*count),
+        device,
+        job,
+        cond,
+    })
+}
+
+/// How long the guest's bench took (`bench: done in N s`), if it finished.
+pub fn parse_elapsed(log: &str) -> Option<u64> {
+    log.lines().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix("bench: done in ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// An ABUSE server's counters over a whole device's jobs, as bench.sh
@@ -119,7 +173,7 @@ fn is_kernel_line(line: &str) -> bool {
 
 /// One result from fio's `--output-format=json` (with group_reporting:
 /// one job); reads or writes, whichever the job did.
-fn from_fio(device: &str, job: &str, json: &str) -> Option<Result> {
+fn from_fio(h: Header, json: &str) -> Option<Result> {
     // fio may print notes before the JSON.
     let start = json.find('{')?;
     let v: serde_json::Value = serde_json::from_str(&json[start..]).ok()?;
@@ -136,8 +190,10 @@ fn from_fio(device: &str, job: &str, json: &str) -> Option<Result> {
         return None;
     }
     Some(Result {
-        device: device.into(),
-        job: job.into(),
+        device: h.device,
+        job: h.job,
+        cond: h.cond,
+        rep: h.rep,
         iops,
         mib_s: side["bw"].as_f64().unwrap_or(0.0) / 1024.0,
         p50_us: pct("50.000000"),
@@ -145,14 +201,19 @@ fn from_fio(device: &str, job: &str, json: &str) -> Option<Result> {
     })
 }
 
-/// The peer an ABUSE device (or another peer) is compared with: the ublk
-/// target that does the same job.
-pub fn ublk_peer(device: &str) -> Option<&'static str> {
+/// The devices an ABUSE device is compared with: the peers bench.sh runs
+/// in the same group (set up together, jobs interleaved), the first the one
+/// its targets name.
+pub fn peers(device: &str) -> &'static [&'static str] {
     match device {
-        "abuse-null" | "abuse-nbd" | "nbd-memory" | "null_blk" => Some("ublk-null"),
-        "abuse-file" | "abuse-cow" | "loop" | "nbd-file" => Some("ublk-loop"),
-        "abuse-qcow2" | "nbd-qcow2" => Some("ublk-qcow2"),
-        _ => None,
+        "abuse-null" => &["ublk-null", "null_blk"],
+        "abuse-file" => &["loop", "ublk-loop"],
+        // The file group's peers for the random jobs; the file server for
+        // the virtio passes.
+        "abuse-cow" => &["loop", "ublk-loop", "abuse-file"],
+        "abuse-qcow2" => &["ublk-qcow2"],
+        "abuse-nbd" => &["nbd-memory"],
+        _ => &[],
     }
 }
 
@@ -221,9 +282,49 @@ mod tests {
     }
 
     #[test]
-    fn every_abuse_device_has_a_ublk_peer() {
-        for d in ["abuse-null", "abuse-file", "abuse-cow", "abuse-qcow2"] {
-            assert!(ublk_peer(d).is_some(), "{d}");
+    fn every_abuse_device_has_a_peer() {
+        for d in [
+            "abuse-null",
+            "abuse-file",
+            "abuse-cow",
+            "abuse-qcow2",
+            "abuse-nbd",
+        ] {
+            assert!(!peers(d).is_empty(), "{d}");
         }
+    }
+
+    #[test]
+    fn conditions_and_repetitions_come_from_the_tags() {
+        let log = format!(
+            "==== bench abuse-qcow2 randwrite cond=256M-4K-alone rep=2 extra=ignored\n{FIO}\n==== end\n\
+             ==== bench abuse-qcow2 randwrite cond=1G-4K-virtio\n{FIO}\n==== end\n\
+             ==== bench abuse-null randread\n{FIO}\n==== end\n\
+             ==== bench abuse-null randread\n{FIO}\n==== end\n\
+             bench: done in 1234 s (fio runtime 8 s)\n"
+        );
+        let r = parse(&log);
+        let got: Vec<(&str, &str, u32)> = r
+            .iter()
+            .map(|r| (r.device.as_str(), r.cond.as_str(), r.rep))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("abuse-qcow2", "256M-4K-alone", 2),
+                ("abuse-qcow2", "1G-4K-virtio", 1),
+                // Untagged (an older log): numbered in order.
+                ("abuse-null", "", 1),
+                ("abuse-null", "", 2),
+            ]
+        );
+        assert_eq!(parse_elapsed(&log), Some(1234));
+        assert_eq!(parse_elapsed("bench: qcow2 at 5 s"), None);
+    }
+
+    #[test]
+    fn a_header_without_a_job_is_no_result() {
+        let log = format!("==== bench abuse-null\n{FIO}\n==== end\n");
+        assert!(parse(&log).is_empty());
     }
 }
