@@ -120,7 +120,7 @@ pub const GOALS: &[Goal] = &[
         "cow first writes vs cow rewrites",
         ("abuse-cow", "first-writes"),
         ("abuse-cow", "rewrites"),
-        0.5,
+        0.6,
     ),
     goal(
         "cow rewrites vs file rewrites",
