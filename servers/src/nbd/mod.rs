@@ -1054,14 +1054,19 @@ mod tests {
         assert_eq!(unix("/s", "").to_string(), "unix:/s");
     }
 
-    #[test]
-    fn a_lock_file_removed_by_its_last_holder_is_not_locked() {
-        let addr = Address::parse(&format!(
-            "unix:/nonexistent/stale-lock-{}-{:?}.sock",
+    /// An address of its own for a lock test (its lock file is per address).
+    fn lock_test_address(tag: &str) -> Address {
+        Address::parse(&format!(
+            "unix:/nonexistent/{tag}-{}-{:?}.sock",
             std::process::id(),
             std::time::Instant::now()
         ))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lock_file_removed_by_its_last_holder_is_not_locked() {
+        let addr = lock_test_address("stale-lock");
         let first = serve_alone(&addr).unwrap();
         let path = first.path.clone();
         // Opened while the first holds it, locked only after it let go (and
@@ -1078,12 +1083,7 @@ mod tests {
 
     #[test]
     fn a_release_removes_only_its_own_lock_file() {
-        let addr = Address::parse(&format!(
-            "unix:/nonexistent/foreign-rm-{}-{:?}.sock",
-            std::process::id(),
-            std::time::Instant::now()
-        ))
-        .unwrap();
+        let addr = lock_test_address("foreign-rm");
         let first = serve_alone(&addr).unwrap();
         let path = first.path.clone();
         // Removed by someone else (a cleaner), and a second holder's file
@@ -1103,12 +1103,7 @@ mod tests {
 
     #[test]
     fn the_export_lock_is_exclusive_and_leaves_no_file_behind() {
-        let addr = Address::parse(&format!(
-            "unix:/nonexistent/lock-test-{}-{:?}.sock",
-            std::process::id(),
-            std::time::Instant::now()
-        ))
-        .unwrap();
+        let addr = lock_test_address("lock-test");
         let first = serve_alone(&addr).unwrap();
         let path = first.path.clone();
         assert!(path.exists());

@@ -34,6 +34,17 @@ const FILES: &[&str] = &[
     "/etc/abuse/abctl.conf.example",
 ];
 
+/// The package's `abusectl list`, and its line for CTL ("" if none).
+fn listed() -> Result<(String, String), String> {
+    let list = sh(&format!("{ABUSECTL} list"))?;
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(CTL))
+        .unwrap_or_default()
+        .to_string();
+    Ok((list, line))
+}
+
 fn status() -> String {
     sh("/usr/bin/dpkg-query -W -f='${Status}' abuse 2>/dev/null").unwrap_or_default()
 }
@@ -119,21 +130,13 @@ pub fn deb_package_installs_and_serves() -> Outcome {
         back.trim() == "same",
         "what the package's server wrote is not what was written"
     );
-    let list = sh(&format!("{ABUSECTL} list"))?;
-    let line = list
-        .lines()
-        .find(|l| l.starts_with(CTL))
-        .unwrap_or_default();
+    let (list, line) = listed()?;
     ensure!(
         line.contains(DEV) && line.contains("64M") && line.contains("rw"),
         "list: {list}"
     );
     sh(&format!("{ABUSECTL} reset {CTL}"))?;
-    let list = sh(&format!("{ABUSECTL} list"))?;
-    let line = list
-        .lines()
-        .find(|l| l.starts_with(CTL))
-        .unwrap_or_default();
+    let (list, line) = listed()?;
     ensure!(
         line.split_whitespace().nth(2) == Some("-"),
         "still configured after reset: {list}"
